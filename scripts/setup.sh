@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv in the checkout with everything the project needs (CPU torch on a machine without CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+. .venv/bin/activate
+if [ ! -f .venv/.sfpp-installed ] || [ pyproject.toml -nt .venv/.sfpp-installed ]; then
+  python -m pip install -q --upgrade pip
+  if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then python -m pip install -q "torch>=2.11,<2.14";
+    else python -m pip install -q "torch==2.13.0"; fi
+  fi
+  # DeepSpeed builds from source: let it see the installed torch instead of pulling another one.
+  python -m pip install -q --no-build-isolation "deepspeed>=0.17,<0.20"
+  python -m pip install -q -e ".[test]"
+  touch .venv/.sfpp-installed
+fi

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (first run) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
+exec python -m pytest "$@"

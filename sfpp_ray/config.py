@@ -1,0 +1,445 @@
+"""One typed configuration tree for the whole system.
+
+Every knob lives here, one dataclass per component. A YAML file in `configs/` plus dotted
+`key=value` overrides are parsed into `Config`, type-checked field by field and cross-checked
+before anything is built, so a bad value fails in one line that names its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message always starts with the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    output_dir: str = "outputs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    stages: list[Literal["pretrain_teacher", "ode", "dmd", "grpo"]] = field(default_factory=lambda: ["ode", "dmd"])
+
+
+@dataclass
+class ModelConfig:
+    """Wan transformer shape (teacher, critic and student share it) and where the teacher's weights are."""
+
+    pretrained: str | None = None  # diffusers-format dir, or an original Wan / Self-Forcing / CausVid file
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    init_seed: int = 0  # random init when there are no weights (tests, embedded default, benchmarks)
+
+
+@dataclass
+class StudentConfig:
+    """The causal student: block size, rolling KV cache and its position rule."""
+
+    checkpoint: str | None = None  # student weights; otherwise the teacher's weights are the start
+    frames_per_block: int = 3
+    window_frames: int = 21  # KV cache window in latent frames, the current block included
+    sink_frames: int = 0
+    position_rule: Literal["window_relative", "absolute"] = "window_relative"
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+
+
+@dataclass
+class ScheduleConfig:
+    num_train_timesteps: int = 1000
+    shift: float = 5.0
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    warp_denoising_steps: bool = True
+    context_noise: int = 0  # timestep of the clean context pass that writes the cache
+
+
+@dataclass
+class TextConfig:
+    kind: Literal["tiny", "umt5"] = "umt5"
+    path: str | None = None  # directory with the UMT5 encoder and its tokenizer (kind umt5)
+    max_length: int = 512
+    negative_prompt: str = ""
+
+
+@dataclass
+class CodecConfig:
+    kind: Literal["pixel_unshuffle", "wan_vae"] = "wan_vae"
+    path: str | None = None  # diffusers AutoencoderKLWan directory (kind wan_vae)
+    spatial_factor: int = 2  # pixel_unshuffle only
+    temporal_factor: int = 1  # pixel_unshuffle only
+
+
+@dataclass
+class VideoConfig:
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    teacher_frames: int = 21  # the teacher's horizon T in latent frames
+
+
+@dataclass
+class RolloutConfig:
+    num_frames: int = 21  # N: latent frames each training rollout runs to
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    batch_size: int = 1
+    decode_overlap: bool = True  # decode block b while block b+1 is generated (generate only)
+
+
+@dataclass
+class BufferConfig:
+    max_items: int = 64
+    max_bytes: int = 2 * 1024**3
+    max_staleness: int = 4  # samples older than this many policy versions are dropped
+    max_reuse: int = 1  # times one rollout may be served to the trainer
+
+
+@dataclass
+class DataConfig:
+    prompts: str | None = None  # .txt (one prompt a line) or .jsonl ({"prompt": ...}); None: built-in list
+    window_frames: int = 21  # K: window sampled from the rollout for DMD
+    window_sampler: Literal["uniform", "beta"] = "uniform"
+    beta_a: float = 1.0
+    beta_b: float = 2.0
+    backward_noise: bool = True  # False: the window is re-generated from pure noise (ablation)
+    training_rolling_cache: bool = True  # False: no rolling cache in training (Self-Forcing baseline)
+    compute: Literal["tasks", "actors"] = "tasks"
+    num_actors: int = 1
+    max_prompt_chars: int = 2000
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: int = 2
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    teacher_offload: bool = False
+    batch_size: int = 1
+    generator_lr: float = 2e-6
+    critic_lr: float = 4e-7
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    ema_start_step: int = 200
+    sync_every: int = 1
+    checkpoint_every: int = 1
+    eval_every: int = 0  # 0: evaluation videos only at the end
+
+
+@dataclass
+class ODEConfig:
+    num_pairs: int = 16000
+    euler_steps: int = 48
+    shift: float = 8.0
+    guidance: float = 6.0
+    shard_size: int = 64
+    steps: int = 3000
+    lr: float = 2e-6
+    batch_size: int = 1
+
+
+@dataclass
+class DMDConfig:
+    steps: int = 1000
+    guidance: float = 3.0
+    min_timestep: int = 20
+    max_timestep: int = 980
+    timestep_shift: float = 5.0
+    update_ratio: int = 5  # critic steps per generator step
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 100
+    group_size: int = 12
+    shared_noise: bool = True
+    clip: float = 1e-4
+    advantage_clip: float = 5.0
+    kl_coef: float = 0.01
+    lr: float = 1e-6
+    reward: Literal["farneback", "raft"] = "farneback"
+    raft_weights: str | None = None
+    min_motion: float = 0.05  # flow magnitude (pixels/frame) under which motion is penalised
+
+
+@dataclass
+class TeacherPretrainConfig:
+    steps: int = 2000
+    lr: float = 1e-4
+    batch_size: int = 8
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: sqlite under the run's output directory
+    experiment: str = "sfpp-ray"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    teacher_pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.to_dict())
+        return out
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(key, f"unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(key, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _check_type(key, data[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, "cannot override inside a non-mapping value")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file + dotted overrides -> validated Config (no model is built here)."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("<root>", f"{path} must hold a mapping")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def codec_latent_channels(cfg: Config) -> int | None:
+    if cfg.codec.kind == "pixel_unshuffle":
+        return 3 * cfg.codec.spatial_factor**2 * cfg.codec.temporal_factor
+    return None
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: combinations that cannot run."""
+
+    def positive(key: str, value: float, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    m, s, sch = cfg.model, cfg.student, cfg.schedule
+    if len(m.patch_size) != 3:
+        raise ConfigError("model.patch_size", f"needs 3 entries (t, h, w), got {m.patch_size}")
+    for name in ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+                 "freq_dim", "ffn_dim", "num_layers", "rope_max_seq_len"):
+        positive(f"model.{name}", getattr(m, name))
+    if m.attention_head_dim % 2 or (m.attention_head_dim - 4 * (m.attention_head_dim // 6)) % 2:
+        raise ConfigError("model.attention_head_dim", "must split evenly into the t/h/w rotary parts")
+    positive("student.frames_per_block", s.frames_per_block)
+    positive("student.window_frames", s.window_frames)
+    positive("student.sink_frames", s.sink_frames, allow_zero=True)
+    if s.sink_frames >= s.window_frames:
+        raise ConfigError("student.sink_frames", f"must be < student.window_frames ({s.window_frames}), got {s.sink_frames}")
+    if s.window_frames - s.sink_frames < s.frames_per_block:
+        raise ConfigError("student.window_frames", "window minus sink frames must hold at least one block")
+    if s.window_frames % s.frames_per_block:
+        raise ConfigError("student.window_frames", f"{s.window_frames} is not divisible by student.frames_per_block ({s.frames_per_block})")
+    if s.sink_frames % s.frames_per_block:
+        raise ConfigError("student.sink_frames", f"{s.sink_frames} is not divisible by student.frames_per_block ({s.frames_per_block})")
+    if not sch.denoising_steps:
+        raise ConfigError("schedule.denoising_steps", "needs at least one step")
+    if any(not 0 < t <= sch.num_train_timesteps for t in sch.denoising_steps):
+        raise ConfigError("schedule.denoising_steps", f"steps must lie in (0, {sch.num_train_timesteps}]")
+    if list(sch.denoising_steps) != sorted(sch.denoising_steps, reverse=True):
+        raise ConfigError("schedule.denoising_steps", "must be decreasing")
+    positive("schedule.shift", sch.shift)
+    if not 0 <= sch.context_noise < sch.num_train_timesteps:
+        raise ConfigError("schedule.context_noise", f"must lie in [0, {sch.num_train_timesteps})")
+    for key, value in (("rollout.num_frames", cfg.rollout.num_frames), ("data.window_frames", cfg.data.window_frames),
+                       ("video.teacher_frames", cfg.video.teacher_frames)):
+        positive(key, value)
+        if value % s.frames_per_block:
+            raise ConfigError(key, f"{value} is not divisible by student.frames_per_block ({s.frames_per_block})")
+    if cfg.data.window_frames > cfg.rollout.num_frames:
+        raise ConfigError("data.window_frames", f"window ({cfg.data.window_frames}) is longer than rollout.num_frames ({cfg.rollout.num_frames})")
+    if cfg.data.window_sampler == "beta":
+        positive("data.beta_a", cfg.data.beta_a)
+        positive("data.beta_b", cfg.data.beta_b)
+    positive("rollout.num_workers", cfg.rollout.num_workers)
+    positive("rollout.gpus_per_worker", cfg.rollout.gpus_per_worker, allow_zero=True)
+    positive("rollout.batch_size", cfg.rollout.batch_size)
+    positive("trainer.num_workers", cfg.trainer.num_workers)
+    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("trainer.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.trainer.zero_stage}")
+    if len(cfg.trainer.betas) != 2:
+        raise ConfigError("trainer.betas", "needs two values")
+    positive("trainer.sync_every", cfg.trainer.sync_every)
+    positive("dmd.update_ratio", cfg.dmd.update_ratio)
+    if not 0 <= cfg.dmd.min_timestep < cfg.dmd.max_timestep <= sch.num_train_timesteps:
+        raise ConfigError("dmd.max_timestep", "needs 0 <= dmd.min_timestep < dmd.max_timestep <= num_train_timesteps")
+    positive("buffer.max_items", cfg.buffer.max_items)
+    positive("buffer.max_bytes", cfg.buffer.max_bytes)
+    positive("buffer.max_reuse", cfg.buffer.max_reuse)
+    if "grpo" in cfg.run.stages and cfg.grpo.group_size < 2:
+        raise ConfigError("grpo.group_size", "needs at least 2 rollouts per group")
+    if cfg.grpo.reward == "raft" and cfg.grpo.raft_weights is None:
+        raise ConfigError("grpo.raft_weights", "the raft reward needs a local weights path")
+    lat = codec_latent_channels(cfg)
+    if lat is not None and lat != m.in_channels:
+        raise ConfigError("model.in_channels", f"the pixel_unshuffle codec makes {lat} latent channels, model.in_channels is {m.in_channels}")
+    if cfg.text.kind == "umt5" and cfg.text.path is None:
+        raise ConfigError("text.path", "kind umt5 needs a local directory with the encoder and tokenizer")
+    if cfg.codec.kind == "wan_vae" and cfg.codec.path is None:
+        raise ConfigError("codec.path", "kind wan_vae needs a local AutoencoderKLWan directory")
+    for key, value in (("model.pretrained", m.pretrained), ("student.checkpoint", s.checkpoint),
+                       ("text.path", cfg.text.path), ("codec.path", cfg.codec.path),
+                       ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights)):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(key, f"path {value!r} does not exist")
+    stage_order = ["pretrain_teacher", "ode", "dmd", "grpo"]
+    idx = [stage_order.index(x) for x in cfg.run.stages]
+    if idx != sorted(set(idx)):
+        raise ConfigError("run.stages", f"stages run in the order {stage_order}, each once")
