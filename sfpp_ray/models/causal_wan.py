@@ -1,0 +1,234 @@
+"""The causal student: Wan's own module tree with block-causal attention and a rolling KV cache.
+
+`CausalWanTransformer3DModel` subclasses diffusers' `WanTransformer3DModel` and adds nothing to
+its parameters, so every Wan checkpoint loads into it and `save_pretrained` writes a checkpoint
+the bidirectional model reads. What changes is the forward:
+- per-frame timesteps (B, F): each block can sit at its own noise level;
+- rotary positions chosen per pass (see kv_cache.py for the position rule);
+- one attention code path for (a) a whole sequence with a block-causal (optionally windowed)
+  mask, used in training, and (b) streaming a block against `RollingKVCache`, used by the rollout.
+With `causal=False` it is the bidirectional Wan forward (checked against diffusers in tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from torch.utils.checkpoint import checkpoint
+
+from sfpp_ray.models.kv_cache import RollingKVCache, frame_positions, visible_frames
+
+
+@dataclass
+class CausalLayout:
+    """How the student groups frames: block size, attention window and sink frames (in latent frames)."""
+
+    frames_per_block: int = 3
+    window_frames: int = 21
+    sink_frames: int = 0
+    position_rule: str = "window_relative"
+    attention: str = "auto"  # auto: FlexAttention on CUDA, dense mask on CPU
+
+
+def _rope_1d(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved rotary cos/sin (len(positions), dim) at arbitrary (unbounded) integer positions."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+    ang = torch.outer(positions.to(torch.float64), inv)
+    return ang.cos().repeat_interleave(2, dim=1).float(), ang.sin().repeat_interleave(2, dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D); cos/sin (L, D), pairs (2i, 2i+1) rotated as in Wan."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class CrossAttentionCache:
+    """The prompt's cross-attention K/V for every layer, computed once per rollout."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.kv = kv
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    layout: CausalLayout = CausalLayout()
+
+    def set_layout(self, layout: CausalLayout) -> CausalWanTransformer3DModel:
+        self.layout = layout
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def heads(self) -> int:
+        return self.config.num_attention_heads
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (height // ph) * (width // pw)
+
+    def new_cache(self, batch_size: int, height: int, width: int, dtype=None, device=None) -> RollingKVCache:
+        p = next(self.parameters())
+        return RollingKVCache(
+            num_layers=len(self.blocks), batch_size=batch_size, num_heads=self.heads,
+            head_dim=self.config.attention_head_dim, tokens_per_frame=self.tokens_per_frame(height, width),
+            window_frames=self.layout.window_frames, sink_frames=self.layout.sink_frames,
+            position_rule=self.layout.position_rule, max_position=self.config.rope_max_seq_len,
+            dtype=dtype or p.dtype, device=device or p.device)
+
+    def cross_attention_cache(self, text_embeds: torch.Tensor) -> CrossAttentionCache:
+        """Project the prompt once; every block and denoising step of a rollout reuses it."""
+        ctx = self.condition_embedder.text_embedder(text_embeds)
+        kv = []
+        for block in self.blocks:
+            a = block.attn2
+            k = a.norm_k(a.to_k(ctx)).unflatten(2, (a.heads, -1)).transpose(1, 2)
+            v = a.to_v(ctx).unflatten(2, (a.heads, -1)).transpose(1, 2)
+            kv.append((k, v))
+        return CrossAttentionCache(kv)
+
+    def _rope(self, frame_pos: torch.Tensor, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (len(frame_pos) * h * w, head_dim) for frames at the given positions."""
+        r = self.rope
+        ct, st = _rope_1d(frame_pos, r.t_dim)
+        ch, sh = r.freqs_cos[:h, r.t_dim:r.t_dim + r.h_dim].float().cpu(), r.freqs_sin[:h, r.t_dim:r.t_dim + r.h_dim].float().cpu()
+        cw, sw = r.freqs_cos[:w, r.t_dim + r.h_dim:].float().cpu(), r.freqs_sin[:w, r.t_dim + r.h_dim:].float().cpu()
+        f = len(frame_pos)
+
+        def grid(a, b, c):
+            return torch.cat([a.view(f, 1, 1, -1).expand(f, h, w, -1), b.view(1, h, 1, -1).expand(f, h, w, -1),
+                              c.view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)
+
+        return grid(ct, ch, cw).to(device), grid(st, sh, sw).to(device)
+
+    def _mask(self, num_frames: int, tpf: int, device) -> torch.Tensor:
+        """Dense (L, L) boolean mask: a query in block b sees sink frames and its window, up to the end of b."""
+        lay = self.layout
+        frame = torch.arange(num_frames, device=device)
+        block_end = (frame // lay.frames_per_block + 1) * lay.frames_per_block  # exclusive end of each frame's block
+        kf, qe = frame[None, :], block_end[:, None]
+        rolling = lay.window_frames - lay.sink_frames
+        visible = (kf < qe) & ((kf < lay.sink_frames) | (kf >= qe - rolling))
+        return visible.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                *, cross_cache: CrossAttentionCache | None = None, kv_cache: RollingKVCache | None = None,
+                causal: bool = True, return_dict: bool = False, **_unused) -> torch.Tensor:
+        """Predict the flow for latents (B, C, F, H, W).
+
+        timestep: (B,) or (B, F). With `kv_cache`, the F frames are the next frames of the stream
+        (one block); their un-rotated K/V are written into the cache (call `kv_cache.commit()`
+        after the clean context pass). Without it, the F frames are a whole sequence starting at
+        frame 0, attended block-causally (or bidirectionally with causal=False).
+        """
+        B, _, nf, H, W = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if p_t != 1:
+            raise ValueError("the causal student needs a temporal patch size of 1")
+        h, w = H // p_h, W // p_w
+        tpf = h * w
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(B, nf)
+        if cross_cache is None:
+            if encoder_hidden_states is None:
+                raise ValueError("pass encoder_hidden_states or cross_cache")
+            cross_cache = self.cross_attention_cache(encoder_hidden_states)
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # (B, L, D)
+        ce = self.condition_embedder
+        t_emb = ce.timesteps_proj(timestep.reshape(-1).float())
+        t_dtype = next(ce.time_embedder.parameters()).dtype
+        temb = ce.time_embedder(t_emb.to(t_dtype)).type_as(x).view(B, nf, -1)  # (B, F, D)
+        mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # (B, F, 6, D)
+
+        mask = None
+        if kv_cache is not None:
+            q_pos, k_pos = kv_cache.begin(nf)
+            q_rope = self._rope(q_pos, h, w, x.device)
+            k_rope = self._rope(k_pos, h, w, x.device)
+        else:
+            if causal and self._needs_per_block_positions(nf):
+                q_rope = k_rope = (h, w)  # positions depend on the query block: see _per_block_attention
+            else:
+                q_rope = k_rope = self._rope(torch.arange(nf), h, w, x.device)
+                if causal:
+                    mask = self._mask(nf, tpf, x.device)
+
+        for i, block in enumerate(self.blocks):
+            args = (block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, kv_cache, i, nf)
+            if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
+                x = checkpoint(self._block, *args, use_reentrant=False)
+            else:
+                x = self._block(*args)
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D)
+        xo = x.view(B, nf, tpf, -1)
+        xo = (self.norm_out(xo.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
+        out = self.proj_out(xo).reshape(B, nf, h, w, p_t, p_h, p_w, -1)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _needs_per_block_positions(self, num_frames: int) -> bool:
+        lay = self.layout
+        return lay.position_rule == "window_relative" and lay.sink_frames > 0 and num_frames > lay.window_frames
+
+    def _block(self, block, x, mod, cross_kv, q_rope, k_rope, mask, kv_cache, layer, nf):
+        """One Wan block (same arithmetic as diffusers' WanTransformerBlock) with our self-attention."""
+        B, L, D = x.shape
+        e = (block.scale_shift_table.unsqueeze(0) + mod.float()).unbind(2)  # six (B, F, D)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (t[:, :, None] for t in e)
+        xf = x.view(B, nf, -1, D)
+        y = (block.norm1(xf.float()) * (1 + scale_msa) + shift_msa).type_as(x)
+        attn = self._self_attention(block.attn1, y.view(B, L, D), q_rope, k_rope, mask, kv_cache, layer)
+        xf = (xf.float() + attn.view(B, nf, -1, D) * gate_msa).type_as(x)
+        y = block.norm2(xf.float()).type_as(x)
+        xf = xf + self._cross_attention(block.attn2, y.view(B, L, D), cross_kv).view(B, nf, -1, D)
+        y = (block.norm3(xf.float()) * (1 + c_scale) + c_shift).type_as(x)
+        xf = (xf.float() + block.ffn(y).float() * c_gate).type_as(x)
+        return xf.view(B, L, D)
+
+    def _self_attention(self, a, x, q_rope, k_rope, mask, kv_cache, layer):
+        if getattr(a, "fused_projections", False):
+            q, k, v = a.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
+        q, k = a.norm_q(q), a.norm_k(k)
+        q, k, v = (t.unflatten(2, (a.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
+        if isinstance(q_rope[0], int):
+            return a.to_out[0](self._per_block_attention(q, k, v, *q_rope).transpose(1, 2).flatten(2).type_as(x))
+        if kv_cache is not None:
+            k, v = kv_cache.write(layer, k, v)
+        q = apply_rope(q, *q_rope)
+        k = apply_rope(k, *k_rope)
+        out = self._attend(q, k, v, mask)
+        return a.to_out[0](out.transpose(1, 2).flatten(2).type_as(x))
+
+    def _per_block_attention(self, q, k, v, h, w):
+        """Whole sequence, sinks and a rolled window: each query block sees its window with that window's positions."""
+        lay, tpf = self.layout, h * w
+        nf = q.shape[2] // tpf
+        out = torch.empty_like(q)
+        for start in range(0, nf, lay.frames_per_block):
+            end = min(start + lay.frames_per_block, nf)
+            frames = visible_frames(end, lay.window_frames, lay.sink_frames)
+            pos = frame_positions(frames, end, lay.window_frames, lay.sink_frames, lay.position_rule, self.config.rope_max_seq_len)
+            kc, ks = self._rope(pos, h, w, q.device)
+            qc, qs = self._rope(pos[-(end - start):], h, w, q.device)
+            idx = (frames[:, None] * tpf + torch.arange(tpf)).reshape(-1).to(q.device)
+            qb = apply_rope(q[:, :, start * tpf:end * tpf], qc, qs)
+            kb = apply_rope(k.index_select(2, idx), kc, ks)
+            out[:, :, start * tpf:end * tpf] = F.scaled_dot_product_attention(qb, kb, v.index_select(2, idx))
+        return out
+
+    def _attend(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @staticmethod
+    def _cross_attention(a, x, cross_kv):
+        k, v = cross_kv
+        q = a.norm_q(a.to_q(x)).unflatten(2, (a.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return a.to_out[0](out.transpose(1, 2).flatten(2).type_as(x))

@@ -1,0 +1,112 @@
+"""Rolling KV cache for block-wise streaming: a preallocated ring of latent-frame slots.
+
+Layout: per layer, K and V of shape (B, heads, window_frames * tokens_per_frame, head_dim).
+The first `sink_frames` slots keep the first frames of the video for ever; frame n >= sink
+lives in slot sink + (n - sink) mod (window - sink), so writing a new block overwrites exactly
+the frames that leave the window. Nothing is reallocated or concatenated during a rollout, and
+the slots that hold frames always form a prefix, so attention reads one contiguous slice.
+
+Position rule. Keys are stored *before* the rotary embedding, with the frame index each slot
+holds. Every pass rotates queries and cached keys with positions of its choice:
+- "window_relative" (default): the frames a pass sees are numbered 0..n-1 in temporal order,
+  sinks first. Positions never exceed the window, so a stream has no length limit. Without sinks
+  this gives the same attention as absolute positions (RoPE depends only on differences).
+- "absolute": the frame index itself (the paper's behaviour); defined only while the stream is
+  shorter than the rotary table (1024 latent frames for Wan).
+Training forwards over a whole sequence use the same rule (see CausalWanTransformer3DModel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visible_frames(end: int, window: int, sink: int) -> torch.Tensor:
+    """Frames a pass whose newest frame is end - 1 attends to: the sinks, then the rolling window."""
+    first_rolling = max(sink, end - (window - sink))
+    return torch.cat([torch.arange(min(sink, end)), torch.arange(first_rolling, end)])
+
+
+def frame_positions(frames: torch.Tensor, end: int, window: int, sink: int, rule: str, max_position: int) -> torch.Tensor:
+    """Rotary frame positions of `frames` as seen by a pass whose newest frame is end - 1."""
+    if rule == "absolute":
+        if end > max_position:
+            raise ValueError(f"absolute positions are defined up to {max_position} latent frames; "
+                             f"this stream reached {end}: use position_rule 'window_relative'")
+        return frames.clone()
+    first_rolling = max(sink, end - (window - sink))
+    return torch.where(frames < sink, frames, frames - first_rolling + sink)
+
+
+class RollingKVCache:
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
+                 window_frames: int, sink_frames: int = 0, position_rule: str = "window_relative",
+                 max_position: int = 1024, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if not 0 <= sink_frames < window_frames:
+            raise ValueError(f"sink_frames ({sink_frames}) must lie in [0, window_frames={window_frames})")
+        if position_rule not in ("window_relative", "absolute"):
+            raise ValueError(f"unknown position rule {position_rule!r}")
+        self.window, self.sink, self.tpf = window_frames, sink_frames, tokens_per_frame
+        self.position_rule, self.max_position = position_rule, max_position
+        shape = (num_layers, batch_size, num_heads, window_frames * tokens_per_frame, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_frame = torch.full((window_frames,), -1, dtype=torch.long)
+        self.frames_done = 0  # frames whose clean K/V are committed
+        self._active: tuple[int, int] | None = None
+
+    @staticmethod
+    def analytic_bytes(num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
+                       window_frames: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * batch_size * num_heads * window_frames * tokens_per_frame * head_dim * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reset(self) -> None:
+        self.slot_frame.fill_(-1)
+        self.frames_done = 0
+        self._active = None
+
+    def slot(self, frame: int) -> int:
+        if frame < self.sink:
+            return frame
+        return self.sink + (frame - self.sink) % (self.window - self.sink)
+
+    def begin(self, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim slots for the next `num_frames` frames; returns (query positions, key positions per valid slot).
+
+        A pass over the frames being denoised calls this each step (same slots, rewritten);
+        `commit` then makes them context for the next block.
+        """
+        start, end = self.frames_done, self.frames_done + num_frames
+        if num_frames > self.window - self.sink:
+            raise ValueError(f"a pass of {num_frames} frames does not fit the rolling part of the window")
+        for n in range(start, end):
+            self.slot_frame[self.slot(n)] = n
+        self._active = (start, end)
+        valid = min(end, self.window)
+        frames = self.slot_frame[:valid]
+        q_frames = torch.arange(start, end)
+        return self.positions(q_frames, end), self.positions(frames, end)
+
+    def positions(self, frames: torch.Tensor, end: int) -> torch.Tensor:
+        return frame_positions(frames, end, self.window, self.sink, self.position_rule, self.max_position)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store un-rotated k, v (B, H, n*tpf, D) of the active frames; return the valid prefix of the layer."""
+        start, end = self._active
+        for n0 in range(start, end):
+            s = self.slot(n0) * self.tpf
+            i = (n0 - start) * self.tpf
+            self.k[layer, :, :, s:s + self.tpf] = k[:, :, i:i + self.tpf]
+            self.v[layer, :, :, s:s + self.tpf] = v[:, :, i:i + self.tpf]
+        valid = min(end, self.window) * self.tpf
+        return self.k[layer, :, :, :valid], self.v[layer, :, :, :valid]
+
+    def commit(self) -> None:
+        start, end = self._active
+        self.frames_done = end
+        self._active = None
