@@ -87,6 +87,8 @@ class RollingKVCache:
         for n in range(start, end):
             self.slot_frame[self.slot(n)] = n
         self._active = (start, end)
+        self._idx = torch.cat([torch.arange(self.slot(n) * self.tpf, (self.slot(n) + 1) * self.tpf)
+                               for n in range(start, end)]).to(self.k.device)
         valid = min(end, self.window)
         frames = self.slot_frame[:valid]
         q_frames = torch.arange(start, end)
@@ -96,15 +98,21 @@ class RollingKVCache:
         return frame_positions(frames, end, self.window, self.sink, self.position_rule, self.max_position)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store un-rotated k, v (B, H, n*tpf, D) of the active frames; return the valid prefix of the layer."""
+        """Store un-rotated k, v (B, H, n*tpf, D) of the active frames; return the valid prefix of the layer.
+
+        The buffer never carries autograd history. When k/v require grad (a training exit step),
+        the returned prefix is an out-of-place copy holding the differentiable k/v in the active
+        slots, so later writes to the buffer cannot invalidate the graph.
+        """
         start, end = self._active
-        for n0 in range(start, end):
-            s = self.slot(n0) * self.tpf
-            i = (n0 - start) * self.tpf
-            self.k[layer, :, :, s:s + self.tpf] = k[:, :, i:i + self.tpf]
-            self.v[layer, :, :, s:s + self.tpf] = v[:, :, i:i + self.tpf]
+        idx = self._idx
+        self.k[layer].index_copy_(2, idx, k.detach())
+        self.v[layer].index_copy_(2, idx, v.detach())
         valid = min(end, self.window) * self.tpf
-        return self.k[layer, :, :, :valid], self.v[layer, :, :, :valid]
+        kp, vp = self.k[layer, :, :, :valid], self.v[layer, :, :, :valid]
+        if k.requires_grad or v.requires_grad:
+            kp, vp = kp.index_copy(2, idx, k), vp.index_copy(2, idx, v)
+        return kp, vp
 
     def commit(self) -> None:
         start, end = self._active

@@ -1,0 +1,100 @@
+"""The one rollout loop: block-wise few-step sampling against the rolling KV cache.
+
+`generate`, every training stage (Self-Forcing DMD, Self-Forcing++ extended rollouts and window
+re-generation) and GRPO call `rollout`. Per block: denoise through the student's step list,
+re-noising each x0 prediction with fresh noise to the next level (a stochastic sampler: GRPO's
+Gaussian policy), then run the clean context pass that writes the block's K/V into the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
+from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
+from sfpp_ray.models.kv_cache import RollingKVCache
+
+
+@dataclass
+class StepRecord:
+    """One stochastic denoising step of one block: what GRPO needs to score the policy."""
+
+    block: int
+    step: int
+    x_in: torch.Tensor  # state fed to the student at timesteps[step]
+    x0_pred: torch.Tensor
+    x_next: torch.Tensor | None  # the re-noised state (None on the block's last step)
+
+
+@dataclass
+class RolloutOutput:
+    latents: torch.Tensor  # (B, C, F, H, W) clean latents, with grad at the exit steps in gradient mode
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+def _timestep(t: float, batch: int, frames: int, device) -> torch.Tensor:
+    return torch.full((batch, frames), float(t), device=device)
+
+
+def prefill(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, cache: RollingKVCache,
+            clean: torch.Tensor, context_noise: float = 0.0) -> None:
+    """Write clean frames (B, C, F, H, W) into the cache block by block, as the rollout's context passes do."""
+    fpb = student.layout.frames_per_block
+    with torch.no_grad():
+        for s in range(0, clean.shape[2], fpb):
+            blk = clean[:, :, s:s + fpb]
+            student(blk, _timestep(context_noise, blk.shape[0], blk.shape[2], blk.device), cross_cache=cross_cache, kv_cache=cache)
+            cache.commit()
+
+
+def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, noise: torch.Tensor,
+            timesteps: torch.Tensor, schedule: FlowMatchSchedule, *, cache: RollingKVCache | None = None,
+            context_noise: float = 0.0, start_latents: torch.Tensor | None = None, start_step: int = 0,
+            exit_step: int | None = None, record: bool = False, generator: torch.Generator | None = None,
+            on_block: Callable[[int, torch.Tensor], None] | None = None) -> RolloutOutput:
+    """Generate noise.shape[2] latent frames block by block.
+
+    noise: initial noise of every frame. start_latents: clean latents to re-noise to
+    timesteps[start_step] instead of starting from pure noise (backward noise initialisation).
+    exit_step: gradient mode: every block stops at this step and returns its x0 prediction with
+    grad; earlier steps and all cache writes hold no graph. `cache` continues an existing stream
+    (a prefilled context); by default a fresh cache is made. on_block(b, x0) sees each finished block.
+    """
+    B, _, nf, H, W = noise.shape
+    fpb = student.layout.frames_per_block
+    if nf % fpb:
+        raise ValueError(f"{nf} frames is not a whole number of {fpb}-frame blocks")
+    K = len(timesteps)
+    last = K - 1 if exit_step is None else exit_step
+    if not 0 <= start_step <= last < K:
+        raise ValueError(f"need 0 <= start_step ({start_step}) <= exit_step ({last}) < {K}")
+    cache = cache if cache is not None else student.new_cache(B, H, W, dtype=noise.dtype, device=noise.device)
+    out, records = [], []
+    for b, s in enumerate(range(0, nf, fpb)):
+        eps = noise[:, :, s:s + fpb]
+        x = eps if start_latents is None else schedule.add_noise(start_latents[:, :, s:s + fpb], eps, _timestep(timesteps[start_step], B, fpb, eps.device))
+        for k in range(start_step, last + 1):
+            t = _timestep(timesteps[k], B, fpb, x.device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
+                x0 = schedule.x0_from_flow(x, student(x, t, cross_cache=cross_cache, kv_cache=cache), t)
+            x_next = None
+            if k < last:
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) if generator is not None else torch.randn_like(x0)
+                x_next = schedule.add_noise(x0.detach(), fresh, _timestep(timesteps[k + 1], B, fpb, x.device))
+            if record:
+                records.append(StepRecord(b, k, x.detach(), x0.detach(), x_next))
+            if x_next is not None:
+                x = x_next
+        with torch.no_grad():
+            ctx = x0.detach()
+            if context_noise > 0:
+                ctx = schedule.add_noise(ctx, torch.randn_like(ctx), _timestep(context_noise, B, fpb, ctx.device))
+            student(ctx, _timestep(context_noise, B, fpb, ctx.device), cross_cache=cross_cache, kv_cache=cache)
+            cache.commit()
+        out.append(x0)
+        if on_block is not None:
+            on_block(b, x0.detach())
+    return RolloutOutput(torch.cat(out, dim=2), records)

@@ -1,0 +1,69 @@
+"""Builds every model component from the config: the one place that turns knobs into modules."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
+from sfpp_ray.config import Config
+from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
+from sfpp_ray.models.codec import VideoCodec, build_codec
+from sfpp_ray.models.loading import build_wan_transformer, load_into, load_transformer_state_dict
+from sfpp_ray.models.text_encoder import TextEncoder
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.run.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no GPU is visible")
+    return torch.device(cfg.run.device)
+
+
+def resolve_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.run.dtype == "bfloat16" else torch.float32
+
+
+def layout(cfg: Config) -> CausalLayout:
+    s = cfg.student
+    return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention)
+
+
+def build_teacher(cfg: Config, device=None, dtype=None) -> WanTransformer3DModel:
+    """The frozen bidirectional teacher (real score)."""
+    model = build_wan_transformer(cfg.model).to(device or "cpu", dtype or torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def build_critic(cfg: Config, device=None, dtype=None) -> WanTransformer3DModel:
+    """The trainable bidirectional critic (fake score), initialised from the teacher."""
+    return build_wan_transformer(cfg.model).to(device or "cpu", dtype or torch.float32).train()
+
+
+def build_student(cfg: Config, device=None, dtype=None, checkpoint: str | None = None) -> CausalWanTransformer3DModel:
+    """The causal student: teacher weights (or a student checkpoint) in the causal module tree."""
+    model = build_wan_transformer(cfg.model, cls=CausalWanTransformer3DModel)
+    path = checkpoint or cfg.student.checkpoint
+    if path is not None:
+        load_into(model, load_transformer_state_dict(path))
+    return model.set_layout(layout(cfg)).to(device or "cpu", dtype or torch.float32)
+
+
+def build_text_encoder(cfg: Config, device=None, dtype=None) -> TextEncoder:
+    return TextEncoder.from_config(cfg.text, cfg.model.text_dim, device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def build_video_codec(cfg: Config, device=None, dtype=None) -> VideoCodec:
+    return build_codec(cfg.codec, device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def build_schedule(cfg: Config) -> FlowMatchSchedule:
+    return FlowMatchSchedule.from_config(cfg.schedule)
+
+
+def latent_shape(cfg: Config, codec: VideoCodec, num_frames: int, batch_size: int = 1) -> tuple[int, ...]:
+    f = codec.spatial_factor
+    if cfg.video.height % f or cfg.video.width % f:
+        raise ValueError(f"video {cfg.video.height}x{cfg.video.width} is not divisible by the codec's factor {f}")
+    return (batch_size, codec.latent_channels, num_frames, cfg.video.height // f, cfg.video.width // f)
