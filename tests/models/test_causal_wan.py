@@ -1,0 +1,112 @@
+"""The causal student: streaming equals the block-causal forward, causality, and Wan equivalence."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
+
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=12,
+            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2)
+
+
+def _models(seed):
+    torch.manual_seed(seed)
+    teacher = WanTransformer3DModel(**TINY).eval()
+    student = CausalWanTransformer3DModel(**TINY).eval()
+    student.load_state_dict(teacher.state_dict())
+    return teacher, student
+
+
+def _stream(student, x, t, text):
+    fpb = student.layout.frames_per_block
+    cache = student.new_cache(x.shape[0], x.shape[3], x.shape[4])
+    cross = student.cross_attention_cache(text)
+    outs = []
+    for s in range(0, x.shape[2], fpb):
+        outs.append(student(x[:, :, s:s + fpb], t[:, s:s + fpb], cross_cache=cross, kv_cache=cache))
+        cache.commit()
+    return torch.cat(outs, dim=2)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("fpb,window,sink", [(1, 4, 0), (3, 6, 0), (1, 4, 1), (3, 9, 3)])
+def test_streaming_equals_block_causal_forward_after_the_window_rolls(fpb, window, sink):
+    seed = int(torch.randint(0, 2**31, ()))
+    _, student = _models(seed)
+    student.set_layout(CausalLayout(frames_per_block=fpb, window_frames=window, sink_frames=sink))
+    nf = 4 * window  # the window rolls several times
+    x, t, text = torch.randn(2, 12, nf, 8, 8), torch.rand(2, nf) * 1000, torch.randn(2, 7, 32)
+    with torch.no_grad():
+        full = student(x, t, text)
+        stream = _stream(student, x, t, text)
+    assert _rel(stream, full) <= 1e-5
+
+
+def test_streaming_equals_full_forward_before_the_window_fills():
+    _, student = _models(int(torch.randint(0, 2**31, ())))
+    student.set_layout(CausalLayout(frames_per_block=3, window_frames=21))
+    x, t, text = torch.randn(1, 12, 12, 8, 8), torch.rand(1, 12) * 1000, torch.randn(1, 5, 32)
+    with torch.no_grad():
+        assert _rel(_stream(student, x, t, text), student(x, t, text)) <= 1e-5
+
+
+def test_window_rollout_matches_a_forward_over_exactly_what_the_window_holds():
+    """Without sinks, the last block's output equals a fresh forward over the frames its window held,
+    when those frames' cached K/V came from the same context (a 1-layer model makes K/V context-free)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    student = CausalWanTransformer3DModel(**{**TINY, "num_layers": 1}).eval().set_layout(CausalLayout(3, 6, 0))
+    x, t, text = torch.randn(1, 12, 15, 8, 8), torch.rand(1, 15) * 1000, torch.randn(1, 7, 32)
+    with torch.no_grad():
+        last = _stream(student, x, t, text)[:, :, -3:]
+        window = student(x[:, :, -6:], t[:, -6:], text)[:, :, -3:]
+    assert _rel(last, window) <= 1e-5
+
+
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_block_causality(fpb):
+    _, student = _models(int(torch.randint(0, 2**31, ())))
+    student.set_layout(CausalLayout(frames_per_block=fpb, window_frames=6))
+    nf = 9
+    x, t, text = torch.randn(1, 12, nf, 8, 8), torch.rand(1, nf) * 1000, torch.randn(1, 7, 32)
+    for b in range(1, nf // fpb):
+        y = x.clone()
+        y[:, :, b * fpb:(b + 1) * fpb] += torch.randn_like(y[:, :, b * fpb:(b + 1) * fpb])
+        with torch.no_grad():
+            a, c = student(x, t, text), student(y, t, text)
+        assert torch.equal(a[:, :, :b * fpb], c[:, :, :b * fpb])
+        assert not torch.allclose(a[:, :, b * fpb:], c[:, :, b * fpb:])
+
+
+def test_non_causal_forward_equals_diffusers_wan():
+    teacher, student = _models(int(torch.randint(0, 2**31, ())))
+    x, t, text = torch.randn(2, 12, 5, 8, 8), torch.rand(2) * 1000, torch.randn(2, 7, 32)
+    with torch.no_grad():
+        ref = teacher(x, t, text, return_dict=False)[0]
+        ours = student(x, t, text, causal=False)
+    assert _rel(ours, ref) <= 1e-5
+
+
+def test_per_frame_timesteps_equal_uniform_when_all_frames_agree():
+    teacher, student = _models(int(torch.randint(0, 2**31, ())))
+    x, text = torch.randn(1, 12, 3, 8, 8), torch.randn(1, 7, 32)
+    t = torch.rand(1) * 1000
+    with torch.no_grad():
+        assert torch.allclose(student(x, t, text, causal=False), student(x, t.expand(1, 3), text, causal=False))
+
+
+def test_student_state_dict_is_wan_state_dict():
+    teacher, student = _models(0)
+    assert teacher.state_dict().keys() == student.state_dict().keys()
+
+
+def test_gradients_flow_through_the_training_forward():
+    _, student = _models(int(torch.randint(0, 2**31, ())))
+    student.set_layout(CausalLayout(3, 6, 0)).train()
+    student.enable_gradient_checkpointing()
+    x, t, text = torch.randn(1, 12, 6, 8, 8), torch.rand(1, 6) * 1000, torch.randn(1, 7, 32)
+    student(x, t, text).square().mean().backward()
+    assert all(p.grad is not None for p in student.blocks[0].attn1.parameters())

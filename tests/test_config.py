@@ -1,0 +1,60 @@
+"""Config: the shipped files load; each bad input gives one error naming its key."""
+
+from pathlib import Path
+
+import pytest
+
+from sfpp_ray.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def test_shipped_configs_load(tmp_path):
+    cfg = load_config(TINY)
+    assert cfg.student.frames_per_block == 3
+    weights = tmp_path / "w"
+    weights.mkdir()
+    wan = load_config(ROOT / "configs" / "wan2.1_t2v_1.3b.yaml",
+                      [f"model.pretrained={weights}", f"text.path={weights}", f"codec.path={weights}"])
+    assert (wan.student.window_frames, wan.student.sink_frames, wan.schedule.denoising_steps) == (21, 0, [1000, 750, 500, 250])
+    assert (wan.dmd.guidance, wan.trainer.generator_lr, wan.trainer.critic_lr, wan.trainer.betas) == (3.0, 2e-6, 4e-7, [0.0, 0.999])
+    assert (wan.dmd.update_ratio, wan.trainer.ema_decay, wan.trainer.ema_start_step, wan.trainer.grad_clip) == (5, 0.99, 200, 10.0)
+    assert (wan.ode.euler_steps, wan.ode.shift, wan.ode.guidance) == (48, 8.0, 6.0)
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(TINY, ["trainer.num_workers=2", "data.window_sampler=beta", "run.name=x"])
+    assert (cfg.trainer.num_workers, cfg.data.window_sampler, cfg.run.name) == (2, "beta", "x")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("student.unknown=1", "student.unknown"),
+    ("nosuchsection.x=1", "nosuchsection"),
+    ("trainer.num_workers=two", "trainer.num_workers"),
+    ("trainer.bf16=3", "trainer.bf16"),
+    ("run.device=tpu", "run.device"),
+    ("data.window_frames=27", "data.window_frames"),  # longer than rollout.num_frames (24)
+    ("rollout.num_frames=25", "rollout.num_frames"),  # not divisible by the block size
+    ("student.sink_frames=6", "student.sink_frames"),  # sink >= window
+    ("student.window_frames=7", "student.window_frames"),
+    ("model.pretrained=/nonexistent/wan", "model.pretrained"),
+    ("data.prompts=/nonexistent/prompts.txt", "data.prompts"),
+    ("schedule.denoising_steps=[250,500]", "schedule.denoising_steps"),
+    ("trainer.zero_stage=4", "trainer.zero_stage"),
+    ("model.in_channels=16", "model.in_channels"),  # the tiny codec makes 12
+    ("text.kind=umt5", "text.path"),
+    ("grpo.reward=raft", "grpo.raft_weights"),
+    ("run.stages=[dmd,ode]", "run.stages"),
+    ("student", "student"),
+])
+def test_bad_input_names_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert e.value.key == key
+    assert str(e.value).startswith(f"config key '{key}'")
+
+
+def test_missing_file_is_a_clear_error():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/none.yaml")
