@@ -26,11 +26,13 @@ def latent_frames_for(cfg: Config, codec, seconds: float) -> int:
     return math.ceil(n / fpb) * fpb
 
 
-class _BlockDecoder:
+class BlockDecoder:
     """Decodes finished blocks on a second thread so decoding overlaps the next block's generation."""
 
-    def __init__(self, codec, writer: VideoWriter, overlap: bool):
+    def __init__(self, codec, writer, overlap: bool, device: torch.device | str = "cpu"):
         self.codec, self.writer, self.overlap = codec, writer, overlap
+        cuda = torch.device(device).type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if overlap and cuda else None  # decode beside generation
         self.queue: Queue = Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True) if overlap else None
@@ -44,12 +46,22 @@ class _BlockDecoder:
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             try:
-                self._decode(item)
+                if self.stream is not None:
+                    latents, ready = item
+                    with torch.cuda.stream(self.stream):
+                        self.stream.wait_event(ready)
+                        self._decode(latents)
+                else:
+                    self._decode(item)
             except BaseException as e:  # surfaced in close(): a failed decode must not pass silently
                 self.error = e
 
     def __call__(self, block: int, latents: torch.Tensor) -> None:
-        if self.thread:
+        if self.thread and self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+            self.queue.put((latents, ready))
+        elif self.thread:
             self.queue.put(latents)
         else:
             self._decode(latents)
@@ -77,8 +89,9 @@ def generate(cfg: Config, prompt: str, seconds: float, out: str | Path, checkpoi
     noise = torch.randn(components.latent_shape(cfg, codec, nf), generator=g, device=device, dtype=dtype)
     blocks = nf // cfg.student.frames_per_block
     t0 = time.perf_counter()
+    codec.reset_stream()
     with torch.no_grad(), VideoWriter(out, cfg.video.fps) as writer:
-        decoder = _BlockDecoder(codec, writer, overlap=cfg.rollout.decode_overlap)
+        decoder = BlockDecoder(codec, writer, overlap=cfg.rollout.decode_overlap, device=device)
 
         def on_block(b: int, x0: torch.Tensor) -> None:
             decoder(b, x0)

@@ -1,0 +1,120 @@
+"""Streaming rollout speed: video FPS with and without decoding, peak memory and KV-cache bytes.
+
+Random weights at the chosen shape; the rollout loop and block decoder are the ones `generate`
+runs. Prints a table (last) and writes JSON.
+
+    python benchmarks/rollout_fps.py --shape wan1.3b --device cuda --dtype bfloat16 --out rollout_fps.json
+    python benchmarks/rollout_fps.py --shape tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
+from sfpp_ray.config import ScheduleConfig
+from sfpp_ray.generate import BlockDecoder
+from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
+from sfpp_ray.models.codec import PixelUnshuffleCodec, WanVAECodec
+from sfpp_ray.models.kv_cache import RollingKVCache
+
+SHAPES = {
+    "wan1.3b": dict(model=dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30),
+                    latent_hw=(60, 104), text_len=512),
+    "tiny": dict(model=dict(num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=12,
+                            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2),
+                 latent_hw=(8, 8), text_len=32),
+}
+
+
+class FrameCounter:
+    """Stands in for a file: takes decoded frames (already moved to host memory) and counts them."""
+
+    frames = 0
+
+    def append(self, frames) -> None:
+        self.frames += len(frames)
+
+
+def build(shape: str, device, dtype, window: int, fpb: int):
+    spec = SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CausalWanTransformer3DModel(patch_size=(1, 2, 2), **spec["model"]).to(dtype).eval()
+    model.set_layout(CausalLayout(frames_per_block=fpb, window_frames=window))
+    if shape == "wan1.3b":
+        from diffusers import AutoencoderKLWan
+
+        with torch.device(device):
+            codec = WanVAECodec(AutoencoderKLWan().to(dtype))  # Wan2.1 VAE shape, random weights
+    else:
+        codec = PixelUnshuffleCodec(2, 1)
+    return model, codec, spec
+
+
+def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str) -> dict:
+    h, w = spec["latent_hw"]
+    schedule = FlowMatchSchedule(1000, 5.0)
+    steps = schedule.student_timesteps(ScheduleConfig())
+    text = torch.randn(1, spec["text_len"], spec["model"]["text_dim"], device=device, dtype=dtype)
+    noise = torch.randn(1, spec["model"]["in_channels"], latent_frames, h, w, device=device, dtype=dtype)
+    counter = FrameCounter()
+    codec.reset_stream()
+    decoder = BlockDecoder(codec, counter, overlap=decode == "overlapped", device=device) if decode != "none" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cross = model.cross_attention_cache(text)
+        rollout(model, cross, noise, steps, schedule, on_block=decoder)
+        if decoder is not None:
+            decoder.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    video_frames = counter.frames if decoder is not None else codec.video_frames(latent_frames)
+    return {"decode": decode, "latent_frames": latent_frames, "video_frames": video_frames, "seconds": elapsed,
+            "fps": video_frames / elapsed,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--window", type=int, default=21)
+    p.add_argument("--frames-per-block", type=int, default=3)
+    p.add_argument("--latent-frames", type=int, default=63, help="frames timed, after a warm-up of one window")
+    p.add_argument("--out", default="rollout_fps.json")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model, codec, spec = build(a.shape, device, dtype, a.window, a.frames_per_block)
+    h, w = spec["latent_hw"]
+    m = spec["model"]
+    kv = RollingKVCache.analytic_bytes(m["num_layers"], 1, m["num_attention_heads"], m["attention_head_dim"],
+                                       (h // 2) * (w // 2), a.window, dtype)
+    for d in ("none", "serial", "overlapped"):  # warm-up: kernels, allocator, decoder cache
+        run_once(model, codec, spec, device, dtype, a.window, d)
+    rows = [run_once(model, codec, spec, device, dtype, a.latent_frames, d) for d in ("none", "serial", "overlapped")]
+    result = {"shape": a.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "dtype": str(dtype), "window_frames": a.window, "frames_per_block": a.frames_per_block,
+              "kv_cache_bytes": kv, "rows": rows}
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nshape={a.shape} device={result['device']} dtype={dtype} window={a.window} kv_cache={kv / 2**30:.2f} GiB")
+    print(f"{'decode':<12}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
+    for r in rows:
+        print(f"{r['decode']:<12}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
