@@ -35,7 +35,7 @@ class CausalLayout:
 
 def _rope_1d(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Interleaved rotary cos/sin (len(positions), dim) at arbitrary (unbounded) integer positions."""
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2] / dim))
     ang = torch.outer(positions.to(torch.float64), inv)
     return ang.cos().repeat_interleave(2, dim=1).float(), ang.sin().repeat_interleave(2, dim=1).float()
 
@@ -91,18 +91,28 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return CrossAttentionCache(kv)
 
     def _rope(self, frame_pos: torch.Tensor, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (len(frame_pos) * h * w, head_dim) for frames at the given positions."""
-        r = self.rope
-        ct, st = _rope_1d(frame_pos, r.t_dim)
-        ch, sh = r.freqs_cos[:h, r.t_dim:r.t_dim + r.h_dim].float().cpu(), r.freqs_sin[:h, r.t_dim:r.t_dim + r.h_dim].float().cpu()
-        cw, sw = r.freqs_cos[:w, r.t_dim + r.h_dim:].float().cpu(), r.freqs_sin[:w, r.t_dim + r.h_dim:].float().cpu()
-        f = len(frame_pos)
+        """cos/sin (len(frame_pos) * h * w, head_dim) for frames at the given positions, cached.
 
-        def grid(a, b, c):
-            return torch.cat([a.view(f, 1, 1, -1).expand(f, h, w, -1), b.view(1, h, 1, -1).expand(f, h, w, -1),
-                              c.view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)
+        Under the window-relative rule a full window always sees positions 0..W-1, so streaming
+        hits this cache on every pass once the window has filled.
+        """
+        key = (tuple(frame_pos.tolist()), h, w, str(device))
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            r = self.rope
+            ct, st = _rope_1d(frame_pos.to(device), r.t_dim)
+            hs, ws = slice(r.t_dim, r.t_dim + r.h_dim), slice(r.t_dim + r.h_dim, None)
+            f = len(frame_pos)
 
-        return grid(ct, ch, cw).to(device), grid(st, sh, sw).to(device)
+            def grid(t, table):
+                table = table.float().to(device)
+                return torch.cat([t.view(f, 1, 1, -1).expand(f, h, w, -1), table[:h, hs].view(1, h, 1, -1).expand(f, h, w, -1),
+                                  table[:w, ws].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)
+
+            cache[key] = (grid(ct, r.freqs_cos), grid(st, r.freqs_sin))
+        return cache[key]
 
     def _mask(self, num_frames: int, tpf: int, device) -> torch.Tensor:
         """Dense (L, L) boolean mask: a query in block b sees sink frames and its window, up to the end of b."""
@@ -149,7 +159,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if kv_cache is not None:
             q_pos, k_pos = kv_cache.begin(nf)
             q_rope = self._rope(q_pos, h, w, x.device)
-            k_rope = self._rope(k_pos, h, w, x.device)
+            k_rope = None if k_pos is None else self._rope(k_pos, h, w, x.device)
         else:
             if causal and self._needs_per_block_positions(nf):
                 q_rope = k_rope = (h, w)  # positions depend on the query block: see _per_block_attention
@@ -199,10 +209,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         q, k, v = (t.unflatten(2, (a.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
         if isinstance(q_rope[0], int):
             return a.to_out[0](self._per_block_attention(q, k, v, *q_rope).transpose(1, 2).flatten(2).type_as(x))
-        if kv_cache is not None:
+        if kv_cache is not None and k_rope is None:  # keys are cached rotated
+            k, v = kv_cache.write(layer, apply_rope(k, *q_rope), v)
+        elif kv_cache is not None:
             k, v = kv_cache.write(layer, k, v)
+            k = apply_rope(k, *k_rope)
+        else:
+            k = apply_rope(k, *k_rope)
         q = apply_rope(q, *q_rope)
-        k = apply_rope(k, *k_rope)
         out = self._attend(q, k, v, mask)
         return a.to_out[0](out.transpose(1, 2).flatten(2).type_as(x))
 

@@ -52,6 +52,10 @@ class RollingKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_frame = torch.full((window_frames,), -1, dtype=torch.long)
+        # Without sinks, window-relative and absolute positions give the same attention, so keys can
+        # be stored rotated at their absolute frame (angles computed exactly, with no table limit)
+        # and only the new block is rotated per pass. With sinks, keys are re-rotated every pass.
+        self.keys_rotated = sink_frames == 0 or position_rule == "absolute"
         self.frames_done = 0  # frames whose clean K/V are committed
         self._active: tuple[int, int] | None = None
 
@@ -75,8 +79,10 @@ class RollingKVCache:
             return frame
         return self.sink + (frame - self.sink) % (self.window - self.sink)
 
-    def begin(self, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def begin(self, num_frames: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Claim slots for the next `num_frames` frames; returns (query positions, key positions per valid slot).
+
+        Key positions are None when stored keys are already rotated (see `keys_rotated`).
 
         A pass over the frames being denoised calls this each step (same slots, rewritten);
         `commit` then makes them context for the next block.
@@ -92,13 +98,17 @@ class RollingKVCache:
         valid = min(end, self.window)
         frames = self.slot_frame[:valid]
         q_frames = torch.arange(start, end)
+        if self.keys_rotated:
+            if self.position_rule == "absolute":
+                self.positions(q_frames, end)  # raises past the rotary table
+            return q_frames, None
         return self.positions(q_frames, end), self.positions(frames, end)
 
     def positions(self, frames: torch.Tensor, end: int) -> torch.Tensor:
         return frame_positions(frames, end, self.window, self.sink, self.position_rule, self.max_position)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store un-rotated k, v (B, H, n*tpf, D) of the active frames; return the valid prefix of the layer.
+        """Store k (rotated or not, see `keys_rotated`), v (B, H, n*tpf, D) of the active frames; return the valid prefix of the layer.
 
         The buffer never carries autograd history. When k/v require grad (a training exit step),
         the returned prefix is an out-of-place copy holding the differentiable k/v in the active
