@@ -39,15 +39,33 @@ def _timestep(t: float, batch: int, frames: int, device) -> torch.Tensor:
     return torch.full((batch, frames), float(t), device=device)
 
 
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, cache: RollingKVCache,
+                  clean: torch.Tensor, schedule: FlowMatchSchedule | None, context_noise: float,
+                  generator: torch.Generator | None) -> None:
+    """Write one clean block's K/V into the cache (re-noised to context_noise when it is > 0)."""
+    B, _, f = clean.shape[:3]
+    t = _timestep(context_noise, B, f, clean.device)
+    with torch.no_grad():
+        ctx = clean.detach()
+        if context_noise > 0:
+            if schedule is None:
+                raise ValueError("context_noise > 0 needs the schedule to re-noise the context")
+            ctx = schedule.add_noise(ctx, _randn_like(ctx, generator), t)
+        student(ctx, t, cross_cache=cross_cache, kv_cache=cache)
+        cache.commit()
+
+
 def prefill(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, cache: RollingKVCache,
-            clean: torch.Tensor, context_noise: float = 0.0) -> None:
+            clean: torch.Tensor, context_noise: float = 0.0, *, schedule: FlowMatchSchedule | None = None,
+            generator: torch.Generator | None = None) -> None:
     """Write clean frames (B, C, F, H, W) into the cache block by block, as the rollout's context passes do."""
     fpb = student.layout.frames_per_block
-    with torch.no_grad():
-        for s in range(0, clean.shape[2], fpb):
-            blk = clean[:, :, s:s + fpb]
-            student(blk, _timestep(context_noise, blk.shape[0], blk.shape[2], blk.device), cross_cache=cross_cache, kv_cache=cache)
-            cache.commit()
+    for s in range(0, clean.shape[2], fpb):
+        _context_pass(student, cross_cache, cache, clean[:, :, s:s + fpb], schedule, context_noise, generator)
 
 
 def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, noise: torch.Tensor,
@@ -82,18 +100,13 @@ def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
                 x0 = schedule.x0_from_flow(x, student(x, t, cross_cache=cross_cache, kv_cache=cache), t)
             x_next = None
             if k < last:
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) if generator is not None else torch.randn_like(x0)
+                fresh = _randn_like(x0, generator)
                 x_next = schedule.add_noise(x0.detach(), fresh, _timestep(timesteps[k + 1], B, fpb, x.device))
             if record:
                 records.append(StepRecord(b, k, x.detach(), x0.detach(), x_next))
             if x_next is not None:
                 x = x_next
-        with torch.no_grad():
-            ctx = x0.detach()
-            if context_noise > 0:
-                ctx = schedule.add_noise(ctx, torch.randn_like(ctx), _timestep(context_noise, B, fpb, ctx.device))
-            student(ctx, _timestep(context_noise, B, fpb, ctx.device), cross_cache=cross_cache, kv_cache=cache)
-            cache.commit()
+        _context_pass(student, cross_cache, cache, x0, schedule, context_noise, generator)
         out.append(x0)
         if on_block is not None:
             on_block(b, x0.detach())

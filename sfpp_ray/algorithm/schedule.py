@@ -64,7 +64,7 @@ class FlowMatchSchedule:
                                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """One t per sample: uniform, shifted, clamped to [min_t, max_t] (DMD and critic)."""
         T = self.num_train_timesteps
-        u = torch.randint(0, T, (n,), generator=generator).float() / T
+        u = torch.randint(0, T, (n,), generator=generator, device=generator.device if generator is not None else "cpu").float() / T
         t = shift_sigma(u, shift) * T if shift > 1 else u * T
         return t.clamp(min_t, max_t).to(device)
 

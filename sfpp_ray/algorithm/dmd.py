@@ -1,0 +1,111 @@
+"""Distribution matching distillation: the student's generator loss, the critic's loss, and EMA.
+
+The generator gradient is the difference of two score estimates on the student's own noised
+samples: the frozen teacher's (real) and the critic's (fake, fit to the student's samples).
+Both are x0 predictions; their difference, normalised per sample, is applied to x0 through an
+MSE against a detached target so that the optimiser sees an ordinary loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
+from sfpp_ray.config import DMDConfig
+
+
+def _flow(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return model(x_t, t, text, return_dict=False)[0]
+
+
+def _batch(text: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A single prompt embedding (e.g. the negative prompt) serves the whole batch."""
+    if text.shape[0] == batch_size:
+        return text
+    if text.shape[0] == 1:
+        return text.expand(batch_size, *text.shape[1:])
+    raise ValueError(f"text embeddings of batch {text.shape[0]} do not match latents of batch {batch_size}")
+
+
+def _noised(x0: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig, generator: torch.Generator | None):
+    t = schedule.sample_training_timesteps(x0.shape[0], cfg.min_timestep, cfg.max_timestep, cfg.timestep_shift,
+                                           generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return schedule.add_noise(x0, noise, t), noise, t
+
+
+def dmd_generator_loss(x0: torch.Tensor, teacher: nn.Module, critic: nn.Module, cond: torch.Tensor,
+                       uncond: torch.Tensor | None, schedule: FlowMatchSchedule, cfg: DMDConfig,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """DMD loss on student samples x0 (B, C, F, H, W); its gradient w.r.t. x0 is (fake - real) / norm / numel."""
+    B = x0.shape[0]
+    with torch.no_grad():
+        x_t, _, t = _noised(x0.detach(), schedule, cfg, generator)
+        real = schedule.x0_from_flow(x_t, _flow(teacher, x_t, t, _batch(cond, B)), t).double()
+        if cfg.guidance != 0:
+            if uncond is None:
+                raise ValueError("dmd.guidance != 0 needs the unconditional (negative prompt) embedding")
+            real_uncond = schedule.x0_from_flow(x_t, _flow(teacher, x_t, t, _batch(uncond, B)), t).double()
+            real = real + cfg.guidance * (real - real_uncond)
+        fake = schedule.x0_from_flow(x_t, _flow(critic, x_t, t, _batch(cond, B)), t).double()
+        # Per-sample normaliser: keeps the step size independent of how far the sample is from the teacher.
+        norm = (x0.detach().double() - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+        grad = torch.nan_to_num((fake - real) / norm)
+    x = x0.double()
+    loss = 0.5 * F.mse_loss(x, (x - grad).detach())
+    return loss, {"dmd_grad_norm": grad.norm().item(), "timestep": t.float().mean().item()}
+
+
+def critic_loss(x0: torch.Tensor, critic: nn.Module, cond: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Flow matching of the critic on gradient-free student samples: the critic tracks the student's distribution."""
+    x0 = x0.detach()
+    x_t, noise, t = _noised(x0, schedule, cfg, generator)
+    flow = _flow(critic, x_t, t, _batch(cond, x0.shape[0]))
+    loss = F.mse_loss(flow.float(), schedule.flow_target(x0, noise).float())
+    return loss, {"critic_loss": loss.item(), "timestep": t.float().mean().item()}
+
+
+def is_generator_step(step: int, update_ratio: int) -> bool:
+    """The critic trains every step; the student every `update_ratio`-th, so the critic keeps up with it."""
+    if update_ratio < 1:
+        raise ValueError(f"update_ratio must be >= 1, got {update_ratio}")
+    return step % update_ratio == 0
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, kept in float32 (bf16 would swallow 1% updates)."""
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay, self.start_step = decay, start_step
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Before start_step the average is a copy: early weights are far from where training settles."""
+        for name, p in model.named_parameters():
+            if step < self.start_step:
+                self.shadow[name].copy_(p.detach())
+            else:
+                self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "start_step": self.start_step, "shadow": copy.copy(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise KeyError(f"EMA state does not match the model's parameters: {sorted(missing)[:5]}")
+        self.decay, self.start_step = state["decay"], state["start_step"]
+        self.shadow = {name: v.to(self.shadow[name].device, torch.float32).clone() for name, v in state["shadow"].items()}

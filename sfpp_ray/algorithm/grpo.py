@@ -1,0 +1,120 @@
+"""GRPO on the stochastic few-step sampler: the student's rollout is a Gaussian policy.
+
+Each non-terminal denoising step draws x_next ~ N((1 - sigma') x0_hat, sigma'^2) with sigma' the
+next step's noise level, so a rollout's log-probability is the sum of those Gaussian terms over
+blocks and steps. Rewards are normalised within a group of rollouts of one prompt, and the
+update is PPO-clipped, with a KL to a frozen reference on the same Gaussian means.
+
+Log-probabilities are float64: they sum millions of terms, and the PPO ratio needs their
+differences to ~1e-4, below float32's resolution at that magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from sfpp_ray.algorithm.rollout import StepRecord, prefill
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
+from sfpp_ray.config import GRPOConfig
+from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """(B,) sum over all but the batch dim of log N(x; mean, sigma^2); sigma broadcasts against x."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    z = (x.double() - mean.double()) / sigma
+    lp = -0.5 * z.square() - sigma.log() - 0.5 * math.log(2 * math.pi)
+    return lp.expand(x.shape).flatten(1).sum(1)
+
+
+def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """(B,) KL(N(mean_a, sigma^2) || N(mean_b, sigma^2)) summed over all but the batch dim."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=mean_a.device)
+    kl = (mean_a.float() - mean_b.float()).square() / (2 * sigma.square())
+    return kl.flatten(1).sum(1)
+
+
+def _non_terminal(steps: list[StepRecord]) -> list[StepRecord]:
+    return [r for r in steps if r.x_next is not None]
+
+
+def step_sigmas(steps: list[StepRecord], timesteps: torch.Tensor, schedule: FlowMatchSchedule) -> torch.Tensor:
+    """Noise level of each non-terminal step's x_next, shaped (1, S, 1, 1, 1, 1) to broadcast against the means."""
+    sig = torch.stack([schedule.sigma(timesteps[r.step + 1]) for r in _non_terminal(steps)])
+    return sig.view(1, -1, 1, 1, 1, 1)
+
+
+def rollout_log_prob(steps: list[StepRecord], timesteps: torch.Tensor, schedule: FlowMatchSchedule) -> torch.Tensor:
+    """(B,) log-probability of a recorded rollout under the policy that made it (no model call)."""
+    recs = _non_terminal(steps)
+    if not recs:
+        raise ValueError("the rollout has no stochastic steps (record=True and more than one denoising step needed)")
+    return sum(gaussian_log_prob(r.x_next, (1 - schedule.sigma(timesteps[r.step + 1])) * r.x0_pred.float(),
+                                 schedule.sigma(timesteps[r.step + 1])) for r in recs)
+
+
+def trajectory_log_prob(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, steps: list[StepRecord],
+                        clean_latents: torch.Tensor, timesteps: torch.Tensor, schedule: FlowMatchSchedule,
+                        context_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replay a recorded rollout under the current student, with gradient.
+
+    Per block the cache holds the rollout's clean previous blocks, and the student re-predicts x0
+    at each recorded non-terminal step. Returns the (B,) log-probability and the Gaussian means
+    (B, S, C, f, H, W), S steps in record order. With the recording weights and context_noise 0
+    it equals rollout_log_prob.
+    """
+    B, _, N, H, W = clean_latents.shape
+    fpb = student.layout.frames_per_block
+    by_block: dict[int, list[StepRecord]] = defaultdict(list)
+    for r in _non_terminal(steps):
+        if r.block >= N // fpb:
+            raise ValueError(f"record of block {r.block} but the clean latents hold {N // fpb} blocks")
+        by_block[r.block].append(r)
+    if not by_block:
+        raise ValueError("the rollout has no stochastic steps (record=True and more than one denoising step needed)")
+    cache = student.new_cache(B, H, W, dtype=clean_latents.dtype, device=clean_latents.device)
+    logp, means = 0, []
+    last = max(by_block)
+    for b in range(last + 1):
+        for r in by_block[b]:
+            t = torch.full((B, r.x_in.shape[2]), float(timesteps[r.step]), device=r.x_in.device)
+            x0 = schedule.x0_from_flow(r.x_in, student(r.x_in, t, cross_cache=cross_cache, kv_cache=cache), t)
+            sigma = schedule.sigma(timesteps[r.step + 1])
+            mean = (1 - sigma) * x0.float()
+            logp = logp + gaussian_log_prob(r.x_next, mean, sigma)
+            means.append(mean)
+        if b < last:
+            prefill(student, cross_cache, cache, clean_latents[:, :, b * fpb:(b + 1) * fpb], context_noise,
+                    schedule=schedule)
+    return logp, torch.stack(means, dim=1)
+
+
+def group_advantages(rewards: torch.Tensor, clip: float, eps: float = 1e-8) -> torch.Tensor:
+    """(P, G) rewards of G rollouts per prompt -> advantages normalised within each group, clipped to [-clip, clip]."""
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"need rewards (prompts, group >= 2), got shape {tuple(rewards.shape)}")
+    r = rewards.double()
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return adv.clamp(-clip, clip).float()
+
+
+def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate (to minimise); at ratio 1 its gradient is the plain policy gradient."""
+    adv = advantages.reshape(logp_new.shape).to(logp_new.dtype)
+    ratio = torch.exp(logp_new - logp_old.detach().to(logp_new.dtype))
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+
+
+def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, means: torch.Tensor,
+              ref_means: torch.Tensor | None, sigmas: torch.Tensor | float, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """PPO-clip on whole-rollout log-probabilities plus kl_coef * KL to the reference policy."""
+    policy = ppo_clip_loss(logp_new, logp_old, advantages, cfg.clip)
+    kl = gaussian_kl(means, ref_means.detach(), sigmas).mean() if ref_means is not None else torch.zeros((), device=means.device)
+    loss = policy + cfg.kl_coef * kl
+    with torch.no_grad():
+        ratio = torch.exp(logp_new - logp_old.to(logp_new.dtype))
+        clipped = ((ratio - 1).abs() > cfg.clip).float().mean()
+    return loss, {"policy_loss": policy.item(), "kl": kl.item(), "ratio": ratio.mean().item(), "clip_frac": clipped.item()}

@@ -1,0 +1,125 @@
+"""Self-Forcing++: distil on windows of rollouts far longer than the teacher's horizon.
+
+The student streams N >> T frames with its rolling cache exactly as at inference, so the rollout
+carries the errors it accumulates. A teacher-length window of it is re-noised (backward noise:
+the noisy window keeps the rollout's temporal structure) and re-generated with gradient on top
+of the rollout's own preceding context; DMD on that window then teaches the student to recover
+from its own long-horizon drift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sfpp_ray.algorithm.rollout import prefill, rollout
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
+from sfpp_ray.config import DataConfig
+from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high]."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(low, high + 1, (1,), generator=generator, device=device))
+
+
+def sample_window_start(num_frames: int, window_frames: int, frames_per_block: int, sampler: str = "uniform",
+                        beta_a: float = 1.0, beta_b: float = 2.0, generator: torch.Generator | None = None) -> int:
+    """First frame of a block-aligned window of `window_frames` inside a rollout of `num_frames`.
+
+    uniform: every valid start equally likely. beta: the start's relative position ~ Beta(a, b)
+    (Beta(1, 2) favours early windows).
+    """
+    if window_frames > num_frames:
+        raise ValueError(f"window of {window_frames} frames does not fit a rollout of {num_frames}")
+    if window_frames <= 0 or num_frames % frames_per_block or window_frames % frames_per_block:
+        raise ValueError(f"rollout ({num_frames}) and window ({window_frames}) must be positive multiples of "
+                         f"the block size ({frames_per_block})")
+    num_starts = (num_frames - window_frames) // frames_per_block + 1
+    if sampler == "uniform":
+        idx = _randint(0, num_starts - 1, generator)
+    elif sampler == "beta":
+        seed = _randint(0, 2**62, generator)
+        u = np.random.default_rng(seed).beta(beta_a, beta_b)
+        idx = min(int(u * num_starts), num_starts - 1)
+    else:
+        raise ValueError(f"unknown window sampler {sampler!r} (uniform or beta)")
+    return idx * frames_per_block
+
+
+def backward_noise(x0: torch.Tensor, t: torch.Tensor | float, schedule: FlowMatchSchedule,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Re-noise clean rollout latents (B, C, F, H, W) to timestep t (scalar, (B,) or (B, F)); t = 0 returns x0."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
+    if t.ndim == 0:
+        t = t.expand(x0.shape[0])
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return schedule.add_noise(x0, noise, t)
+
+
+@torch.no_grad()
+def extended_rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, noise: torch.Tensor,
+                     schedule: FlowMatchSchedule, timesteps: torch.Tensor, context_noise: float = 0.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gradient-free rollout to noise.shape[2] frames with the rolling cache, as at inference."""
+    return rollout(student, cross_cache, noise, timesteps, schedule, context_noise=context_noise,
+                   generator=generator).latents
+
+
+def sample_denoising_steps(num_steps: int, start_step: int | None = None, exit_step: int | None = None,
+                           generator: torch.Generator | None = None) -> tuple[int, int]:
+    """(start, exit): start ~ U{0..K-1} and exit ~ U{start..K-1}, each drawn only where not given."""
+    start = _randint(0, num_steps - 1, generator) if start_step is None else start_step
+    exit_ = _randint(start, num_steps - 1, generator) if exit_step is None else exit_step
+    if not 0 <= start <= exit_ < num_steps:
+        raise ValueError(f"need 0 <= start_step ({start}) <= exit_step ({exit_}) < {num_steps}")
+    return start, exit_
+
+
+def regenerate_window(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache,
+                      rollout_latents: torch.Tensor, window_start: int, window_frames: int,
+                      schedule: FlowMatchSchedule, timesteps: torch.Tensor, *, use_backward_noise: bool = True,
+                      start_step: int | None = None, exit_step: int | None = None, context_noise: float = 0.0,
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Re-generate frames [window_start, window_start + window_frames) of a rollout, with gradient.
+
+    The cache is prefilled with the rollout's clean frames before the window (the same context
+    passes the rollout ran), then every block of the window is denoised from timesteps[start_step]
+    (its backward-noised rollout latents; pure noise at step 0 without backward noise) and
+    returns its x0 prediction at the shared exit step, the only forward that holds a graph.
+    noise: the window's noise (drawn from `generator` if None).
+    """
+    B, C, N, H, W = rollout_latents.shape
+    fpb = student.layout.frames_per_block
+    if window_start % fpb or window_frames % fpb or window_frames <= 0:
+        raise ValueError(f"window [{window_start}, +{window_frames}) is not aligned to {fpb}-frame blocks")
+    if not 0 <= window_start <= N - window_frames:
+        raise ValueError(f"window [{window_start}, {window_start + window_frames}) lies outside the {N}-frame rollout")
+    if not use_backward_noise:
+        if start_step not in (None, 0):
+            raise ValueError("without backward noise the window starts from pure noise (start_step 0)")
+        start_step = 0
+    start_step, exit_step = sample_denoising_steps(len(timesteps), start_step, exit_step, generator)
+    context, window = rollout_latents[:, :, :window_start], rollout_latents[:, :, window_start:window_start + window_frames]
+    if noise is None:
+        noise = torch.randn(window.shape, generator=generator, device=window.device, dtype=window.dtype)
+    elif noise.shape != window.shape:
+        raise ValueError(f"window noise has shape {tuple(noise.shape)}, the window {tuple(window.shape)}")
+    cache = student.new_cache(B, H, W, dtype=rollout_latents.dtype, device=rollout_latents.device)
+    prefill(student, cross_cache, cache, context, context_noise, schedule=schedule, generator=generator)
+    return rollout(student, cross_cache, noise, timesteps, schedule, cache=cache, context_noise=context_noise,
+                   start_latents=window.detach() if use_backward_noise else None, start_step=start_step,
+                   exit_step=exit_step, generator=generator).latents
+
+
+def sf_pp_generator_batch(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache,
+                          rollout_latents: torch.Tensor, schedule: FlowMatchSchedule, timesteps: torch.Tensor,
+                          data: DataConfig, context_noise: float = 0.0,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """A window sampled per `data` and re-generated with gradient: the student samples DMD scores. Returns (x0, start)."""
+    start = sample_window_start(rollout_latents.shape[2], data.window_frames, student.layout.frames_per_block,
+                                data.window_sampler, data.beta_a, data.beta_b, generator)
+    x0 = regenerate_window(student, cross_cache, rollout_latents, start, data.window_frames, schedule, timesteps,
+                           use_backward_noise=data.backward_noise, context_noise=context_noise, generator=generator)
+    return x0, start

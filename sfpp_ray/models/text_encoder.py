@@ -1,0 +1,188 @@
+"""Prompt embeddings for the Wan transformer's cross-attention: a UMT5 encoder and its tokenizer.
+
+Two kinds: the real umT5-xxl Wan was trained with (loaded from a local directory), and a tiny one built in
+process from a fixed seed and a byte-level tokenizer, for tests and toy runs. Both are ordinary
+transformers objects, so a tiny encoder saved with `save_pretrained` loads back as kind "umt5".
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from sfpp_ray.config import TextConfig
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # UMT5's own special ids
+BYTE_OFFSET = 3  # token id of byte b is b + BYTE_OFFSET
+TINY_SEED = 0
+TINY_LAYERS = 2
+TINY_HEADS = 2
+
+
+def _byte_symbols() -> list[str]:
+    """One printable character per byte value, so a byte-level vocabulary can be written as text.
+
+    Printable Latin-1 bytes stand for themselves; the rest are moved to code points from 256 upward.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """Deterministic offline tokenizer: token id = UTF-8 byte + BYTE_OFFSET, then EOS, padded with PAD.
+
+    Built as a `tokenizers` BPE without merges over the 256 byte symbols, so it saves and reloads through
+    `AutoTokenizer` like any other tokenizer. Text that looks like a special token ("<pad>") stays bytes.
+    """
+    specials = ["<pad>", "</s>", "<unk>"]  # ids PAD_ID, EOS_ID, UNK_ID
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({symbol: byte + BYTE_OFFSET for byte, symbol in enumerate(_byte_symbols())})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", split_special_tokens=True)
+
+
+def tiny_umt5(text_dim: int, seed: int = TINY_SEED) -> UMT5EncoderModel:
+    """A small UMT5 encoder over the byte vocabulary; the same seed gives the same weights in every process."""
+    config = UMT5Config(vocab_size=256 + BYTE_OFFSET, d_model=text_dim, d_kv=max(1, text_dim // TINY_HEADS),
+                        d_ff=2 * text_dim, num_layers=TINY_LAYERS, num_heads=TINY_HEADS, dropout_rate=0.0,
+                        is_encoder_decoder=False, use_cache=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UMT5EncoderModel(config).eval()
+
+
+def clean_prompt(prompt: str) -> str:
+    """Collapse runs of whitespace, as Wan's pipeline does before tokenizing."""
+    return re.sub(r"\s+", " ", prompt).strip()
+
+
+def _resolve_dirs(path: Path) -> tuple[Path, Path]:
+    """(encoder dir, tokenizer dir) from a dir holding both or a diffusers pipeline root."""
+    if (path / "text_encoder").is_dir():
+        tokenizer_dir = path / "tokenizer"
+        return path / "text_encoder", tokenizer_dir if tokenizer_dir.is_dir() else path
+    return path, path
+
+
+class TextEncoder(torch.nn.Module):
+    """Prompts -> (B, max_length, text_dim) embeddings, zero past each prompt's tokens, as Wan feeds them.
+
+    The encoder is frozen, and training asks for the same prompts again and again, so embeddings are
+    cached per prompt string (least recently used dropped first). Moving or casting the module clears
+    the cache.
+    """
+
+    def __init__(self, encoder: UMT5EncoderModel, tokenizer, max_length: int, cache_size: int = 1024):
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def text_dim(self) -> int:
+        return self.encoder.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    @classmethod
+    def tiny(cls, text_dim: int, max_length: int, seed: int = TINY_SEED) -> TextEncoder:
+        return cls(tiny_umt5(text_dim, seed), byte_level_tokenizer(), max_length)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int = 512, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> TextEncoder:
+        """A UMT5 encoder and tokenizer from a local directory (never the hub)."""
+        encoder_dir, tokenizer_dir = _resolve_dirs(Path(path))
+        if not (encoder_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no UMT5 encoder in {path}: expected config.json there or in text_encoder/")
+        encoder = UMT5EncoderModel.from_pretrained(encoder_dir, local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        return cls(encoder, tokenizer, max_length).to(device)
+
+    @classmethod
+    def from_config(cls, cfg: TextConfig, text_dim: int, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> TextEncoder:
+        if cfg.kind == "tiny":
+            encoder = cls.tiny(text_dim, cfg.max_length)
+        elif cfg.kind == "umt5":
+            if cfg.path is None:
+                raise ValueError("text kind umt5 needs text.path, a local directory with the encoder and tokenizer")
+            encoder = cls.from_pretrained(cfg.path, cfg.max_length, dtype=dtype)
+        else:
+            raise ValueError(f"unknown text encoder kind {cfg.kind!r}")
+        if encoder.text_dim != text_dim:
+            raise ValueError(f"the text encoder makes {encoder.text_dim}-d embeddings but model.text_dim is {text_dim}")
+        return encoder.to(device, dtype)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes the diffusers pipeline layout (text_encoder/, tokenizer/), which `from_pretrained` reads."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length, text_dim) on the module's device and dtype."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("encode takes a list of prompt strings")
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        found: dict[str, torch.Tensor] = {}
+        for prompt in prompts:
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                found[prompt] = self._cache[prompt]
+        new = list(dict.fromkeys(p for p in prompts if p not in found))
+        if new:
+            for prompt, embedding in zip(new, self._run_encoder(new)):
+                found[prompt] = embedding
+                self._remember(prompt, embedding.clone())
+        return torch.stack([found[p] for p in prompts]).to(self.device, self.dtype)
+
+    def _run_encoder(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+                                max_length=self.max_length, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        mask = tokens["attention_mask"].to(self.device)
+        hidden = self.encoder(input_ids=tokens["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+    def _remember(self, prompt: str, embedding: torch.Tensor) -> None:
+        if self.cache_size == 0:
+            return
+        self._cache[prompt] = embedding
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)

@@ -1,0 +1,141 @@
+"""DMD: the generator gradient, the critic's fit, the update schedule, EMA, and a tiny distillation."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
+from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.algorithm.schedule import euler_ode_sample
+from sfpp_ray.config import DMDConfig, ScheduleConfig
+
+
+def test_generator_gradient_is_zero_when_the_critic_is_the_teacher(teacher, schedule):
+    critic = copy.deepcopy(teacher)
+    x0 = torch.randn(2, 12, 3, 8, 8, requires_grad=True)
+    loss, metrics = dmd_generator_loss(x0, teacher, critic, torch.randn(2, 7, 32), None, schedule, DMDConfig(guidance=0.0))
+    loss.backward()
+    assert loss.item() == 0 and metrics["dmd_grad_norm"] == 0
+    assert torch.equal(x0.grad, torch.zeros_like(x0))
+
+
+def test_generator_gradient_is_the_normalised_score_difference(teacher, schedule, tiny):
+    critic = tiny.teacher(seed=1)
+    x0 = torch.randn(2, 12, 3, 8, 8, requires_grad=True)
+    loss, metrics = dmd_generator_loss(x0, teacher, critic, torch.randn(1, 7, 32), torch.randn(1, 7, 32), schedule,
+                                       DMDConfig(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert metrics["dmd_grad_norm"] > 0 and 20 <= metrics["timestep"] <= 980
+    # d loss / d x0 = grad / numel, and the gradient stops at x0: nothing reaches the teacher or the critic.
+    torch.testing.assert_close(x0.grad.norm().item() * x0.numel(), metrics["dmd_grad_norm"], rtol=1e-4, atol=0)
+    assert all(p.grad is None for m in (teacher, critic) for p in m.parameters())
+    with pytest.raises(ValueError, match="unconditional"):
+        dmd_generator_loss(x0, teacher, critic, torch.randn(1, 7, 32), None, schedule, DMDConfig(guidance=3.0))
+
+
+def test_critic_steps_lower_the_critic_loss(tiny, schedule):
+    critic = tiny.teacher(seed=1)
+    cfg, text = DMDConfig(), torch.randn(4, 7, 32)
+    x0 = 0.8 + 0.3 * torch.randn(4, 12, 3, 8, 8)
+
+    def held_out_loss():
+        with torch.no_grad():
+            return sum(critic_loss(x0, critic, text, schedule, cfg, torch.Generator().manual_seed(s))[0] for s in range(8))
+
+    before = held_out_loss()
+    opt = torch.optim.Adam(critic.parameters(), lr=2e-3)
+    for _ in range(30):
+        loss, _ = critic_loss(x0, critic, text, schedule, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out_loss() < 0.8 * before
+
+
+def test_generator_steps_every_update_ratio():
+    assert [s for s in range(12) if is_generator_step(s, 5)] == [0, 5, 10]
+    assert all(is_generator_step(s, 1) for s in range(4))
+    with pytest.raises(ValueError):
+        is_generator_step(0, 0)
+
+
+def test_ema_copies_then_averages():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, start_step=2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=1)  # before start_step: a copy
+    assert torch.equal(ema.shadow["weight"], torch.ones(2, 3))
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, step=2)
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((2, 3), 0.9 * 1 + 0.1 * 3))
+    restored = EMA(nn.Linear(3, 2), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == 0.9 and restored.start_step == 2
+    target = nn.Linear(3, 2)
+    restored.copy_to(target)
+    torch.testing.assert_close(target.weight, torch.full((2, 3), 1.2))
+    with pytest.raises(KeyError):
+        EMA(nn.Linear(3, 2, bias=False), 0.9).load_state_dict(ema.state_dict())
+
+
+def _train_teacher_on_known_mean(teacher, text, mean, schedule, steps=60):
+    """Brief flow matching on data around a per-channel mean: a teacher whose samples are recognisable."""
+    opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
+    for _ in range(steps):
+        x0 = mean + 0.5 * torch.randn(8, 12, 3, 8, 8)
+        noise, t = torch.randn_like(x0), torch.rand(8) * 1000
+        flow = teacher(schedule.add_noise(x0, noise, t), t, text.expand(8, -1, -1), return_dict=False)[0]
+        loss = (flow - schedule.flow_target(x0, noise)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return teacher.requires_grad_(False)
+
+
+def test_dmd_moves_student_samples_toward_the_teachers(tiny, schedule):
+    torch.manual_seed(0)
+    text = torch.randn(1, 7, 32)
+    channel_mean = torch.linspace(-1, 1, 12).view(1, 12, 1, 1, 1)
+    teacher = _train_teacher_on_known_mean(tiny.teacher(), text, channel_mean, schedule)
+    eval_noise = torch.randn(16, 12, 3, 8, 8)
+    teacher_samples, _ = euler_ode_sample(lambda x, t: teacher(x, t, text.expand(16, -1, -1), return_dict=False)[0],
+                                          None, eval_noise, schedule.euler_sigmas(20, 5.0), 1.0)
+    # The student starts from the teacher, pushed off by a shift of its output; the critic starts where the student is.
+    student = tiny.student(teacher).requires_grad_(True)
+    with torch.no_grad():
+        student.proj_out.bias.add_(0.7 * torch.randn(student.proj_out.bias.shape))
+    critic = tiny.teacher()
+    critic.load_state_dict(student.state_dict())
+    timesteps = schedule.student_timesteps(ScheduleConfig(denoising_steps=[1000, 500]))
+    cfg = DMDConfig(guidance=0.0, update_ratio=1)
+
+    def distance_to_teacher():
+        with torch.no_grad():
+            s = rollout(student, student.cross_attention_cache(text.expand(16, -1, -1)), eval_noise, timesteps,
+                        schedule, generator=torch.Generator().manual_seed(1)).latents
+        return (s.mean(dim=(0, 2, 3, 4)) - teacher_samples.mean(dim=(0, 2, 3, 4))).norm().item()
+
+    def student_samples(exit_step=None):
+        return rollout(student, student.cross_attention_cache(text.expand(8, -1, -1)), torch.randn(8, 12, 3, 8, 8),
+                       timesteps, schedule, exit_step=exit_step).latents
+
+    start = distance_to_teacher()
+    gen_opt = torch.optim.Adam(student.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    for step in range(30):
+        with torch.no_grad():
+            fresh = student_samples()
+        loss, _ = critic_loss(fresh, critic, text, schedule, cfg)
+        critic_opt.zero_grad()
+        loss.backward()
+        critic_opt.step()
+        if is_generator_step(step, cfg.update_ratio):
+            loss, _ = dmd_generator_loss(student_samples(exit_step=step % 2), teacher, critic, text, None, schedule, cfg)
+            gen_opt.zero_grad()
+            loss.backward()
+            gen_opt.step()
+    assert distance_to_teacher() < 0.5 * start

@@ -1,0 +1,96 @@
+"""ODE initialisation: teacher trajectories, the pair store, and block-causal regression."""
+
+import pytest
+import torch
+
+from sfpp_ray.algorithm.ode_init import (OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_inputs,
+                                         ode_regression_loss)
+from sfpp_ray.algorithm.schedule import euler_ode_sample, nearest_indices
+from sfpp_ray.config import ODEConfig
+
+
+@pytest.fixture
+def ode_cfg():
+    return ODEConfig(euler_steps=12, shift=8.0, guidance=3.0)
+
+
+def test_trajectories_follow_the_teachers_ode(teacher, schedule, timesteps, ode_cfg):
+    cond, uncond = torch.randn(2, 7, 32), torch.randn(1, 7, 32)
+    noise = torch.randn(2, 12, 6, 8, 8)
+    traj = make_ode_trajectories(teacher, cond, uncond, noise, timesteps, ode_cfg, schedule)
+    assert traj.shape == (2, len(timesteps) + 1, 12, 6, 8, 8)
+    assert torch.equal(traj[:, 0], noise)  # the first student step is t = 1000: the ODE's start
+    sigmas = schedule.euler_sigmas(ode_cfg.euler_steps, ode_cfg.shift)
+    for k, i in enumerate(nearest_indices(sigmas, timesteps)):
+        assert abs(sigmas[i].item() * 1000 - timesteps[k].item()) < 1000 / ode_cfg.euler_steps
+    clean, _ = euler_ode_sample(lambda x, t: teacher(x, t, cond, return_dict=False)[0],
+                                lambda x, t: teacher(x, t, uncond.expand(2, -1, -1), return_dict=False)[0],
+                                noise, sigmas, ode_cfg.guidance)
+    torch.testing.assert_close(traj[:, -1], clean)
+    # Along the path the states approach the clean end.
+    dist = [(traj[:, k] - clean).norm().item() for k in range(len(timesteps))]
+    assert dist == sorted(dist, reverse=True)
+
+
+def test_pair_store_round_trip_and_reuse(tmp_path):
+    made = []
+
+    def make_shard(n):
+        made.append(n)
+        return torch.randn(n, 3, 12, 3, 4, 4), [f"prompt {len(made)}.{i}" for i in range(n)]
+
+    store = OdePairStore(tmp_path, meta={"timesteps": [1000.0, 937.5]})
+    assert fill_ode_store(store, 5, make_shard, shard_size=2) == 5 and made == [2, 2, 1]
+    assert len(store) == 5 and store.complete(5) and not store.complete(6)
+
+    reopened = OdePairStore(tmp_path, meta={"timesteps": [1000.0, 937.5]})
+    assert fill_ode_store(reopened, 5, make_shard, shard_size=2) == 0 and made == [2, 2, 1]  # made once, reused
+    pairs = list(reopened)
+    assert [p for _, p in pairs] == ["prompt 1.0", "prompt 1.1", "prompt 2.0", "prompt 2.1", "prompt 3.0"]
+    traj, prompt = reopened.load(3)
+    assert traj.shape == (3, 12, 3, 4, 4) and prompt == "prompt 2.1"
+    torch.testing.assert_close(traj, pairs[3][0])
+    with pytest.raises(IndexError):
+        reopened.load(5)
+    with pytest.raises(ValueError, match="made with"):
+        OdePairStore(tmp_path, meta={"timesteps": [1000.0]})
+    with pytest.raises(ValueError, match="prompts"):
+        store.write_shard(torch.randn(2, 3, 12, 3, 4, 4), ["only one"])
+
+
+def test_regression_inputs_put_each_block_at_one_step(timesteps):
+    B, K, F = 4, len(timesteps), 12
+    # State k of the trajectory is filled with the value k, so the input reveals which step each frame took.
+    traj = torch.arange(K + 1.0).view(1, K + 1, 1, 1, 1, 1).expand(B, K + 1, 2, F, 2, 2).contiguous()
+    x, t = ode_regression_inputs(traj, timesteps, 3, torch.Generator().manual_seed(0))
+    step = x[:, 0, :, 0, 0].long()  # (B, F)
+    assert t.shape == (B, F) and torch.equal(t, timesteps[step])
+    blocks = step.view(B, F // 3, 3)
+    assert (blocks == blocks[..., :1]).all() and (step < K).all()
+    assert len(blocks[..., 0].unique()) > 1  # blocks are drawn independently
+    with pytest.raises(ValueError):
+        ode_regression_inputs(traj[:, :-1], timesteps, 3)
+
+
+def test_regression_trains_the_student(teacher, student, schedule, timesteps, ode_cfg):
+    text = torch.randn(2, 7, 32)
+    traj = make_ode_trajectories(teacher, text, None, torch.randn(2, 12, 6, 8, 8), timesteps, ode_cfg, schedule)
+
+    def held_out_loss():
+        with torch.no_grad():
+            return sum(ode_regression_loss(student, traj, timesteps, text, schedule, torch.Generator().manual_seed(s))
+                       for s in range(4))
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        via_cache = ode_regression_loss(student, traj, timesteps, student.cross_attention_cache(text), schedule, g)
+    torch.testing.assert_close(via_cache, ode_regression_loss(student, traj, timesteps, text, schedule,
+                                                              torch.Generator().manual_seed(0)).detach())
+    before = held_out_loss()
+    opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+    for _ in range(30):
+        loss = ode_regression_loss(student, traj, timesteps, text, schedule)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out_loss() < 0.7 * before

@@ -1,0 +1,35 @@
+"""Shared test setup: one small local Ray cluster for the whole session, CPU-only settings."""
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before ray / mlflow / deepspeed are imported anywhere; Ray workers inherit them.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # JIT ops built once
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by every test that asks for it; yields ray.cluster_resources()."""
+    import ray
+
+    # Remote functions defined in test modules are imported by name on workers: let them find those
+    # modules (pytest put their folders on sys.path during collection; workers inherit the env).
+    tests = str(Path(__file__).parent)
+    paths = [p for p in sys.path if p.startswith(tests)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
+             log_to_driver=False, _temp_dir=temp_dir)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

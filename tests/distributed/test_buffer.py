@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import ray
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+from sfpp_ray.config import BufferConfig
+from sfpp_ray.distributed.buffer import create_buffer, offer, sample_nbytes
+
+SHAPE = (1, 4, 3, 16, 16)  # (B, C, F, H, W) latents
+
+
+def make_sample(rng: np.random.Generator) -> dict:
+    return {"latents": rng.standard_normal(SHAPE, dtype=np.float32),
+            "prompt_ids": rng.integers(0, 1000, size=8, dtype=np.int64)}
+
+
+SAMPLE_BYTES = sample_nbytes(make_sample(np.random.default_rng(0)))
+
+
+def pinned_bytes() -> int:
+    """Bytes the object store must keep because some reference to them is alive."""
+    return get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_primary_copy
+
+
+def balanced(m: dict) -> bool:
+    return m["puts"] == m["retired"] + m["dropped_stale"] + m["dropped_closed"] + m["fill"]
+
+
+@ray.remote(num_cpus=0)
+def produce(buffer, count: int, seed: int) -> int:
+    """A producer as fast as it can go: it only ever waits on backpressure. Returns samples accepted."""
+    rng = np.random.default_rng(seed)
+    accepted = 0
+    for i in range(count):
+        version = ray.get(buffer.policy_version.remote())
+        accepted += offer(buffer, make_sample(rng), version, meta={"prompt": f"prompt {i}"})
+    return accepted
+
+
+def train_step(latents: np.ndarray) -> float:
+    """Stands in for the trainer's work so the producer runs ahead of the consumer."""
+    x = latents.reshape(-1, 16)
+    for _ in range(1000):
+        x = np.tanh(x @ np.eye(16, dtype=np.float32) * 1.01)
+    return float(x.sum())
+
+
+def test_fast_producer_stays_bounded_and_drops_stale(ray_cluster):
+    cfg = BufferConfig(max_items=8, max_bytes=5 * SAMPLE_BYTES, max_staleness=2, max_reuse=1)
+    buffer = create_buffer(cfg)
+    producer = produce.remote(buffer, 200, seed=1)
+
+    for step in range(20):
+        (item,) = ray.get(buffer.get.remote(1))
+        sample = ray.get(item.ref)
+        assert sample["latents"].shape == SHAPE and item.meta["prompt"].startswith("prompt ")
+        assert step - item.policy_version <= cfg.max_staleness
+        train_step(sample["latents"])
+        del sample, item
+        m = ray.get(buffer.metrics.remote())
+        assert m["bytes"] <= cfg.max_bytes and m["fill"] <= cfg.max_items and balanced(m)
+        ray.get(buffer.set_policy_version.remote(step + 1))
+        m = ray.get(buffer.metrics.remote())
+        assert m["age_max"] <= cfg.max_staleness and m["bytes"] == m["fill"] * SAMPLE_BYTES
+        # Alive references pin objects: the buffer's plus the producer's pending sample. A buffer
+        # that kept dropped references would pin nearly every sample produced so far.
+        assert pinned_bytes() <= 2 * cfg.max_bytes
+
+    m = ray.get(buffer.metrics.remote())
+    assert m["served"] == m["retired"] == 20 and m["dropped_stale"] > 0 and balanced(m)
+
+    ray.get(buffer.close.remote())  # wakes the blocked producer; its remaining puts are refused
+    accepted = ray.get(producer)
+    m = ray.get(buffer.metrics.remote())
+    assert accepted == m["puts"] < 200 and m["refused_closed"] == 200 - accepted
+    assert m["fill"] == 0 and m["bytes"] == 0 and balanced(m)
+    assert pinned_bytes() <= 2 * cfg.max_bytes
+
+
+def test_backpressure_blocks_until_space_frees(ray_cluster):
+    rng = np.random.default_rng(2)
+    buffer = create_buffer(BufferConfig(max_items=2, max_bytes=1 << 30, max_staleness=4, max_reuse=1))
+    assert offer(buffer, make_sample(rng), 0) and offer(buffer, make_sample(rng), 0)
+
+    assert not offer(buffer, make_sample(rng), 0, timeout=0)  # full: refused at once
+    assert not offer(buffer, make_sample(rng), 0, timeout=0.2)  # nothing frees space in time
+    assert ray.get(buffer.metrics.remote())["refused_full"] == 2
+
+    blocked = buffer.put.remote([ray.put(make_sample(rng))], 0, [SAMPLE_BYTES])
+    assert not ray.wait([blocked], timeout=0.3)[0]  # still waiting for room
+    assert len(ray.get(buffer.get.remote(1))) == 1
+    assert ray.get(blocked) is True
+    m = ray.get(buffer.metrics.remote())
+    assert m["fill"] == 2 and m["puts"] == 3 and m["waiting_producers"] == 0
+
+
+def test_stale_puts_reuse_and_sampling(ray_cluster):
+    rng = np.random.default_rng(3)
+    buffer = create_buffer(BufferConfig(max_items=6, max_bytes=1 << 30, max_staleness=1, max_reuse=2), seed=3)
+    ray.get(buffer.set_policy_version.remote(5))
+    assert not offer(buffer, make_sample(rng), 3)  # generated two versions ago: refused as stale
+    for _ in range(4):
+        assert offer(buffer, make_sample(rng), 5)
+
+    drawn = ray.get(buffer.sample.remote(3))
+    assert len({item.ref for item in drawn}) == 3 and all(item.served == 1 for item in drawn)
+    served = [item for _ in range(3) for item in ray.get(buffer.get.remote(1))]
+    assert [item.served for item in served] == [1, 2, 2]  # unserved samples come first
+    m = ray.get(buffer.metrics.remote())
+    assert m["retired"] == 2 and m["fill"] == 2 and m["refused_stale"] == 1 and balanced(m)
+
+    assert ray.get(buffer.get.remote(3, timeout=0)) != []  # fewer than asked on timeout
+    assert ray.get(buffer.set_policy_version.remote(7)) == ray.get(buffer.metrics.remote())["fill"]
+
+    state = ray.get(buffer.state_dict.remote())
+    restored = create_buffer(BufferConfig())
+    ray.get(restored.load_state_dict.remote(state))
+    assert ray.get(restored.state_dict.remote()) == state
+
+
+def test_rejects_what_can_never_fit(ray_cluster):
+    buffer = create_buffer(BufferConfig(max_items=4, max_bytes=SAMPLE_BYTES, max_staleness=1, max_reuse=1))
+    with pytest.raises(ValueError, match="can never fit"):
+        ray.get(buffer.put.remote([ray.put(0)], 0, [2 * SAMPLE_BYTES]))
+    with pytest.raises(ValueError, match="policy version went back"):
+        ray.get(buffer.set_policy_version.remote(-1))

@@ -1,0 +1,129 @@
+"""The text encoder: Wan's padding rule, determinism across processes, caching, and save/reload as kind umt5."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sfpp_ray.config import TextConfig
+from sfpp_ray.models.text_encoder import BYTE_OFFSET, EOS_ID, PAD_ID, TextEncoder, byte_level_tokenizer
+
+MAX_LENGTH = 24
+TEXT_DIM = 32
+
+
+def random_prompt(length=8):
+    letters = torch.randint(ord("a"), ord("z") + 1, (length,)).tolist()
+    return "".join(map(chr, letters))
+
+
+@pytest.fixture
+def tiny():
+    return TextEncoder.from_config(TextConfig(kind="tiny", max_length=MAX_LENGTH), TEXT_DIM)
+
+
+def nonzero_positions(embedding):
+    return (embedding.abs().sum(-1) > 0).tolist()
+
+
+def test_byte_tokenizer_is_utf8_bytes_plus_offset():
+    tokenizer = byte_level_tokenizer()
+    prompt = "héllo <pad> 日"
+    ids = tokenizer([prompt])["input_ids"][0]
+    assert ids == [b + BYTE_OFFSET for b in prompt.encode("utf-8")] + [EOS_ID]
+    padded = tokenizer([prompt], padding="max_length", max_length=32)["input_ids"][0]
+    assert padded[len(ids):] == [PAD_ID] * (32 - len(ids))
+
+
+def test_embeddings_are_zero_past_each_prompt(tiny):
+    short, long = random_prompt(5), random_prompt(200)
+    embeddings = tiny.encode([short, long])
+    assert embeddings.shape == (2, MAX_LENGTH, TEXT_DIM)
+    assert nonzero_positions(embeddings[0]) == [True] * 6 + [False] * (MAX_LENGTH - 6)  # 5 bytes + EOS
+    assert all(nonzero_positions(embeddings[1]))  # truncated to max_length
+
+
+def test_whitespace_is_normalised_like_wan(tiny):
+    prompt = random_prompt()
+    torch.testing.assert_close(tiny.encode([f"  {prompt[:4]} \n\t {prompt[4:]} "]),
+                               tiny.encode([f"{prompt[:4]} {prompt[4:]}"]))
+
+
+def test_tiny_encoder_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = TextEncoder.from_config(TextConfig(kind="tiny", max_length=MAX_LENGTH), TEXT_DIM)
+    b = TextEncoder.from_config(TextConfig(kind="tiny", max_length=MAX_LENGTH), TEXT_DIM)
+    assert torch.equal(state, torch.random.get_rng_state())
+    prompt = random_prompt()
+    assert torch.equal(a.encode([prompt]), b.encode([prompt]))
+    assert not torch.equal(a.encode([prompt]), a.encode([random_prompt(9)]))
+
+
+def test_tiny_encoder_is_the_same_in_another_process(tiny, tmp_path):
+    prompt = random_prompt()
+    script = textwrap.dedent(f"""
+        import torch
+        from sfpp_ray.config import TextConfig
+        from sfpp_ray.models.text_encoder import TextEncoder
+        encoder = TextEncoder.from_config(TextConfig(kind="tiny", max_length={MAX_LENGTH}), {TEXT_DIM})
+        torch.save(encoder.encode([{prompt!r}]), {str(tmp_path / "embedding.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "embedding.pt"), tiny.encode([prompt]))
+
+
+def test_cache_hits_duplicates_and_bound(tiny, monkeypatch):
+    prompts = [random_prompt() for _ in range(3)]
+    first = tiny.encode([prompts[0], prompts[1], prompts[0]])
+    assert torch.equal(first[0], first[2])
+    batches = []
+    run_encoder = tiny._run_encoder
+    monkeypatch.setattr(tiny, "_run_encoder", lambda ps: batches.append(ps) or run_encoder(ps))
+    again = tiny.encode([prompts[1], prompts[2], prompts[0]])
+    assert batches == [[prompts[2]]]  # only the new prompt reaches the encoder
+    assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
+    torch.testing.assert_close(again[1], tiny.encode([prompts[2]])[0])
+
+    tiny.cache_size = 2
+    tiny.encode([random_prompt() for _ in range(5)])
+    assert len(tiny._cache) == 2
+
+
+def test_output_follows_the_module_dtype(tiny):
+    prompt = random_prompt()
+    tiny.encode([prompt])
+    tiny.to(dtype=torch.bfloat16)
+    embedding = tiny.encode([prompt])
+    assert embedding.dtype == torch.bfloat16 and len(tiny._cache) == 1  # cache was rebuilt after the cast
+
+
+def test_saved_tiny_encoder_reloads_as_umt5(tiny, tmp_path):
+    prompts = [random_prompt(), random_prompt(40)]
+    tiny.save_pretrained(tmp_path)
+    assert (tmp_path / "text_encoder").is_dir() and (tmp_path / "tokenizer").is_dir()
+    cfg = TextConfig(kind="umt5", path=str(tmp_path), max_length=MAX_LENGTH)
+    reloaded = TextEncoder.from_config(cfg, TEXT_DIM)
+    assert torch.equal(reloaded.encode(prompts), tiny.encode(prompts))
+
+    flat = tmp_path / "flat"  # encoder and tokenizer files side by side
+    tiny.encoder.save_pretrained(flat)
+    tiny.tokenizer.save_pretrained(flat)
+    assert torch.equal(TextEncoder.from_pretrained(flat, MAX_LENGTH).encode(prompts), tiny.encode(prompts))
+
+    with pytest.raises(ValueError, match="makes 32-d embeddings but model.text_dim is 64"):
+        TextEncoder.from_config(cfg, 64)
+
+
+def test_bad_input_is_refused(tiny, tmp_path):
+    with pytest.raises(TypeError, match="list of prompt strings"):
+        tiny.encode("a single string")
+    with pytest.raises(TypeError, match="list of prompt strings"):
+        tiny.encode(["ok", 3])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tiny.encode([])
+    with pytest.raises(FileNotFoundError, match="no UMT5 encoder"):
+        TextEncoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs text.path"):
+        TextEncoder.from_config(TextConfig(kind="umt5", path=None), TEXT_DIM)
