@@ -30,15 +30,26 @@ def layout(cfg: Config) -> CausalLayout:
     return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention)
 
 
+def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """Move to device/dtype, keeping the modules Wan keeps in float32 (norms, time embedding, modulation)."""
+    model.to(device or "cpu")
+    if dtype is None or dtype == torch.float32:
+        return model
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            param.data = param.data.to(dtype)
+    return model
+
+
 def build_teacher(cfg: Config, device=None, dtype=None) -> WanTransformer3DModel:
     """The frozen bidirectional teacher (real score)."""
-    model = build_wan_transformer(cfg.model).to(device or "cpu", dtype or torch.float32)
-    return model.eval().requires_grad_(False)
+    return cast(build_wan_transformer(cfg.model), device, dtype).eval().requires_grad_(False)
 
 
 def build_critic(cfg: Config, device=None, dtype=None) -> WanTransformer3DModel:
     """The trainable bidirectional critic (fake score), initialised from the teacher."""
-    return build_wan_transformer(cfg.model).to(device or "cpu", dtype or torch.float32).train()
+    return cast(build_wan_transformer(cfg.model), device, dtype).train()
 
 
 def build_student(cfg: Config, device=None, dtype=None, checkpoint: str | None = None) -> CausalWanTransformer3DModel:
@@ -47,7 +58,7 @@ def build_student(cfg: Config, device=None, dtype=None, checkpoint: str | None =
     path = checkpoint or cfg.student.checkpoint
     if path is not None:
         load_into(model, load_transformer_state_dict(path))
-    return model.set_layout(layout(cfg)).to(device or "cpu", dtype or torch.float32)
+    return cast(model.set_layout(layout(cfg)), device, dtype)
 
 
 def build_text_encoder(cfg: Config, device=None, dtype=None) -> TextEncoder:

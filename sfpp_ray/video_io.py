@@ -57,4 +57,9 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
 
 
 def read_video(path: str | Path) -> np.ndarray:
-    return np.stack(list(imageio.get_reader(path)))
+    """(F, H, W, 3) uint8, decoded by the same ffmpeg that wrote it."""
+    reader = imageio.get_reader(path, "ffmpeg" if Path(path).suffix == ".mp4" else None)
+    try:
+        return np.stack([frame for frame in reader])
+    finally:
+        reader.close()

@@ -58,6 +58,7 @@ _KEY_PREFIXES = {"model", "diffusion_model", "module"}
 _WRAPPER_SEGMENTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
 # Top-level entries of training checkpoints, in order of preference: the EMA weights are the published model.
 CHECKPOINT_ENTRIES = ("generator_ema", "generator", "model", "state_dict", "module")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 _LIST_LIMIT = 20
 
@@ -191,36 +192,40 @@ def _read_torch_file(path: Path) -> object:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
-def _read_directory(directory: Path) -> dict[str, torch.Tensor]:
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state_dict.update(load_file(index.parent / shard))
+    return state_dict
+
+
+def _read_directory(directory: Path) -> Mapping[str, torch.Tensor]:
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     preferred_index = directory / "diffusion_pytorch_model.safetensors.index.json"
     if preferred_index.is_file() or len(indexes) == 1:
-        index = preferred_index if preferred_index.is_file() else indexes[0]
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state_dict: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state_dict.update(load_file(directory / shard))
-        return state_dict
+        return _read_sharded(preferred_index if preferred_index.is_file() else indexes[0])
     if len(indexes) > 1:
-        raise ValueError(f"{directory} holds several shard indexes {[p.name for p in indexes]}; name the one to load")
+        raise ValueError(f"{directory} holds several shard indexes {[p.name for p in indexes]}; pass the index to load")
     for pattern in ("*.safetensors", "*.pt", "*.pth", "*.bin"):
         files = sorted(directory.glob(pattern))
         preferred = directory / f"diffusion_pytorch_model{pattern[1:]}"
         if preferred.is_file() or len(files) == 1:
             return _read_file(preferred if preferred.is_file() else files[0], entry=None)
         if len(files) > 1:
-            raise ValueError(f"{directory} holds several weight files {[p.name for p in files]}; name the one to load")
+            raise ValueError(f"{directory} holds several weight files {[p.name for p in files]}; pass the one to load")
     raise FileNotFoundError(f"{directory} holds no .safetensors, .pt, .pth or .bin weights")
 
 
 def _read_file(path: Path, entry: str | None) -> Mapping[str, torch.Tensor]:
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_sharded(path)
     if path.suffix == ".safetensors":
-        if entry is not None:
-            raise ValueError(f"{path} is a safetensors file; it has no entry {entry!r}")
         return load_file(path)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+    if path.suffix in _TORCH_SUFFIXES:
         return _unwrap_checkpoint(_read_torch_file(path), str(path), entry)
-    raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, .pt, .pth, .bin, .ckpt)")
+    raise ValueError(f"{path}: unknown weights format {path.suffix!r} "
+                     "(expected .safetensors, .safetensors.index.json, .pt, .pth, .bin, .ckpt)")
 
 
 def _weights_directory(path: Path) -> Path:
@@ -238,9 +243,9 @@ def load_transformer_state_dict(path: str | Path, entry: str | None = None) -> d
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights path {str(path)!r} does not exist")
+    if entry is not None and (path.is_dir() or path.suffix not in _TORCH_SUFFIXES):
+        raise ValueError(f"{path} has no top-level entries; `entry` applies to {', '.join(_TORCH_SUFFIXES)} files")
     if path.is_dir():
-        if entry is not None:
-            raise ValueError(f"{path} is a directory; `entry` only applies to a single checkpoint file")
         raw = _read_directory(_weights_directory(path))
     else:
         raw = _read_file(path, entry)

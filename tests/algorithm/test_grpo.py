@@ -74,11 +74,21 @@ def test_replay_matches_the_recorded_rollout(student, schedule, timesteps):
     assert sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None) > 0
 
 
-def test_replay_differs_once_the_policy_moves(student, schedule, timesteps):
+def test_replay_and_kl_move_with_the_policy(student, schedule, timesteps):
     text = torch.randn(1, 7, 32)
     with torch.no_grad():
         out = rollout(student, student.cross_attention_cache(text), torch.randn(1, 12, 6, 8, 8), timesteps, schedule,
                       record=True)
+        _, ref_means = trajectory_log_prob(student, student.cross_attention_cache(text), out.steps, out.latents,
+                                           timesteps, schedule)
         student.proj_out.bias.add_(0.1)
-    logp, _ = trajectory_log_prob(student, student.cross_attention_cache(text), out.steps, out.latents, timesteps, schedule)
-    assert (logp.detach() - rollout_log_prob(out.steps, timesteps, schedule)).abs().item() > 1.0
+    logp, means = trajectory_log_prob(student, student.cross_attention_cache(text), out.steps, out.latents,
+                                      timesteps, schedule)
+    logp_old = rollout_log_prob(out.steps, timesteps, schedule)
+    assert (logp.detach() - logp_old).abs().item() > 1.0
+    sigmas = step_sigmas(out.steps, timesteps, schedule)
+    cfg = GRPOConfig(kl_coef=0.5)
+    loss, metrics = grpo_loss(logp, logp_old, torch.tensor([1.0]), means, ref_means, sigmas, cfg)
+    expected_kl = sum(gaussian_kl(means[:, i], ref_means[:, i], sigmas[0, i]) for i in range(means.shape[1]))
+    assert metrics["kl"] > 0 and abs(metrics["kl"] - expected_kl.item()) < 1e-3 * expected_kl.item()
+    assert metrics["clip_frac"] == 1.0  # the ratio has left [1 - clip, 1 + clip]

@@ -74,6 +74,8 @@ def test_sharded_diffusers_directory(source, tmp_path):
     source.save_pretrained(tmp_path, max_shard_size="20KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     assert_same_weights(source, load_transformer_state_dict(tmp_path))
+    index, = tmp_path.glob("*.safetensors.index.json")
+    assert_same_weights(source, load_transformer_state_dict(index))
 
 
 def test_original_layout_training_checkpoint(source, tmp_path):
