@@ -112,9 +112,12 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
               ref_means: torch.Tensor | None, sigmas: torch.Tensor | float, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     """PPO-clip on whole-rollout log-probabilities plus kl_coef * KL to the reference policy."""
     policy = ppo_clip_loss(logp_new, logp_old, advantages, cfg.clip)
-    kl = gaussian_kl(means, ref_means.detach(), sigmas).mean() if ref_means is not None else torch.zeros((), device=means.device)
+    kl = torch.zeros((), device=means.device)
+    if ref_means is not None:
+        kl = gaussian_kl(means, ref_means.detach(), sigmas).mean()
     loss = policy + cfg.kl_coef * kl
     with torch.no_grad():
         ratio = torch.exp(logp_new - logp_old.to(logp_new.dtype))
         clipped = ((ratio - 1).abs() > cfg.clip).float().mean()
-    return loss, {"policy_loss": policy.item(), "kl": kl.item(), "ratio": ratio.mean().item(), "clip_frac": clipped.item()}
+    return loss, {"policy_loss": policy.item(), "kl": kl.item(), "ratio": ratio.mean().item(),
+                  "clip_frac": clipped.item()}
