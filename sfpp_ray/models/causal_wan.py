@@ -12,6 +12,7 @@ With `causal=False` it is the bidirectional Wan forward (checked against diffuse
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 1::2]
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention is only fast compiled; compile once per process, on first use."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class CrossAttentionCache:
@@ -114,15 +123,34 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             cache[key] = (grid(ct, r.freqs_cos), grid(st, r.freqs_sin))
         return cache[key]
 
-    def _mask(self, num_frames: int, tpf: int, device) -> torch.Tensor:
-        """Dense (L, L) boolean mask: a query in block b sees sink frames and its window, up to the end of b."""
+    def _use_flex(self, device) -> bool:
+        att = self.layout.attention
+        return att == "flex" or (att == "auto" and torch.device(device).type == "cuda")
+
+    def _mask(self, num_frames: int, tpf: int, device):
+        """Who sees whom in a whole-sequence pass: a query in block b sees the sink frames and its window
+        up to the end of b. A FlexAttention BlockMask (skips masked tiles) on CUDA, else a dense (L, L) mask."""
         lay = self.layout
-        frame = torch.arange(num_frames, device=device)
-        block_end = (frame // lay.frames_per_block + 1) * lay.frames_per_block  # exclusive end of each frame's block
-        kf, qe = frame[None, :], block_end[:, None]
-        rolling = lay.window_frames - lay.sink_frames
-        visible = (kf < qe) & ((kf < lay.sink_frames) | (kf >= qe - rolling))
-        return visible.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+        fpb, sink, rolling = lay.frames_per_block, lay.sink_frames, lay.window_frames - lay.sink_frames
+
+        def visible(q_frame, k_frame):
+            q_end = (q_frame // fpb + 1) * fpb  # exclusive end of the query's block
+            return (k_frame < q_end) & ((k_frame < sink) | (k_frame >= q_end - rolling))
+
+        key = (num_frames, tpf, str(device), fpb, sink, rolling, self._use_flex(device))
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            if self._use_flex(device):
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                L = num_frames * tpf
+                cache[key] = create_block_mask(lambda b, h, q, k: visible(q // tpf, k // tpf), None, None, L, L, device=device)
+            else:
+                frame = torch.arange(num_frames, device=device)
+                cache[key] = visible(frame[:, None], frame[None, :]).repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+        return cache[key]
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -238,6 +266,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return out
 
     def _attend(self, q, k, v, mask):
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            return _compiled_flex_attention()(q, k, v, block_mask=mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     @staticmethod
