@@ -74,37 +74,55 @@ class BlockDecoder:
             raise RuntimeError("decoding a block failed") from self.error
 
 
+class VideoGenerator:
+    """The student, text encoder, codec and schedule built once; streams any number of videos."""
+
+    def __init__(self, cfg: Config, checkpoint: str | None = None):
+        self.cfg = cfg
+        self.device, self.dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
+        self.student = components.build_student(cfg, self.device, self.dtype, checkpoint=checkpoint).eval()
+        self.text = components.build_text_encoder(cfg, self.device, self.dtype)
+        self.codec = components.build_video_codec(cfg, self.device, self.dtype)
+        self.schedule = components.build_schedule(cfg)
+
+    @torch.no_grad()
+    def stream(self, prompt: str, num_latent_frames: int, sink, seed: int, progress: bool = False) -> dict:
+        """Roll out `num_latent_frames` and hand decoded uint8 frames (F, H, W, 3) to `sink.append` block by block."""
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        cfg, fpb = self.cfg, self.cfg.student.frames_per_block
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn(components.latent_shape(cfg, self.codec, num_latent_frames), generator=g,
+                            device=self.device, dtype=self.dtype)
+        blocks = num_latent_frames // fpb
+        self.codec.reset_stream()
+        decoder = BlockDecoder(self.codec, sink, overlap=cfg.rollout.decode_overlap, device=self.device)
+        t0 = time.perf_counter()
+
+        def on_block(b: int, x0: torch.Tensor) -> None:
+            decoder(b, x0)
+            if progress:
+                rate = (b + 1) * fpb / (time.perf_counter() - t0)
+                print(f"\rblock {b + 1}/{blocks}  {rate:.1f} latent frames/s", end="" if b + 1 < blocks else "\n",
+                      file=sys.stderr, flush=True)
+
+        cross = self.student.cross_attention_cache(self.text.encode([prompt]))
+        rollout(self.student, cross, noise, self.schedule.student_timesteps(cfg.schedule), self.schedule,
+                context_noise=cfg.schedule.context_noise, generator=g, on_block=on_block)
+        decoder.close()
+        return {"latent_frames": num_latent_frames, "seconds": time.perf_counter() - t0}
+
+
 def generate(cfg: Config, prompt: str, seconds: float, out: str | Path, checkpoint: str | None = None,
              seed: int | None = None, progress: bool = True) -> dict:
     """Generate `seconds` of video for `prompt` with the streaming student and write it to `out`."""
     if not prompt.strip():
         raise ValueError("--prompt is empty")
-    device, dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
-    student = components.build_student(cfg, device, dtype, checkpoint=checkpoint).eval()
-    text = components.build_text_encoder(cfg, device, dtype)
-    codec = components.build_video_codec(cfg, device, dtype)
-    schedule = components.build_schedule(cfg)
-    nf = latent_frames_for(cfg, codec, seconds)
-    g = torch.Generator(device=device).manual_seed(cfg.run.seed if seed is None else seed)
-    noise = torch.randn(components.latent_shape(cfg, codec, nf), generator=g, device=device, dtype=dtype)
-    blocks = nf // cfg.student.frames_per_block
-    t0 = time.perf_counter()
-    codec.reset_stream()
-    with torch.no_grad(), VideoWriter(out, cfg.video.fps) as writer:
-        decoder = BlockDecoder(codec, writer, overlap=cfg.rollout.decode_overlap, device=device)
-
-        def on_block(b: int, x0: torch.Tensor) -> None:
-            decoder(b, x0)
-            if progress:
-                done = b + 1
-                rate = done * cfg.student.frames_per_block / (time.perf_counter() - t0)
-                print(f"\rblock {done}/{blocks}  {rate:.1f} latent frames/s", end="" if done < blocks else "\n",
-                      file=sys.stderr, flush=True)
-
-        cross = student.cross_attention_cache(text.encode([prompt]))
-        rollout(student, cross, noise, schedule.student_timesteps(cfg.schedule), schedule,
-                context_noise=cfg.schedule.context_noise, generator=g, on_block=on_block)
-        decoder.close()
-    elapsed = time.perf_counter() - t0
-    return {"path": str(out), "latent_frames": nf, "video_frames": writer.frames, "seconds": elapsed,
-            "fps": writer.frames / elapsed}
+    if seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {seconds}")
+    gen = VideoGenerator(cfg, checkpoint)
+    nf = latent_frames_for(cfg, gen.codec, seconds)
+    with VideoWriter(out, cfg.video.fps) as writer:
+        stats = gen.stream(prompt, nf, writer, cfg.run.seed if seed is None else seed, progress=progress)
+    return {"path": str(out), "latent_frames": nf, "video_frames": writer.frames, "seconds": stats["seconds"],
+            "fps": writer.frames / stats["seconds"]}
