@@ -198,6 +198,13 @@ class TeacherPretrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    num_prompts: int = 4  # held-out prompts of the synthetic world
+    horizons: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # multiples of the teacher's horizon
+    seed: int = 1234
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     tracking_uri: str | None = None  # None: sqlite under the run's output directory
@@ -221,6 +228,7 @@ class Config:
     dmd: DMDConfig = field(default_factory=DMDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     teacher_pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -439,6 +447,9 @@ def validate(cfg: Config) -> None:
                        ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights)):
         if value is not None and not Path(value).exists():
             raise ConfigError(key, f"path {value!r} does not exist")
+    positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
+    if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
+        raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")
     stage_order = ["pretrain_teacher", "ode", "dmd", "grpo"]
     idx = [stage_order.index(x) for x in cfg.run.stages]
     if idx != sorted(set(idx)):
