@@ -72,7 +72,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     table = {}
     for mult in ev.horizons:
         sel = [r for r in rows if r["horizon"] == mult]
-        table[mult] = {k: float(np.nanmean([r[k] for r in sel])) for k in TABLE_KEYS}
+        table[mult] = {k: _nanmean([r[k] for r in sel]) for k in TABLE_KEYS}
     result = {"label": label, "checkpoint": checkpoint, "horizon_frames": horizon, "table": table, "rows": rows}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     plot = _plot(curves, horizon, cfg.video.fps, out / "stability_over_time.png", label)
@@ -83,6 +83,12 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
         for f in (out / "metrics.json", plot, *sorted(out.glob("*.gif"))):
             tracker.log_artifact(f, f"eval/{label}")
     return result
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the defined values; NaN when none is (e.g. repetition of a one-segment video)."""
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _plot(curves: dict[int, list[list[float]]], horizon: int, fps: int, path: Path, label: str) -> Path:
