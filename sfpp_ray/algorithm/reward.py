@@ -1,7 +1,8 @@
 """Optical-flow reward for GRPO: smooth motion wins, jitter and a frozen picture lose.
 
-With flow f_t from frame t to t+1 (pixels/frame), follow each pixel along its flow and compare the
-next flow there; the change is the motion's acceleration:
+With flow f_t from frame t to t+1 (pixels/frame, measured with the short side downscaled to at most
+128 px, see evaluation.flow), follow each pixel along its flow and compare the next flow there; the
+change is the motion's acceleration:
 
     a_t(x)     = f_{t+1}(x + f_t(x)) - f_t(x)
     magnitude  = mean_{t,x} |f_t(x)|

@@ -9,21 +9,29 @@ import cv2
 import numpy as np
 
 
-def as_float_video(video: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) uint8, or float in [0, 1] -> float32 in [0, 1]; anything else is refused loudly."""
+ANALYSIS_SIDE = 128  # flow and metrics work with the short side at most this many pixels
+
+
+def as_float_video(video: np.ndarray, max_short_side: int | None = ANALYSIS_SIDE) -> np.ndarray:
+    """(F, H, W, 3) uint8, or float in [0, 1] -> float32 in [0, 1], area-downscaled so the short side
+    is at most max_short_side: flow and statistics then cost the same and mean the same (pixels/frame
+    at that size) whatever the output resolution. Anything that is not a video is refused loudly."""
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected a video of shape (F, H, W, 3), got {video.shape}")
     if video.shape[0] < 2:
         raise ValueError(f"need at least 2 frames, got {video.shape[0]}")
-    if video.dtype == np.uint8:
-        return video.astype(np.float32) / 255.0
-    if not np.issubdtype(video.dtype, np.floating):
-        raise ValueError(f"expected uint8 or float frames, got dtype {video.dtype}")
-    lo, hi = float(video.min()), float(video.max())
-    if not np.isfinite(lo + hi) or lo < 0.0 or hi > 1.0:
-        raise ValueError(f"float frames must lie in [0, 1] (clamp decoded frames first), got [{lo:.3g}, {hi:.3g}]")
-    return video.astype(np.float32)
+    if video.dtype != np.uint8:
+        if not np.issubdtype(video.dtype, np.floating):
+            raise ValueError(f"expected uint8 or float frames, got dtype {video.dtype}")
+        lo, hi = float(video.min()), float(video.max())
+        if not np.isfinite(lo + hi) or lo < 0.0 or hi > 1.0:
+            raise ValueError(f"float frames must lie in [0, 1] (clamp decoded frames first), got [{lo:.3g}, {hi:.3g}]")
+    h, w = video.shape[1:3]
+    if max_short_side is not None and min(h, w) > max_short_side:
+        size = (round(w * max_short_side / min(h, w)), round(h * max_short_side / min(h, w)))
+        video = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in video])
+    return video.astype(np.float32) / 255.0 if video.dtype == np.uint8 else video.astype(np.float32)
 
 
 def luma(video: np.ndarray) -> np.ndarray:
@@ -32,7 +40,7 @@ def luma(video: np.ndarray) -> np.ndarray:
 
 
 def farneback_flow(video: np.ndarray) -> np.ndarray:
-    """Flow from each frame to the next, (F-1, H, W, 2) in pixels/frame (x, y). CPU, no weights."""
+    """Flow from each frame to the next, (F-1, h, w, 2) in pixels/frame (x, y) at the analysis size. CPU, no weights."""
     gray = np.round(luma(as_float_video(video)) * 255.0).astype(np.uint8)
     winsize = max(5, min(15, min(gray.shape[1:]) // 4) | 1)  # small frames need a small window
     return np.stack([
@@ -64,8 +72,8 @@ def _raft_model(weights: str):
 
 
 def raft_flow(video: np.ndarray, weights: str | None, batch_pairs: int = 16) -> np.ndarray:
-    """torchvision RAFT flow, (F-1, H, W, 2). RAFT wants sides that are multiples of 8 and at least
-    128, so frames are resized to fit and the flow is mapped back to the original pixel grid."""
+    """torchvision RAFT flow at the analysis size, like farneback_flow. RAFT wants sides that are
+    multiples of 8 and at least 128, so frames are resized to fit and the flow is mapped back."""
     if weights is None:
         raise ValueError("grpo.raft_weights: the raft flow needs a local path to RAFT weights")
     import torch
@@ -89,6 +97,7 @@ def raft_flow(video: np.ndarray, weights: str | None, batch_pairs: int = 16) -> 
 
 
 def optical_flow(video: np.ndarray, method: str = "farneback", raft_weights: str | None = None) -> np.ndarray:
+    """(F-1, h, w, 2) flow of a video downscaled by as_float_video."""
     if method == "farneback":
         return farneback_flow(video)
     if method == "raft":

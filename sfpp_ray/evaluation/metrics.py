@@ -146,21 +146,13 @@ def _boundary_pairs(num_frames: int, block_frames: int | Sequence[int] | None) -
     return mask
 
 
-def _as_clips(reference) -> list[np.ndarray]:
-    if isinstance(reference, np.ndarray) and reference.ndim == 4:
-        return [as_float_video(reference)]
-    clips = [as_float_video(c) for c in reference]
-    if not clips:
-        raise ValueError("reference must hold at least one clip")
-    return clips
-
-
 def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarray | Sequence[np.ndarray] | None = None,
                     palette: dict[str, tuple[int, int, int]] = PALETTE, block_frames: int | Sequence[int] | None = None,
                     motion_threshold: float = 0.05, colour_tolerance: float = 60.0, min_area: int | None = None) -> list[dict]:
     """Metrics per consecutive segment of `segment_frames` frames (a trailing remainder of >= 2 frames
-    is its own segment). video: (F, H, W, 3) uint8 or float in [0, 1]; reference: real clips of the
-    same resolution, (F, H, W, 3), (N, F, H, W, 3) or a list, else the video's first segment.
+    is its own segment). video: (F, H, W, 3) uint8 or float in [0, 1], analysed area-downscaled to a
+    short side of at most 128 px; reference: real clips of the same size, (F, H, W, 3),
+    (N, F, H, W, 3) or a list, else the video's first segment.
     block_frames: the generator's block length in decoded frames, or the first frame of every block
     (for codecs whose first block decodes to fewer frames). Per segment:
 
@@ -169,8 +161,9 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
     sprite_count, count_error   connected components of palette colours per frame, relative error
     composition_error           total-variation distance of the (colour, shape) distribution
     flow_magnitude, dynamic_degree, stagnation
-                                mean Farneback flow (pixels/frame); fraction of frame pairs whose mean
-                                flow exceeds motion_threshold; relative loss of flow vs the reference
+                                mean Farneback flow (pixels/frame at the analysis size); fraction
+                                of frame pairs whose mean flow exceeds motion_threshold; relative
+                                loss of flow vs the reference
     flicker                     (mean abs frame difference across block boundaries + e) / (elsewhere + e)
     repetition                  max over segments >= 2 away of the mean best match of each frame there
                                 (cosine of background- and brightness-removed 16x16 thumbnails)
@@ -178,6 +171,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
                                 thumbnail, flow statistics) to the reference's
     stability                   see stability_score
     """
+    raw_size = np.shape(video)[1:3]
     video = as_float_video(video)
     n, h, w = video.shape[:3]
     if segment_frames < 2:
@@ -190,9 +184,10 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
     if reference is None:  # the first segment; per-pair statistics have one entry fewer
         ref = {k: v[: bounds[0][1] - (k in ("flow", "diff"))] for k, v in stats.items()}
     else:
-        clips = _as_clips(reference)
-        if any(c.shape[1:3] != (h, w) for c in clips):
-            raise ValueError(f"reference clips must be {h}x{w} like the video, got {[c.shape[1:3] for c in clips]}")
+        clips = [reference] if isinstance(reference, np.ndarray) and reference.ndim == 4 else list(reference)
+        if not clips or any(np.shape(c)[1:3] != raw_size for c in clips):
+            raise ValueError(f"reference must hold clips of the video's size {raw_size}, got {[np.shape(c) for c in clips]}")
+        clips = [as_float_video(c) for c in clips]
         per_clip = [_frame_stats(c, palette, colour_tolerance, min_area) for c in clips]
         ref = {k: np.concatenate([p[k] for p in per_clip]) for k in stats}
     ref_brightness, ref_hist, ref_count = ref["brightness"].mean(), ref["hist"].mean(0), ref["count"].mean()

@@ -77,6 +77,11 @@ class WorldSpec:
         return min(self.height, self.width)
 
 
+def half_extent(shape: str, radius: float) -> tuple[float, float]:
+    """Half of a sprite's bounding box (x, y); the box is what bounces off the walls."""
+    return (radius, radius * math.sqrt(3) / 2) if shape == "triangle" else (radius, radius)
+
+
 @dataclass(frozen=True)
 class Sprite:
     shape: str
@@ -87,8 +92,7 @@ class Sprite:
 
     @property
     def half_extent(self) -> tuple[float, float]:
-        """Half of the bounding box (x, y); the box is what bounces off the walls."""
-        return (self.radius, self.radius * math.sqrt(3) / 2) if self.shape == "triangle" else (self.radius, self.radius)
+        return half_extent(self.shape, self.radius)
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def sample_scene(rng: np.random.Generator, world: WorldSpec = WorldSpec(), split
     sprites = []
     for colour, shape in combos:
         radius = rng.uniform(*world.size) * world.short_side
-        hx, hy = Sprite(shape, colour, radius, (0.0, 0.0), (0.0, 0.0)).half_extent
+        hx, hy = half_extent(shape, radius)
         position = (rng.uniform(hx, world.width - hx), rng.uniform(hy, world.height - hy))
         speed, heading = rng.uniform(slow, slow + third) * px_per_frame, rng.uniform(0, 2 * math.pi)
         sprites.append(Sprite(shape, colour, radius, position, (speed * math.cos(heading), speed * math.sin(heading))))

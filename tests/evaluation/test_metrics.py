@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sfpp_ray.evaluation.metrics import frechet_distance, segment_metrics, summarise
-from sfpp_ray.world.sprites import SHAPES, WorldSpec, positions, render, sample_scenes
+from sfpp_ray.world.sprites import WorldSpec, positions, render, sample_scenes
 
 SEGMENT, BLOCK, FRAMES = 32, 12, 192
 
@@ -95,9 +95,9 @@ def test_frechet_distance_matches_the_closed_form():
 
 def test_block_starts_can_be_listed(clips):
     """A codec whose first block decodes to fewer frames: boundaries given as block starts."""
-    video = clips["flickering"]
+    video = clips["flickering"][:3 * SEGMENT]
     by_length = segment_metrics(video, SEGMENT, block_frames=BLOCK)
-    by_start = segment_metrics(video, SEGMENT, block_frames=list(range(BLOCK, FRAMES, BLOCK)))
+    by_start = segment_metrics(video, SEGMENT, block_frames=list(range(BLOCK, len(video), BLOCK)))
     assert [m["flicker"] for m in by_length] == [m["flicker"] for m in by_start]
 
 
@@ -119,4 +119,3 @@ def test_summary_has_every_metric(summaries):
     s = summaries["good"]
     assert {"stability", "stability_last", "stability_min", "exposure_drift", "repetition", "num_segments"} <= set(s)
     assert s["num_segments"] == FRAMES // SEGMENT and 0 <= s["stability_min"] <= s["stability"] <= 100
-    assert len(SHAPES) == 3
