@@ -166,7 +166,7 @@ class RolloutBuffer:
     async def policy_version(self) -> int:
         return self._version
 
-    async def metrics(self) -> dict[str, float]:
+    async def metrics(self) -> dict[str, int | float]:
         ages = [self._version - item.policy_version for item in self._items]
         return {
             "fill": len(self._items),

@@ -9,6 +9,7 @@ DeepSpeed ZeRO-3 each bucket's parameters are gathered, copied out and released 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import warnings
@@ -116,12 +117,12 @@ class ObjectStoreWeightSync(WeightSync):
                         raise KeyError(f"published parameter {name!r} is not in the receiving model")
                     param = targets[name]
                     if tuple(param.shape) != arr.shape:
-                        raise ValueError(f"parameter {name!r}: published shape {arr.shape}, model has {tuple(param.shape)}")
+                        raise ValueError(f"parameter {name!r}: published shape {arr.shape}, "
+                                         f"model has {tuple(param.shape)}")
                     param.copy_(_to_tensor(arr))
                     missing.discard(name)
                     if handle.checksum:
                         _hash(digest, name, arr)
-                del bucket  # frees this worker's reference before fetching the next bucket
         if missing:
             raise KeyError(f"weights version {handle.version} lacks parameters {sorted(missing)[:5]} "
                            f"({len(missing)} in all)")
@@ -185,3 +186,50 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
 def _hash(digest, name: str, arr: np.ndarray) -> None:
     digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
     digest.update(np.ascontiguousarray(arr).data)
+
+
+@ray.remote(num_cpus=0)
+class WeightBroker:
+    """Holds the newest published handle so rollout workers pull weights when they are ready.
+
+    Trainer rank 0 publishes; workers ask between rollouts, so a sync never interrupts a rollout
+    and the trainer never waits for workers. Only the newest handle is kept: dropping the older
+    one lets its buckets be freed. `history` records (version, checksum) of every publish.
+    An asyncio actor, so a worker that must not roll out stale weights can wait for a version.
+    """
+
+    def __init__(self):
+        self._handle: WeightsHandle | None = None
+        self._history: list[tuple[int, str]] = []
+        self._published = asyncio.Condition()
+        self._closed = False
+
+    async def publish(self, handle: list[WeightsHandle]) -> None:
+        """`handle` is a one-element list so the handle's bucket references pass through unresolved."""
+        (new,) = handle
+        if self._handle is not None and new.version <= self._handle.version:
+            raise ValueError(f"published version {new.version} is not newer than {self._handle.version}")
+        async with self._published:
+            self._handle = new
+            self._history.append((new.version, new.checksum))
+            self._published.notify_all()
+
+    async def latest(self, after_version: int, wait: bool = False) -> WeightsHandle | None:
+        """The newest handle if it is newer than `after_version`; else None, or with `wait` the
+        first one published that is (None if the broker is closed meanwhile)."""
+        def newer() -> bool:
+            return self._handle is not None and self._handle.version > after_version
+
+        if wait:
+            async with self._published:
+                await self._published.wait_for(lambda: newer() or self._closed)
+        return self._handle if newer() else None
+
+    async def close(self) -> None:
+        """Release every waiting worker: training is over, no further weights will come."""
+        async with self._published:
+            self._closed = True
+            self._published.notify_all()
+
+    async def history(self) -> list[tuple[int, str]]:
+        return list(self._history)

@@ -19,7 +19,8 @@ SAMPLE_BYTES = sample_nbytes(make_sample(np.random.default_rng(0)))
 
 def pinned_bytes() -> int:
     """Bytes the object store must keep because some reference to them is alive."""
-    return get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_primary_copy
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.object_store_bytes_primary_copy
 
 
 def balanced(m: dict) -> bool:
