@@ -14,15 +14,6 @@ WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, i
            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and do not fight over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_teacher(seed: int = 0) -> WanTransformer3DModel:
     torch.manual_seed(seed)
     return WanTransformer3DModel(**WAN)
