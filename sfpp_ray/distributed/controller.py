@@ -1,0 +1,160 @@
+"""The controller: one function that wires the roles together for a training run, top to bottom.
+
+    prompts -> PromptFeed -> RolloutWorkers -> RolloutBuffer -> Ray Data -> TorchTrainer
+                                  ^                                            |
+                                  +---------------- WeightBroker <-------------+
+
+Rollout workers and trainers run concurrently and scale separately; the buffer bounds how far
+rollouts may run ahead and how stale they may be. A run is identified by `run.name`: running the
+same name again resumes from its last checkpoint in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sfpp_ray.config import Config, from_dict
+from sfpp_ray.distributed.buffer import create_buffer
+from sfpp_ray.distributed.data_pipeline import build_dataset
+from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
+from sfpp_ray.distributed.rollout_worker import create_rollout_worker
+from sfpp_ray.distributed.trainer import PROGRESS_FILE, train_loop_per_worker
+from sfpp_ray.distributed.weight_sync import WeightBroker
+from sfpp_ray.tracking import Tracker
+
+IMPLEMENTED_STAGES = ("dmd",)
+
+
+def train(cfg: Config) -> dict:
+    """Run the configured stages; returns a summary (steps, weight versions, rollout stats, paths)."""
+    cfg = _absolute_paths(cfg)
+    skipped = [s for s in cfg.run.stages if s not in IMPLEMENTED_STAGES]
+    if skipped:
+        print(f"stages not run (not implemented in the distributed trainer): {', '.join(skipped)}")
+    if "dmd" not in cfg.run.stages:
+        return {"stages_run": [], "stages_skipped": skipped}
+    _start_ray(_cpus_needed(cfg))
+    prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
+
+    tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
+    run_id = tracker.start(cfg.to_dict())
+    tracker.log_params({"prompts": {"kept": prompt_report["kept"], "rejected": prompt_report["rejected"]}})
+    try:
+        summary = _train_dmd(cfg, prompts, run_id)
+        video = _evaluation_video(cfg, prompts[0], summary["student"])
+        tracker.log_artifact(video, artifact_path="videos")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    summary.update(stages_run=["dmd"], stages_skipped=skipped, video=str(video), mlflow_run_id=run_id,
+                   mlflow_uri=tracker.tracking_uri)
+    print(f"videos: {video.parent}\ncheckpoints: {summary['checkpoints']}\nstudent: {summary['student']}\n"
+          f"MLflow run {run_id} at {tracker.tracking_uri}")
+    return summary
+
+
+def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
+    """The Self-Forcing++ loop: rollout workers feed the buffer while the trainers distil on it."""
+    progress = _progress(cfg)
+    start_step, total = progress["step"], cfg.dmd.steps
+    if start_step >= total:
+        raise ValueError(f"run {cfg.run.name!r} already reached step {start_step} of dmd.steps={total}; "
+                         "raise dmd.steps to train further or pick a new run.name")
+    prefix = f"sfpp-{cfg.run.name}"
+    names = {"buffer": f"{prefix}-buffer", "feed": f"{prefix}-feed", "broker": f"{prefix}-broker",
+             "rollout_workers": [f"{prefix}-rollout-{i}" for i in range(cfg.rollout.num_workers)]}
+    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"])
+    feed = PromptFeed.options(name=names["feed"]).remote(prompts, progress["feed_position"])
+    broker = WeightBroker.options(name=names["broker"]).remote()
+    workers = [create_rollout_worker(cfg, i, name=n) for i, n in enumerate(names["rollout_workers"])]
+    # After a resume the workers wait for the trainer to publish the checkpoint's weights.
+    runs = [w.run.remote(buffer, feed, broker, min_version=start_step) for w in workers]
+    print(f"run {cfg.run.name!r}: steps {start_step + 1}..{total}, {len(workers)} rollout workers, "
+          f"{cfg.trainer.num_workers} trainer workers")
+
+    dataset = build_dataset(cfg, buffer, (total - start_step) * cfg.trainer.num_workers, seed=cfg.run.seed + start_step)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total},
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train")),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        for w in workers:
+            w.stop.remote()
+        ray.get([buffer.close.remote(), broker.close.remote()])  # releases workers blocked on either
+        stats = ray.get(runs)
+        published = ray.get(broker.history.remote())
+        for actor in [*workers, buffer, feed, broker]:
+            ray.kill(actor)
+    return {"steps": (start_step, total), "metrics": result.metrics, "published": published, "rollout": stats,
+            "checkpoints": str(cfg.run_dir / "ray_train" / cfg.run.name), "student": str(cfg.run_dir / "student")}
+
+
+def _evaluation_video(cfg: Config, prompt: str, student: str) -> Path:
+    from sfpp_ray.generate import generate
+
+    seconds = cfg.video.teacher_frames * 2 / cfg.video.fps  # twice the teacher's horizon: the long-video regime
+    out = cfg.run_dir / "videos" / "eval.mp4"
+    generate(cfg, prompt, seconds, out, checkpoint=student, progress=False)
+    return out
+
+
+def _progress(cfg: Config) -> dict:
+    """Where the last checkpoint left off (step, prompt feed position); zeros for a new run."""
+    path = cfg.run_dir / PROGRESS_FILE
+    if not path.is_file():
+        return {"step": 0, "feed_position": 0}
+    return json.loads(path.read_text())
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Ray workers run in their own working directories: every path they get must be absolute."""
+    tree = cfg.to_dict()
+    tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
+    for section, key in (("data", "prompts"), ("student", "checkpoint"), ("model", "pretrained"), ("text", "path"),
+                         ("codec", "path")):
+        if tree[section][key] is not None:
+            tree[section][key] = str(Path(tree[section][key]).resolve())
+    return from_dict(tree)
+
+
+def _cpus_needed(cfg: Config) -> float:
+    """Logical CPUs the run holds at once: rollout workers, one per trainer worker, one for Ray Data tasks."""
+    return cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.trainer.num_workers + 1
+
+
+def _start_ray(cpus_needed: float) -> None:
+    """Join the cluster in RAY_ADDRESS (or the one already initialised), or start a local one.
+
+    A local cluster gets at least the logical CPUs the run needs, so a small machine runs the
+    tiny config oversubscribed instead of waiting forever for resources. A joined cluster that
+    is too small fails here, with the numbers, rather than hanging in scheduling.
+    """
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            if not torch.cuda.is_available():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
+        else:
+            ray.init(address=address)
+    available = ray.cluster_resources().get("CPU", 0)
+    if available < cpus_needed:
+        raise RuntimeError(f"the run needs {cpus_needed:g} CPUs (rollout.num_workers x rollout.cpus_per_worker + "
+                           f"trainer.num_workers + 1 for data) but the cluster has {available:g}; lower "
+                           "rollout.cpus_per_worker or the worker counts, or add nodes")

@@ -1,0 +1,121 @@
+"""Rollout worker: streams long student rollouts into the buffer, as the student would at inference.
+
+Each worker owns a full copy of the student and runs the same gradient-free rolling-cache
+rollout that `generate` runs, to `rollout.num_frames` latent frames, far past the teacher's
+horizon. Between rollouts it pulls the newest weights from the broker, so every sample is
+tagged with the policy version that made it and a sync never lands in the middle of a rollout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import ray
+import torch
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.self_forcing_pp import extended_rollout
+from sfpp_ray.config import from_dict
+from sfpp_ray.distributed.buffer import offer
+from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync, state_checksum
+
+
+class RolloutWorker:
+    """Actor body; start it with `RolloutWorker.options(...)` via `create_rollout_worker`."""
+
+    def __init__(self, cfg: dict, index: int, checkpoint: str | None = None):
+        self.cfg = from_dict(cfg)
+        self.index = index
+        self.device, self.dtype = components.resolve_device(self.cfg), components.resolve_dtype(self.cfg)
+        self.student = components.build_student(self.cfg, self.device, self.dtype, checkpoint=checkpoint).eval()
+        self.text = components.build_text_encoder(self.cfg, self.device, self.dtype)
+        self.codec = components.build_video_codec(self.cfg, self.device, self.dtype)
+        self.schedule = components.build_schedule(self.cfg)
+        self.timesteps = self.schedule.student_timesteps(self.cfg.schedule)
+        self.uncond = self.text.encode([self.cfg.text.negative_prompt])[0].float().cpu().numpy()
+        # Distinct per worker, so two workers given the same prompt still explore different noise.
+        self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed * 1000 + index + 1)
+        self.sync = ObjectStoreWeightSync()
+        self.version = 0
+        self.applied: list[tuple[int, str]] = []  # (version, checksum after apply)
+        self._lock = threading.Lock()  # a weight apply and a rollout never overlap
+        self._stop = threading.Event()
+        self.samples = 0
+        self.frames = 0
+        self.rollout_seconds = 0.0
+
+    def run(self, buffer, feed, broker, max_samples: int | None = None, min_version: int = 0) -> dict:
+        """Roll out until `stop()` (or `max_samples`); returns `stats()`.
+
+        min_version: wait for weights of at least this version before the first rollout (a
+        resumed run must not fill the buffer from the freshly built, untrained student).
+        A full buffer blocks `offer`; closing the buffer releases it, which is how shutdown
+        reaches a worker that is waiting for room.
+        """
+        if self.version < min_version:
+            handle = ray.get(broker.latest.remote(min_version - 1, wait=True))
+            if handle is None:  # the broker closed: training ended before it published
+                return self.stats()
+            self._apply(handle)
+        n_frames = self.cfg.rollout.num_frames
+        while not self._stop.is_set() and (max_samples is None or self.samples < max_samples):
+            self.pull_weights(broker)
+            index, prompt = ray.get(feed.next.remote())
+            with self._lock, torch.no_grad():
+                cond = self.text.encode([prompt])
+                cross = self.student.cross_attention_cache(cond)
+                shape = components.latent_shape(self.cfg, self.codec, n_frames)
+                noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+                t0 = time.perf_counter()
+                latents = extended_rollout(self.student, cross, noise, self.schedule, self.timesteps,
+                                           self.cfg.schedule.context_noise, self.generator)
+                self.rollout_seconds += time.perf_counter() - t0
+                version = self.version
+            sample = {
+                "latents": latents[0].float().cpu().numpy(),
+                "text": cond[0].float().cpu().numpy(),
+                "uncond": self.uncond,
+                "prompt_index": np.array(index, dtype=np.int64),
+            }
+            self.samples += 1
+            self.frames += n_frames
+            offer(buffer, sample, version, meta={"worker": self.index, "prompt_index": index})
+        return self.stats()
+
+    def pull_weights(self, broker) -> int:
+        """Apply the broker's newest weights if they are newer than ours; returns our version."""
+        handle = ray.get(broker.latest.remote(self.version))
+        if handle is not None:
+            self._apply(handle)
+        return self.version
+
+    def _apply(self, handle) -> None:
+        with self._lock:
+            self.version = self.sync.apply(self.student, handle)
+            self.applied.append((self.version, state_checksum(self.student)))
+
+    def stop(self) -> None:
+        """Finish the current rollout, then leave `run`."""
+        self._stop.set()
+
+    def stats(self) -> dict:
+        return {"worker": self.index, "samples": self.samples, "latent_frames": self.frames,
+                "fps": self.frames / self.rollout_seconds if self.rollout_seconds else 0.0,
+                "policy_version": self.version, "applied": list(self.applied)}
+
+    def checksum(self) -> str:
+        with self._lock:
+            return state_checksum(self.student)
+
+    def policy_version(self) -> int:
+        return self.version
+
+
+def create_rollout_worker(cfg, index: int, name: str | None = None, checkpoint: str | None = None):
+    """Start one worker with the resources the config asks for; two threads so that `stop` and
+    `stats` answer while `run` loops."""
+    actor = ray.remote(RolloutWorker).options(
+        num_gpus=cfg.rollout.gpus_per_worker, num_cpus=cfg.rollout.cpus_per_worker, max_concurrency=2, name=name)
+    return actor.remote(cfg.to_dict(), index, checkpoint)

@@ -1,0 +1,221 @@
+"""Trainer role: Self-Forcing++ DMD on rollout windows, one Ray Train worker per rank.
+
+Per step, on every rank:
+  1. critic step: flow matching on the window's clean latents (the critic tracks the student);
+  2. every `dmd.update_ratio` steps, generator step: the student's cache is prefilled with the
+     rollout's own frames before the window, the backward-noised window is re-generated with
+     gradient at one exit step, and DMD against the frozen teacher and the critic updates it;
+  3. every `trainer.sync_every` steps the student's weights are published to the rollout workers
+     (every rank takes part: ZeRO-3 gathers are collectives), and the buffer learns the version;
+  4. every `trainer.checkpoint_every` steps, a checkpoint every rank writes its shards into.
+Student and critic are DeepSpeed engines; the teacher is frozen and sharded with ZeRO-3 only when
+training shards with ZeRO-3 too. Rank 0 logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import deepspeed
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
+from sfpp_ray.algorithm.rollout import prefill, rollout
+from sfpp_ray.config import Config, from_dict
+from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
+from sfpp_ray.tracking import Tracker
+
+STATE_FILE = "trainer_state.pt"
+PROGRESS_FILE = "trainer_progress.json"  # in the run dir: the controller's view of the last checkpoint
+
+
+def deepspeed_config(cfg: Config, lr: float) -> dict:
+    t = cfg.trainer
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": t.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(t.betas), "weight_decay": t.weight_decay,
+                                                   "torch_adam": True}},
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": t.bf16},
+    }
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _full_params(module: torch.nn.Module, zero3: bool):
+    """All of a module's parameters, gathered under ZeRO-3 (a collective: every rank enters)."""
+    if not zero3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def frozen_teacher(cfg: Config, device, dtype):
+    """The frozen teacher; sharded with ZeRO-3 (no optimizer) only when the trainers shard with ZeRO-3."""
+    teacher = components.build_teacher(cfg)
+    if _world_size() > 1 and cfg.trainer.zero_stage == 3:
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": cfg.trainer.bf16}}
+        engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+        return engine.module
+    return components.cast(teacher, device, dtype)
+
+
+def generator_step(student_engine, teacher, critic, batch: dict, schedule, timesteps, cfg: Config,
+                   generator: torch.Generator) -> dict:
+    """Re-generate the window on top of the rollout's own context, then one DMD update."""
+    student = student_engine.module
+    latents, noisy = batch["latents"], batch["noisy"]
+    B, _, _, H, W = latents.shape
+    window_start = int(batch["window_start"][0]) if cfg.data.training_rolling_cache else 0
+    cross = student.cross_attention_cache(batch["text"])
+    cache = student.new_cache(B, H, W, dtype=latents.dtype, device=latents.device)
+    prefill(student, cross, cache, latents[:, :, :window_start], cfg.schedule.context_noise, schedule=schedule,
+            generator=generator)
+    x0 = rollout(student, cross, noisy, timesteps, schedule, cache=cache, context_noise=cfg.schedule.context_noise,
+                 start_step=int(batch["start_step"][0]), exit_step=int(batch["exit_step"][0]),
+                 generator=generator).latents
+    loss, info = dmd_generator_loss(x0, teacher, critic, batch["text"], batch["uncond"], schedule, cfg.dmd, generator)
+    student_engine.backward(loss)
+    student_engine.step()
+    return {"loss/generator": loss.item(), "dmd/grad_norm": info["dmd_grad_norm"],
+            "grad_norm/generator": _grad_norm(student_engine)}
+
+
+def critic_step(critic_engine, batch: dict, schedule, cfg: Config, generator: torch.Generator) -> dict:
+    loss, _ = critic_loss(batch["window"], critic_engine, batch["text"], schedule, cfg.dmd, generator)
+    critic_engine.backward(loss)
+    critic_engine.step()
+    return {"loss/critic": loss.item(), "grad_norm/critic": _grad_norm(critic_engine)}
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. config: {"cfg": Config dict, "actors": names, "mlflow_run_id", "total_steps"}."""
+    cfg = from_dict(config["cfg"])
+    names = config["actors"]
+    buffer, broker = ray.get_actor(names["buffer"]), ray.get_actor(names["broker"])
+    feed = ray.get_actor(names["feed"])
+    rank, world = _rank(), _world_size()
+    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
+    zero3 = cfg.trainer.zero_stage == 3
+    torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
+
+    student_engine, *_ = deepspeed.initialize(model=components.build_student(cfg),
+                                              config=deepspeed_config(cfg, cfg.trainer.generator_lr))
+    critic_engine, *_ = deepspeed.initialize(model=components.build_critic(cfg),
+                                             config=deepspeed_config(cfg, cfg.trainer.critic_lr))
+    teacher = frozen_teacher(cfg, device, dtype)
+    schedule = components.build_schedule(cfg)
+    timesteps = schedule.student_timesteps(cfg.schedule)
+    with _full_params(student_engine.module, zero3):
+        ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step)
+    sync = ObjectStoreWeightSync()
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            student_engine.load_checkpoint(str(Path(d) / "student"), tag="state")
+            critic_engine.load_checkpoint(str(Path(d) / "critic"), tag="state")
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        step = state["step"]
+        ema.load_state_dict(state["ema"])
+        # Rollout workers were rebuilt from the initial weights: give them the checkpoint's.
+        publish(sync, student_engine.module, step, broker, buffer, rank)
+    total = config["total_steps"]
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank + 7919 * step)
+
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
+        tracker.start(resume_run_id=config["mlflow_run_id"])
+        print(f"trainer: {world} ranks, ZeRO-{cfg.trainer.zero_stage}, steps {step + 1}..{total}")
+    try:
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_torch_batches(batch_size=1, device=device):
+            if step >= total:
+                break
+            step += 1
+            t0 = time.perf_counter()
+            batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            metrics = critic_step(critic_engine, batch, schedule, cfg, generator)
+            if is_generator_step(step, cfg.dmd.update_ratio):
+                metrics.update(generator_step(student_engine, teacher, critic_engine, batch, schedule, timesteps,
+                                              cfg, generator))
+                with _full_params(student_engine.module, zero3):
+                    ema.update(student_engine.module, step)
+            metrics["time/step"] = time.perf_counter() - t0
+            # Ray Data fetches ahead of the trainer: how many updates old the consumed rollout is.
+            metrics["data/staleness"] = float(step - 1 - batch["policy_version"][0])
+            if step % cfg.trainer.sync_every == 0 or step == total:
+                t1 = time.perf_counter()
+                publish(sync, student_engine.module, step, broker, buffer, rank)
+                metrics["time/sync"] = time.perf_counter() - t1
+            if rank == 0:
+                metrics.update(_system_metrics(buffer, names["rollout_workers"]))
+                tracker.log_metrics(metrics, step)
+            save = step % cfg.trainer.checkpoint_every == 0 or step == total
+            report(metrics, step, student_engine, critic_engine, ema, feed, cfg, rank, save)
+        with _full_params(student_engine.module, zero3):
+            if rank == 0:
+                student_engine.module.save_pretrained(cfg.run_dir / "student")
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def publish(sync: ObjectStoreWeightSync, student, version: int, broker, buffer, rank: int) -> None:
+    """Every rank publishes (ZeRO-3 gathers); rank 0 hands the handle on and advances the buffer."""
+    handle = sync.publish(student, version)
+    if rank == 0:
+        ray.get(broker.publish.remote([handle]))
+        ray.get(buffer.set_policy_version.remote(version))
+
+
+def _system_metrics(buffer, worker_names: list[str]) -> dict:
+    buf = ray.get(buffer.metrics.remote())
+    stats = ray.get([ray.get_actor(n).stats.remote() for n in worker_names])
+    return {"buffer/fill": buf["fill"], "buffer/age_mean": buf["age_mean"], "buffer/age_max": buf["age_max"],
+            "buffer/dropped_stale": buf["dropped_stale"],
+            "rollout/fps": sum(s["fps"] for s in stats), "rollout/samples": sum(s["samples"] for s in stats),
+            "rollout/min_policy_version": min(s["policy_version"] for s in stats)}
+
+
+def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA, feed, cfg: Config, rank: int,
+           save: bool) -> None:
+    """Report on every rank (Ray Train expects it); with `save`, every rank writes its shards first."""
+    reported = {k: v for k, v in metrics.items() if v is not None} | {"step": step}
+    if not save:
+        ray.train.report(reported)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        student_engine.save_checkpoint(str(Path(d) / "student"), tag="state")
+        critic_engine.save_checkpoint(str(Path(d) / "critic"), tag="state")
+        feed_position = ray.get(feed.position.remote())
+        if rank == 0:
+            torch.save({"step": step, "ema": ema.state_dict(), "feed_position": feed_position}, Path(d) / STATE_FILE)
+        ray.train.report(reported, checkpoint=Checkpoint.from_directory(d))
+    if rank == 0:
+        progress = {"step": step, "feed_position": feed_position}
+        (cfg.run_dir / PROGRESS_FILE).write_text(json.dumps(progress) + "\n")
