@@ -1,0 +1,380 @@
+"""The paper's long-horizon comparison at small scale, in one process, in a world whose truth is known.
+
+Stages (each writes under --out and is skipped when its output exists, so an interrupted run resumes):
+  teacher     flow-matching pretraining of the bidirectional teacher on T-frame world clips
+  ode         teacher ODE pairs, then ODE initialisation of the causal student
+  <variants>  DMD from the ODE student, each with its own critic:
+                sf          Self-Forcing: rollout = training window = T
+                sfpp        Self-Forcing++: N-frame rolling-cache rollouts, backward-noised T-frame windows
+                sfpp_nobn   sfpp, windows re-generated from pure noise
+                sfpp_w<n>   sfpp with an n-frame attention (KV cache) window
+                sfpp_grpo   sfpp followed by GRPO with the optical-flow reward
+  eval        real clips, teacher samples (1x T) and every variant at cfg.evaluation.horizons,
+              scored against real clips; a table is printed and written to results.json
+
+    python experiments/long_horizon.py --out runs/long_horizon [--stages teacher,ode,sf,sfpp,eval] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
+from sfpp_ray.algorithm.grpo import group_advantages, grpo_loss, rollout_log_prob, step_sigmas, trajectory_log_prob
+from sfpp_ray.algorithm.ode_init import OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss
+from sfpp_ray.algorithm.reward import batch_flow_rewards
+from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
+from sfpp_ray.config import Config, load_config, validate
+from sfpp_ray.evaluation.evaluate import evaluate, world_of
+from sfpp_ray.evaluation.metrics import segment_metrics, summarise
+from sfpp_ray.video_io import to_uint8
+from sfpp_ray.world.clips import world_latent_batch
+from sfpp_ray.world.sprites import prompt, render, sample_scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+DONE = "stage.json"  # written last: a stage whose directory lacks it did not finish
+CFG_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so classifier-free guidance has an unconditional model
+TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frechet")
+
+
+# ---------------------------------------------------------------- setup
+
+
+class Setup:
+    """What every stage shares: config, device, text encoder, codec, schedule and the negative prompt."""
+
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg, self.out = cfg, out
+        self.device, self.dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
+        self.text = components.build_text_encoder(cfg, self.device, self.dtype)
+        self.codec = components.build_video_codec(cfg, self.device, self.dtype)
+        self.schedule = components.build_schedule(cfg)
+        self.timesteps = self.schedule.student_timesteps(cfg.schedule)  # CPU: indexed as Python scalars
+        self.uncond = self.text.encode([cfg.text.negative_prompt])
+        self.world = world_of(cfg)
+
+    def with_teacher(self, cfg: Config | None = None) -> Config:
+        """A copy of the config whose model weights are the pretrained teacher's."""
+        cfg = copy.deepcopy(cfg or self.cfg)
+        cfg.model.pretrained = str(self.out / "teacher")
+        return cfg
+
+    def generator(self, offset: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.cfg.run.seed * 1000 + offset)
+
+    def noise(self, num_frames: int, batch: int, g: torch.Generator) -> torch.Tensor:
+        shape = components.latent_shape(self.cfg, self.codec, num_frames, batch)
+        return torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
+
+    def train_prompts(self, offset: int, n: int) -> list[str]:
+        """n training-split prompts; `offset` makes each stage and step draw its own scenes."""
+        return [prompt(s) for s in sample_scenes(self.cfg.run.seed * 1000 + offset, n, "train", self.world)]
+
+
+def finished(path: Path) -> bool:
+    return (path / DONE).is_file()
+
+
+def mark_done(path: Path, record: dict) -> dict:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DONE).write_text(json.dumps(record, indent=2, default=float))
+    return record
+
+
+def adamw(params, lr: float, cfg: Config) -> torch.optim.AdamW:
+    t = cfg.trainer
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def step_(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, clip: float) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return float(norm)
+
+
+def progress(name: str, step: int, steps: int, t0: float, **values: float) -> None:
+    if step == steps - 1 or step % max(1, steps // 10) == 0:
+        text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        print(f"[{name}] {step + 1}/{steps}  {time.perf_counter() - t0:.0f}s  {text}", flush=True)
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def train_teacher(s: Setup) -> dict:
+    """Flow matching of a bidirectional Wan model on clean world clips (the critic's loss, on real data)."""
+    cfg, tp = s.cfg, s.cfg.teacher_pretrain
+    teacher = components.build_critic(cfg, s.device, s.dtype)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=tp.lr, weight_decay=cfg.trainer.weight_decay)
+    g, rng = s.generator(1), np.random.default_rng(cfg.run.seed)
+    frames = s.codec.video_frames(cfg.video.teacher_frames)
+    losses, t0 = [], time.perf_counter()
+    for step in range(tp.steps):
+        scenes = sample_scenes(cfg.run.seed * 1000 + step, tp.batch_size, "train", s.world)
+        latents, text = world_latent_batch(scenes, frames, s.codec, s.text, rng)
+        drop = torch.from_numpy(rng.random(len(scenes)) < CFG_DROPOUT).to(s.device)
+        text = torch.where(drop[:, None, None], s.uncond.expand_as(text), text)
+        loss, _ = critic_loss(latents, teacher, text, s.schedule, cfg.dmd, g)
+        step_(loss, teacher, opt, cfg.trainer.grad_clip)
+        losses.append(loss.item())
+        progress("teacher", step, tp.steps, t0, loss=loss.item())
+    teacher.save_pretrained(s.out / "teacher")
+    return mark_done(s.out / "teacher", {"losses": {"flow_matching": losses}, "seconds": time.perf_counter() - t0})
+
+
+# ---------------------------------------------------------------- ODE initialisation
+
+
+def ode_init(s: Setup) -> dict:
+    """Teacher ODE pairs (kept in a resumable store), then block-causal regression of the student onto them."""
+    cfg, t0 = s.with_teacher(), time.perf_counter()
+    T, g = cfg.video.teacher_frames, s.generator(2)
+    teacher = components.build_teacher(cfg, s.device, s.dtype)
+    store = OdePairStore(s.out / "ode_pairs", meta={"timesteps": s.timesteps.tolist(),
+                                                    "shape": list(components.latent_shape(cfg, s.codec, T))})
+
+    def make_shard(n: int) -> tuple[torch.Tensor, list[str]]:
+        prompts = s.train_prompts(100_000 + len(store), n)
+        return make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, n, g), s.timesteps,
+                                     cfg.ode, s.schedule), prompts
+
+    fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
+    del teacher
+    pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
+    trajectories = torch.stack([p[0] for p in pairs]).to(s.device, s.dtype)
+    prompts = [p[1] for p in pairs]
+    student = components.build_student(cfg, s.device, s.dtype).train()
+    opt = adamw(student.parameters(), cfg.ode.lr, cfg)
+    losses = []
+    for step in range(cfg.ode.steps):
+        idx = torch.randint(0, len(prompts), (cfg.ode.batch_size,), generator=g, device=s.device)
+        text = s.text.encode([prompts[i] for i in idx.tolist()])
+        loss = ode_regression_loss(student, trajectories[idx], s.timesteps, text, s.schedule, g)
+        step_(loss, student, opt, cfg.trainer.grad_clip)
+        losses.append(loss.item())
+        progress("ode", step, cfg.ode.steps, t0, loss=loss.item())
+    student.save_pretrained(s.out / "student_ode")
+    return mark_done(s.out / "student_ode", {"losses": {"ode_regression": losses}, "seconds": time.perf_counter() - t0})
+
+
+# ---------------------------------------------------------------- variants
+
+
+def variant_config(cfg: Config, name: str) -> Config:
+    """The config a variant trains and is evaluated with."""
+    v = copy.deepcopy(cfg)
+    T = cfg.video.teacher_frames
+    v.data.window_frames = T
+    if name == "sf":
+        v.rollout.num_frames, v.student.window_frames, v.data.backward_noise = T, T, False
+    elif name == "sfpp_nobn":
+        v.data.backward_noise = False
+    elif m := re.fullmatch(r"sfpp_w(\d+)", name):
+        v.student.window_frames = int(m.group(1))
+    elif name not in ("sfpp", "sfpp_grpo"):
+        raise ValueError(f"unknown variant {name!r}")
+    validate(v)
+    return v
+
+
+def default_variants(cfg: Config) -> list[str]:
+    """sf, sfpp, sfpp_nobn, cache windows one block either side of the configured one, sfpp_grpo."""
+    w, fpb = cfg.student.window_frames, cfg.student.frames_per_block
+    windows = [n for n in (w - fpb, w + fpb) if n >= fpb]
+    return ["sf", "sfpp", "sfpp_nobn", *(f"sfpp_w{n}" for n in windows), "sfpp_grpo"]
+
+
+def train_dmd(s: Setup, name: str) -> dict:
+    """DMD on windows of the student's own rollouts: critic every step, student every update_ratio-th.
+
+    The critic fits the student's window distribution: uniform windows of its long rollouts (sfpp),
+    or its whole T-frame rollouts (sf).
+    """
+    cfg = s.with_teacher(variant_config(s.cfg, name))
+    tr, offset = cfg.trainer, 10_000 * (1 + sum(map(ord, name)))
+    g, t0 = s.generator(offset), time.perf_counter()
+    teacher = components.build_teacher(cfg, s.device, s.dtype)
+    critic = components.build_critic(cfg, s.device, s.dtype)
+    student = components.build_student(cfg, s.device, s.dtype, checkpoint=str(s.out / "student_ode")).train()
+    opt_g, opt_c = adamw(student.parameters(), tr.generator_lr, cfg), adamw(critic.parameters(), tr.critic_lr, cfg)
+    ema = EMA(student, tr.ema_decay, tr.ema_start_step)
+    N, K, B = cfg.rollout.num_frames, cfg.data.window_frames, tr.batch_size
+    losses: dict[str, list[float]] = {"dmd": [], "critic": []}
+    generator_steps = 0
+    for step in range(cfg.dmd.steps):
+        if is_generator_step(step, cfg.dmd.update_ratio):
+            # One long rollout per student update; the critic steps until the next update fit other
+            # windows of it, which keeps an N-frame rollout's cost off every critic step.
+            cond = s.text.encode(s.train_prompts(offset + step * B, B))
+            with torch.no_grad():
+                latents = extended_rollout(student, student.cross_attention_cache(cond), s.noise(N, B, g), s.schedule,
+                                           s.timesteps, cfg.schedule.context_noise, g)
+            x0, _ = sf_pp_generator_batch(student, student.cross_attention_cache(cond), latents, s.schedule,
+                                          s.timesteps, cfg.data, cfg.schedule.context_noise, g)
+            loss, _ = dmd_generator_loss(x0, teacher, critic, cond, s.uncond, s.schedule, cfg.dmd, g)
+            step_(loss, student, opt_g, tr.grad_clip)
+            ema.update(student, generator_steps)
+            generator_steps += 1
+            losses["dmd"].append(loss.item())
+        start = sample_window_start(N, K, cfg.student.frames_per_block, cfg.data.window_sampler, cfg.data.beta_a,
+                                    cfg.data.beta_b, g)
+        loss, _ = critic_loss(latents[:, :, start:start + K], critic, cond, s.schedule, cfg.dmd, g)
+        step_(loss, critic, opt_c, tr.grad_clip)
+        losses["critic"].append(loss.item())
+        progress(name, step, cfg.dmd.steps, t0, critic=loss.item(), dmd=losses["dmd"][-1])
+    ema.copy_to(student)  # the average is the published model
+    student.save_pretrained(s.out / name)
+    return mark_done(s.out / name, {"losses": losses, "seconds": time.perf_counter() - t0})
+
+
+def train_grpo(s: Setup, name: str = "sfpp_grpo") -> dict:
+    """sfpp, then GRPO with the optical-flow reward: groups of rollouts of one prompt, KL to the frozen sfpp student."""
+    cfg = s.with_teacher(variant_config(s.cfg, name))
+    gp, tr = cfg.grpo, cfg.trainer
+    g, t0 = s.generator(3), time.perf_counter()
+    student = components.build_student(cfg, s.device, s.dtype, checkpoint=str(s.out / "sfpp")).train()
+    reference = components.build_student(cfg, s.device, s.dtype, checkpoint=str(s.out / "sfpp")).eval().requires_grad_(False)
+    opt = adamw(student.parameters(), gp.lr, cfg)
+    N, ctx = cfg.rollout.num_frames, cfg.schedule.context_noise
+    losses: dict[str, list[float]] = {"grpo": [], "reward": []}
+    for step in range(gp.steps):
+        cond = s.text.encode(s.train_prompts(200_000 + step, 1) * gp.group_size)
+        with torch.no_grad():
+            out = rollout(student, student.cross_attention_cache(cond), s.noise(N, gp.group_size, g), s.timesteps,
+                          s.schedule, context_noise=ctx, record=True, generator=g)
+            videos = [to_uint8(v) for v in s.codec.decode(out.latents)]
+            _, ref_means = trajectory_log_prob(reference, reference.cross_attention_cache(cond), out.steps, out.latents,
+                                               s.timesteps, s.schedule, ctx)
+        rewards = batch_flow_rewards(videos, gp.min_motion, gp.reward, gp.raft_weights)
+        advantages = group_advantages(torch.from_numpy(rewards)[None], gp.advantage_clip)[0].to(s.device)
+        logp, means = trajectory_log_prob(student, student.cross_attention_cache(cond), out.steps, out.latents,
+                                          s.timesteps, s.schedule, ctx)
+        loss, _ = grpo_loss(logp, rollout_log_prob(out.steps, s.timesteps, s.schedule), advantages, means, ref_means,
+                            step_sigmas(out.steps, s.timesteps, s.schedule), gp)
+        step_(loss, student, opt, tr.grad_clip)
+        losses["grpo"].append(loss.item())
+        losses["reward"].append(float(rewards.mean()))
+        progress(name, step, gp.steps, t0, loss=loss.item(), reward=float(rewards.mean()))
+    student.save_pretrained(s.out / name)
+    return mark_done(s.out / name, {"losses": losses, "seconds": time.perf_counter() - t0})
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def reference_rows(s: Setup) -> dict[str, dict]:
+    """Real clips and the teacher's own 1x-horizon samples, scored like the students: the metrics' floor and the teacher's ceiling."""
+    cfg = s.with_teacher()
+    ev, T = cfg.evaluation, cfg.video.teacher_frames
+    horizon = s.codec.video_frames(T)
+    block = s.codec.video_frames(cfg.student.frames_per_block)
+    scenes = sample_scenes(ev.seed, ev.num_prompts, "heldout", s.world)
+    teacher = components.build_teacher(cfg, s.device, s.dtype)
+    g = s.generator(4)
+    trajectories = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,
+                                         s.noise(T, len(scenes), g), s.timesteps, cfg.ode, s.schedule)
+    samples = [to_uint8(v) for v in s.codec.decode(trajectories[:, -1])]
+    rng = np.random.default_rng(ev.seed)
+    rows: dict[str, list[dict]] = {"real": [], "teacher": []}
+    for scene, sample in zip(scenes, samples):
+        reference = render(scene, 0, 4 * horizon)
+        real = render(scene, int(rng.integers(4 * horizon, 100 * horizon)), horizon)
+        for label, video in (("real", real), ("teacher", sample)):
+            rows[label].append(summarise(segment_metrics(video, horizon, reference=reference, block_frames=block)))
+    return {label: {1: {k: float(np.nanmean([r[k] for r in rs])) for k in TABLE_KEYS}} for label, rs in rows.items()}
+
+
+def run_eval(s: Setup, variants: list[str]) -> dict:
+    """Scores every finished variant (each cached under eval/<variant>) and collects the results table."""
+    ref_path = s.out / "eval" / "reference.json"
+    if not ref_path.is_file():
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        ref_path.write_text(json.dumps(reference_rows(s), indent=2))
+    table = {label: {int(h): m for h, m in rows.items()} for label, rows in json.loads(ref_path.read_text()).items()}
+    for name in variants:
+        if not finished(s.out / name):
+            print(f"[eval] {name}: not trained, skipped")
+            continue
+        path = s.out / "eval" / name / "metrics.json"
+        if not path.is_file():
+            evaluate(variant_config(s.with_teacher(), name), str(s.out / name), path.parent, label=name)
+        table[name] = {int(h): {k: m[k] for k in TABLE_KEYS} for h, m in json.loads(path.read_text())["table"].items()}
+    result = {"horizon_frames": s.codec.video_frames(s.cfg.video.teacher_frames), "table": table,
+              "stages": {p.name: json.loads((p / DONE).read_text())["seconds"] for p in sorted(s.out.iterdir()) if finished(p)}}
+    (s.out / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def format_results(table: dict[str, dict[int, dict]]) -> str:
+    lines = [f"{'variant':<12}{'horizon':>8}" + "".join(f"{k:>16}" for k in TABLE_KEYS)]
+    for label, rows in table.items():
+        for h, m in sorted(rows.items()):
+            lines.append(f"{label:<12}{str(h) + 'x':>8}" + "".join(f"{m[k]:>16.3f}" for k in TABLE_KEYS))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(cfg: Config, out: Path, stages: list[str]) -> dict | None:
+    """Runs the requested stages in order, skipping finished ones; returns the results when eval ran."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    s = Setup(cfg, out)
+    variants = [v for v in stages if v not in ("teacher", "ode", "eval")]
+    for v in variants:
+        variant_config(cfg, v)  # a bad variant name fails before hours of training
+    needs = {"teacher": "teacher", "ode": "student_ode", **{v: v for v in variants}}
+    for stage in stages:
+        if stage == "eval":
+            result = run_eval(s, variants or default_variants(cfg))
+            print(format_results(result["table"]))
+            return result
+        if finished(out / needs[stage]):
+            print(f"[{stage}] done, skipped")
+            continue
+        if stage == "teacher":
+            train_teacher(s)
+        elif stage == "ode":
+            ode_init(s)
+        elif stage == "sfpp_grpo":
+            if not finished(out / "sfpp"):
+                raise RuntimeError("sfpp_grpo starts from sfpp: run the sfpp stage first")
+            train_grpo(s)
+        else:
+            train_dmd(s, stage)
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
+    p.add_argument("--out", required=True, help="directory every stage writes into (and resumes from)")
+    p.add_argument("--stages", help="comma-separated, in order; default: teacher,ode,<every variant>,eval")
+    p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    stages = args.stages.split(",") if args.stages else ["teacher", "ode", *default_variants(cfg), "eval"]
+    order = ["teacher", "ode"]
+    if [x for x in stages if x in order] != [x for x in order if x in stages]:
+        raise ValueError("teacher runs before ode")
+    return run(cfg, Path(args.out), stages)
+
+
+if __name__ == "__main__":
+    main()
