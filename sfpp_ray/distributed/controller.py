@@ -18,7 +18,8 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.train import RunConfig, ScalingConfig
+from ray.data import ExecutionResources
+from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from sfpp_ray.config import Config, from_dict
@@ -88,6 +89,7 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train")),
         datasets={"train": dataset},
+        dataset_config=_data_config(cfg),
     )
     try:
         result = trainer.fit()
@@ -101,6 +103,15 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
             ray.kill(actor)
     return {"steps": (start_step, total), "metrics": result.metrics, "published": published, "rollout": stats,
             "checkpoints": str(cfg.run_dir / "ray_train" / cfg.run.name), "student": str(cfg.run_dir / "student")}
+
+
+def _data_config(cfg: Config) -> DataConfig:
+    """Cap Ray Data at the CPUs this run budgets for it. Left alone, Data plans on everything Ray
+    Train left free, including what the rollout workers hold, and waits forever on tasks it
+    believes are running."""
+    options = DataConfig.default_ingest_options()
+    options.resource_limits = ExecutionResources.for_limits(cpu=_data_cpus(cfg))
+    return DataConfig(execution_options=options)
 
 
 def _evaluation_video(cfg: Config, prompt: str, student: str) -> Path:
@@ -131,9 +142,14 @@ def _absolute_paths(cfg: Config) -> Config:
     return from_dict(tree)
 
 
+def _data_cpus(cfg: Config) -> int:
+    """Ray Data's CPUs: one for the range read and task transforms, plus an actor pool per transform."""
+    return 1 + (2 * cfg.data.num_actors if cfg.data.compute == "actors" else 0)
+
+
 def _cpus_needed(cfg: Config) -> float:
-    """Logical CPUs the run holds at once: rollout workers, one per trainer worker, one for Ray Data tasks."""
-    return cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.trainer.num_workers + 1
+    """Logical CPUs the run holds at once: rollout workers, one per trainer worker, and Ray Data."""
+    return cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.trainer.num_workers + _data_cpus(cfg)
 
 
 def _start_ray(cpus_needed: float) -> None:
@@ -156,5 +172,5 @@ def _start_ray(cpus_needed: float) -> None:
     available = ray.cluster_resources().get("CPU", 0)
     if available < cpus_needed:
         raise RuntimeError(f"the run needs {cpus_needed:g} CPUs (rollout.num_workers x rollout.cpus_per_worker + "
-                           f"trainer.num_workers + 1 for data) but the cluster has {available:g}; lower "
+                           f"trainer.num_workers + data transforms) but the cluster has {available:g}; lower "
                            "rollout.cpus_per_worker or the worker counts, or add nodes")

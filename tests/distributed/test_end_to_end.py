@@ -1,0 +1,130 @@
+"""The whole Self-Forcing++ system on a local Ray cluster: rollout workers, buffer, Ray Data,
+DeepSpeed trainers, weight sync, checkpoint/resume and MLflow, at toy size on CPU."""
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from sfpp_ray import components
+from sfpp_ray.config import load_config
+from sfpp_ray.distributed.weight_sync import state_checksum
+
+CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+
+
+def tiny(tmp_path: Path, name: str, steps: int, zero_stage: int = 2):
+    """Strictly on-policy (max_staleness 0): a publish refuses every older pending sample, so each
+    worker moves to the new weights at once instead of waiting for buffer room."""
+    return load_config(CONFIG, [
+        f"run.name={name}", f"run.output_dir={tmp_path}", "run.stages=[dmd]",
+        "rollout.num_frames=12", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5",
+        "trainer.num_workers=2", f"trainer.zero_stage={zero_stage}", "trainer.checkpoint_every=1", "buffer.max_staleness=0",
+        f"dmd.steps={steps}", "dmd.update_ratio=1", "tracking.experiment=sfpp-e2e",
+    ])
+
+
+def check_weight_sync(summary: dict, first_version: int, last_version: int) -> None:
+    """Versions advance with each sync, and after every sync a worker's weights are the trainers'."""
+    published = dict(summary["published"])
+    assert sorted(published) == list(range(first_version, last_version + 1))
+    applied = [a for stats in summary["rollout"] for a in stats["applied"]]
+    assert applied, "no rollout worker picked up new weights"
+    for stats in summary["rollout"]:
+        versions = [v for v, _ in stats["applied"]]
+        assert versions == sorted(set(versions))
+        for version, checksum in stats["applied"]:
+            assert checksum == published[version]
+    # The final student the run saved is the last published policy.
+    assert summary["student_checksum"] == published[last_version]
+
+
+def run(cfg) -> dict:
+    """train(), plus the checksum of the student it saved (a resumed run overwrites the directory)."""
+    from sfpp_ray.distributed.controller import train
+
+    summary = train(cfg)
+    student = components.build_student(cfg, checkpoint=summary["student"])
+    return summary | {"student_checksum": state_checksum(student)}
+
+
+@pytest.fixture(scope="module")
+def zero2_runs(ray_cluster, tmp_path_factory):
+    """One run stopped after step 2, then the same run name resumed to step 3."""
+    out = tmp_path_factory.mktemp("e2e")
+    return run(tiny(out, "z2", steps=2)), run(tiny(out, "z2", steps=3))
+
+
+def test_zero2_trains_and_syncs_weights(zero2_runs):
+    first, _ = zero2_runs
+    assert first["steps"] == (0, 2) and first["metrics"]["step"] == 2
+    assert sum(s["samples"] for s in first["rollout"]) >= 2
+    check_weight_sync(first, 1, 2)
+
+
+def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs):
+    first, second = zero2_runs
+    assert second["steps"] == (2, 3) and second["metrics"]["step"] == 3
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    check_weight_sync(second, 2, 3)
+    # Version 2 is republished on resume from the checkpoint: the very weights the first run ended with.
+    assert dict(second["published"])[2] == dict(first["published"])[2] == first["student_checksum"]
+
+
+def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
+    _, second = zero2_runs
+    client = MlflowClient(second["mlflow_uri"])
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.zero_stage"] == "2" and run.data.params["run.name"] == "z2"
+    for key in ("loss/critic", "loss/generator"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+    assert {"rollout/fps", "buffer/fill", "time/step", "time/sync"} <= set(run.data.metrics)
+    assert run.data.metrics["rollout/fps"] > 0
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "videos")] == ["videos/eval.mp4"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path):
+    summary = run(tiny(tmp_path, "z3", steps=2, zero_stage=3))
+    assert summary["metrics"]["step"] == 2
+    check_weight_sync(summary, 1, 2)
+
+
+def test_load_prompts_keeps_good_lines_and_says_why(tmp_path, capsys):
+    from sfpp_ray.distributed.prompts import load_prompts
+
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_bytes(b'{"prompt": "a fox runs"}\n\n{"prompt": \n{"text": "x"}\n{"prompt": "' + b"y" * 50
+                      + b'"}\n{"prompt": "caf\xe9"}\n\xff\xfe\n{"prompt": "  rain  "}\n')
+    prompts, report = load_prompts(jsonl, max_chars=20)
+    assert prompts == ["a fox runs", "rain"]
+    assert report["kept"] == 2 and report["rejected"] == 6
+    assert report["reasons"] == {"empty": 1, "bad json": 1, "no string 'prompt' field": 1,
+                                 "longer than 20 chars": 1, "not utf-8": 2}
+    assert report["examples"]["not utf-8"] == [6, 7]  # latin-1 "café" and stray bytes
+    assert "2 kept, 6 rejected" in capsys.readouterr().out
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("one\n\n   \ntwo\n")
+    assert load_prompts(txt, max_chars=20)[0] == ["one", "two"]
+    txt.write_text("\n\n")
+    with pytest.raises(ValueError, match="no usable prompt"):
+        load_prompts(txt, max_chars=20)
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("one\n")
+    with pytest.raises(ValueError, match="expected .txt"):
+        load_prompts(csv, max_chars=20)
+    assert load_prompts(None, max_chars=20)[1]["source"] == "built-in"
+
+
+def test_prompt_feed_cycles_and_resumes(ray_cluster):
+    import ray
+
+    from sfpp_ray.distributed.prompts import PromptFeed
+
+    feed = PromptFeed.remote(["a", "b"])
+    assert [ray.get(feed.next.remote()) for _ in range(3)] == [(0, "a"), (1, "b"), (0, "a")]
+    assert ray.get(feed.position.remote()) == 3
+    ray.get(feed.seek.remote(1))
+    assert ray.get(feed.next.remote()) == (1, "b")
