@@ -1,0 +1,62 @@
+"""`ray job submit` to a local `ray start --head` cluster runs the tiny config to completion."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop only this head's processes (`ray stop` would also stop other Ray clusters of the machine)."""
+    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture
+def head_node():
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+    dashboard = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+                    "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop_cluster(temp_dir)
+
+
+def test_ray_job_submit_runs_the_tiny_config(head_node, tmp_path):
+    address, env = head_node
+    out = tmp_path / "runs"
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"].update(DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")  # a CPU-only cluster, as documented
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", str(tmp_path / "runtime_env.yaml"),
+         "--", sys.executable, "-m", "sfpp_ray", "train", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
+         "run.stages=[dmd]", "rollout.num_workers=1", "rollout.num_frames=12", "dmd.steps=2", "dmd.update_ratio=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-3000:]
+    assert "succeeded" in log, log[-3000:]
+    assert (out / "tiny" / "student" / "config.json").exists()
