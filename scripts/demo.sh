@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
+export RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true DS_ACCELERATOR=cpu RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=600 TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
 exec sfpp-ray train --config configs/tiny.yaml "$@"

@@ -12,6 +12,8 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DS_ACCELERATOR"] = "cpu"
+# Two loaded cores can take longer than Ray Train's 60 s default to start a worker group that imports torch.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # JIT ops built once
 
 

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -51,12 +52,16 @@ def test_ray_job_submit_runs_the_tiny_config(head_node, tmp_path):
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["env_vars"].update(DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")  # a CPU-only cluster, as documented
     (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
-    job = subprocess.run(
+    submit = (
         [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", str(tmp_path / "runtime_env.yaml"),
          "--", sys.executable, "-m", "sfpp_ray", "train", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-         "run.stages=[dmd]", "rollout.num_workers=1", "rollout.num_frames=12", "dmd.steps=2", "dmd.update_ratio=1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = job.stdout + job.stderr
+         "run.stages=[dmd]", "rollout.num_workers=1", "rollout.num_frames=12", "dmd.steps=2", "dmd.update_ratio=1"])
+    for _ in range(60):  # the head's job agent comes up some seconds after `ray start` returns
+        job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = job.stdout + job.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(2)
     assert job.returncode == 0, log[-3000:]
     assert "succeeded" in log, log[-3000:]
     assert (out / "tiny" / "student" / "config.json").exists()
