@@ -58,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "evaluate":
         from sfpp_ray.evaluation.evaluate import evaluate
+        from sfpp_ray.tracking import Tracker
 
-        evaluate(cfg, checkpoint=args.checkpoint)
+        tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
+        tracker.start(cfg.flat())
+        evaluate(cfg, checkpoint=args.checkpoint, tracker=tracker)
+        tracker.finish()
         return 0
     raise AssertionError(args.command)
 
