@@ -1,4 +1,13 @@
-"""The controller: one function that wires the roles together for a training run, top to bottom.
+"""The controller: one function that runs a training run's stages in order, top to bottom.
+
+    pretrain_teacher -> teacher/       flow matching on world clips              (stage_trainers)
+    ode              -> student_ode/   teacher ODE pairs, causal regression      (stage_trainers)
+    dmd              -> student/       Self-Forcing++, the system below          (trainer, rollout workers, ...)
+    grpo             -> student_grpo/  optical-flow reward on student rollouts   (stage_trainers)
+
+Every stage is a Ray Train TorchTrainer of DeepSpeed ranks. A stage starts from what the stages
+before it left in the run directory (the run's teacher, the previous student) and marks its
+output directory finished, so running the config again skips it. The DMD stage wires the roles:
 
     prompts -> PromptFeed -> RolloutWorkers -> RolloutBuffer -> Ray Data -> TorchTrainer
                                   ^                                            |
@@ -6,7 +15,7 @@
 
 Rollout workers and trainers run concurrently and scale separately; the buffer bounds how far
 rollouts may run ahead and how stale they may be. A run is identified by `run.name`: running the
-same name again resumes from its last checkpoint in the same MLflow run.
+same name again continues in the same MLflow run, and DMD resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -27,40 +37,104 @@ from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
-from sfpp_ray.distributed.trainer import PROGRESS_FILE, train_loop_per_worker
+from sfpp_ray.distributed.stage_trainers import grpo_loop, ode_loop, pretrain_teacher_loop
+from sfpp_ray.distributed.trainer import PROGRESS_FILE, STAGE_MARKER, train_loop_per_worker
 from sfpp_ray.distributed.weight_sync import WeightBroker
 from sfpp_ray.tracking import Tracker
 
-IMPLEMENTED_STAGES = ("dmd",)
+STAGE_OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "student", "grpo": "student_grpo"}
+STUDENT_FROM = {"dmd": "ode", "grpo": "dmd"}  # the stage whose student a stage starts from
 
 
 def train(cfg: Config) -> dict:
-    """Run the configured stages; returns a summary (steps, weight versions, rollout stats, paths)."""
+    """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
+    skipped, each stage's result, the evaluation video; the DMD stage's details at the top level)."""
     cfg = _absolute_paths(cfg)
-    skipped = [s for s in cfg.run.stages if s not in IMPLEMENTED_STAGES]
-    if skipped:
-        print(f"stages not run (not implemented in the distributed trainer): {', '.join(skipped)}")
-    if "dmd" not in cfg.run.stages:
-        return {"stages_run": [], "stages_skipped": skipped}
     _start_ray(_cpus_needed(cfg))
     prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
 
     tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
     run_id = tracker.start(cfg.to_dict())
     tracker.log_params({"prompts": {"kept": prompt_report["kept"], "rejected": prompt_report["rejected"]}})
+    summary: dict = {"stages_run": [], "stages_skipped": [], "stages": {}}
     try:
-        summary = _train_dmd(cfg, prompts, run_id)
-        video = _evaluation_video(cfg, prompts[0], summary["student"])
-        tracker.log_artifact(video, artifact_path="videos")
+        for stage in cfg.run.stages:
+            if _finished(cfg, stage):
+                print(f"stage {stage}: finished earlier ({cfg.run_dir / STAGE_OUTPUTS[stage]}), skipped")
+                summary["stages_skipped"].append(stage)
+                continue
+            print(f"stage {stage}")
+            t0 = time.perf_counter()
+            stage_cfg = _stage_config(cfg, stage)
+            if stage == "dmd":
+                result = _train_dmd(stage_cfg, prompts, run_id)
+            else:
+                result = _fit(stage_cfg, stage, run_id, prompts=prompts)
+            summary["stages"][stage] = result | {"seconds": time.perf_counter() - t0}
+            summary["stages_run"].append(stage)
+            print(f"stage {stage}: done in {summary['stages'][stage]['seconds']:.0f}s")
+        student = _last_student(cfg)
+        video = None
+        if student is not None:
+            video = _evaluation_video(cfg, prompts[0], student)
+            tracker.log_artifact(video, artifact_path="videos")
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    summary.update(stages_run=["dmd"], stages_skipped=skipped, video=str(video), mlflow_run_id=run_id,
-                   mlflow_uri=tracker.tracking_uri)
-    print(f"videos: {video.parent}\ncheckpoints: {summary['checkpoints']}\nstudent: {summary['student']}\n"
+    summary.update(summary["stages"].get("dmd", {}))
+    summary.update(student=student, video=video and str(video), mlflow_run_id=run_id, mlflow_uri=tracker.tracking_uri)
+    print(f"stages run: {', '.join(summary['stages_run']) or 'none'}; skipped: "
+          f"{', '.join(summary['stages_skipped']) or 'none'}\nstudent: {student}\nvideo: {video}\n"
           f"MLflow run {run_id} at {tracker.tracking_uri}")
     return summary
+
+
+def _finished(cfg: Config, stage: str) -> bool:
+    """A stage is finished once its marker exists; DMD only up to the steps it reached, so raising
+    dmd.steps continues it from its last checkpoint."""
+    marker = cfg.run_dir / STAGE_OUTPUTS[stage] / STAGE_MARKER
+    if not marker.is_file():
+        return False
+    return stage != "dmd" or json.loads(marker.read_text())["steps"] >= cfg.dmd.steps
+
+
+def _stage_config(cfg: Config, stage: str) -> Config:
+    """The config a stage trains with: the run's pretrained teacher once it exists, and the student
+    of the stage before (the ODE student for DMD, the DMD student for GRPO)."""
+    tree = cfg.to_dict()
+    if _finished(cfg, "pretrain_teacher"):
+        tree["model"]["pretrained"] = str(cfg.run_dir / STAGE_OUTPUTS["pretrain_teacher"])
+    source = STUDENT_FROM.get(stage)
+    if source is not None and (cfg.run_dir / STAGE_OUTPUTS[source] / STAGE_MARKER).is_file():
+        tree["student"]["checkpoint"] = str(cfg.run_dir / STAGE_OUTPUTS[source])
+    elif stage == "grpo":
+        raise RuntimeError(f"grpo starts from the dmd stage's student, and {cfg.run_dir / 'student'} has none: "
+                           "run the dmd stage first")
+    return from_dict(tree)
+
+
+def _last_student(cfg: Config) -> str | None:
+    """The newest student the run has produced, which the evaluation video shows."""
+    for stage in ("grpo", "dmd", "ode"):
+        path = cfg.run_dir / STAGE_OUTPUTS[stage]
+        if (path / STAGE_MARKER).is_file():
+            return str(path)
+    return None
+
+
+def _fit(cfg: Config, stage: str, run_id: str | None, prompts: list[str]) -> dict:
+    """One of the stages around DMD: a TorchTrainer of `trainer.num_workers` ranks, no rollout workers."""
+    loop = {"pretrain_teacher": pretrain_teacher_loop, "ode": ode_loop, "grpo": grpo_loop}[stage]
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "prompts": prompts},
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+        run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=str(cfg.run_dir / "ray_train")),
+    )
+    output = cfg.run_dir / STAGE_OUTPUTS[stage]
+    return {"metrics": trainer.fit().metrics, "output": str(output),
+            "record": json.loads((output / STAGE_MARKER).read_text())}
 
 
 def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
@@ -97,12 +171,22 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
         for w in workers:
             w.stop.remote()
         ray.get([buffer.close.remote(), broker.close.remote()])  # releases workers blocked on either
-        stats = ray.get(runs)
+        stats = [_rollout_stats(w, r) for w, r in zip(workers, runs)]
         published = ray.get(broker.history.remote())
         for actor in [*workers, buffer, feed, broker]:
             ray.kill(actor)
     return {"steps": (start_step, total), "metrics": result.metrics, "published": published, "rollout": stats,
             "checkpoints": str(cfg.run_dir / "ray_train" / cfg.run.name), "student": str(cfg.run_dir / "student")}
+
+
+def _rollout_stats(worker, run) -> dict:
+    """A worker's stats once it has left `run`. The final weights live in the trainer rank that
+    published them; a worker that fetched them as that rank exited loses them and leaves `run` with
+    OwnerDiedError, its stats up to then intact."""
+    try:
+        return ray.get(run)
+    except ray.exceptions.OwnerDiedError:
+        return ray.get(worker.stats.remote())
 
 
 def _data_config(cfg: Config) -> DataConfig:

@@ -36,29 +36,37 @@ from sfpp_ray.tracking import Tracker
 
 STATE_FILE = "trainer_state.pt"
 PROGRESS_FILE = "trainer_progress.json"  # in the run dir: the controller's view of the last checkpoint
+STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
 
 
-def deepspeed_config(cfg: Config, lr: float) -> dict:
+def write_marker(directory: Path, record: dict) -> None:
+    """Mark a stage's output directory finished, with what the controller and tests read back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STAGE_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None) -> dict:
+    """AdamW under the trainer's ZeRO stage; `betas` default to trainer.betas (DMD's, without momentum)."""
     t = cfg.trainer
     return {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": t.zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(t.betas), "weight_decay": t.weight_decay,
-                                                   "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas or t.betas),
+                                                   "weight_decay": t.weight_decay, "torch_adam": True}},
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": t.bf16},
     }
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _rank() -> int:
+def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _full_params(module: torch.nn.Module, zero3: bool):
+def full_params(module: torch.nn.Module, zero3: bool):
     """All of a module's parameters, gathered under ZeRO-3 (a collective: every rank enters)."""
     if not zero3:
         return contextlib.nullcontext()
@@ -68,7 +76,7 @@ def _full_params(module: torch.nn.Module, zero3: bool):
 def frozen_teacher(cfg: Config, device, dtype):
     """The frozen teacher; sharded with ZeRO-3 (no optimizer) only when the trainers shard with ZeRO-3."""
     teacher = components.build_teacher(cfg)
-    if _world_size() > 1 and cfg.trainer.zero_stage == 3:
+    if world_size() > 1 and cfg.trainer.zero_stage == 3:
         ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "bf16": {"enabled": cfg.trainer.bf16}}
         engine, *_ = deepspeed.initialize(model=teacher, config=ds)
@@ -115,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
     names = config["actors"]
     buffer, broker = ray.get_actor(names["buffer"]), ray.get_actor(names["broker"])
     feed = ray.get_actor(names["feed"])
-    rank, world = _rank(), _world_size()
+    rank, world = global_rank(), world_size()
     device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
     zero3 = cfg.trainer.zero_stage == 3
@@ -128,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = frozen_teacher(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     timesteps = schedule.student_timesteps(cfg.schedule)
-    with _full_params(student_engine.module, zero3):
+    with full_params(student_engine.module, zero3):
         ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step)
     sync = ObjectStoreWeightSync()
 
@@ -163,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
             if is_generator_step(step, cfg.dmd.update_ratio):
                 metrics.update(generator_step(student_engine, teacher, critic_engine, batch, schedule, timesteps,
                                               cfg, generator))
-                with _full_params(student_engine.module, zero3):
+                with full_params(student_engine.module, zero3):
                     ema.update(student_engine.module, step)
             metrics["time/step"] = time.perf_counter() - t0
             # Ray Data fetches ahead of the trainer: how many updates old the consumed rollout is.
@@ -177,9 +185,10 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics(metrics, step)
             save = step % cfg.trainer.checkpoint_every == 0 or step == total
             report(metrics, step, student_engine, critic_engine, ema, feed, cfg, rank, save)
-        with _full_params(student_engine.module, zero3):
+        with full_params(student_engine.module, zero3):
             if rank == 0:
                 student_engine.module.save_pretrained(cfg.run_dir / "student")
+                write_marker(cfg.run_dir / "student", {"steps": total})
     finally:
         if tracker is not None:
             tracker.finish()

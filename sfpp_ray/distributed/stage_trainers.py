@@ -1,0 +1,241 @@
+"""Trainer role for the stages around DMD, one Ray Train worker per rank, on the DMD trainer's stack.
+
+  pretrain_teacher  flow matching of the bidirectional teacher on world clips
+  ode               teacher ODE pairs (made by the ranks, written by rank 0), then block-causal
+                    regression of the student onto them
+  grpo              groups of recorded rollouts of one prompt, scored by the optical-flow reward,
+                    PPO-clipped with a KL to the frozen pre-GRPO student
+
+Each loop trains a DeepSpeed engine, averages its metrics over ranks, logs them from rank 0 into
+the run's MLflow run, and ends with rank 0 saving the model and the stage marker. The stages are
+short and restart from their beginning if interrupted; only DMD keeps mid-stage checkpoints. Every rank
+draws its own data from generators seeded by (rank, step), so a rank's data depends only on
+where it is, never on what ran before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import deepspeed
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.dmd import critic_loss
+from sfpp_ray.algorithm.grpo import group_advantages, grpo_loss, rollout_log_prob, step_sigmas, trajectory_log_prob
+from sfpp_ray.algorithm.ode_init import OdePairStore, make_ode_trajectories, ode_regression_loss
+from sfpp_ray.algorithm.reward import batch_flow_rewards
+from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.config import Config, from_dict
+from sfpp_ray.distributed.trainer import deepspeed_config, full_params, global_rank, world_size, write_marker
+from sfpp_ray.evaluation.evaluate import world_of
+from sfpp_ray.tracking import Tracker
+from sfpp_ray.video_io import to_uint8
+from sfpp_ray.world.clips import world_latent_batch
+from sfpp_ray.world.sprites import prompt, sample_scenes
+
+PROMPT_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so guidance has an unconditional model
+TEACHER_BETAS = [0.9, 0.999]  # flow matching on data is ordinary supervised training: Adam with momentum
+ODE_SCENE_OFFSET = 100_000  # ODE prompts are world scenes apart from the teacher's per-step scenes
+
+
+def _setup(config: dict) -> tuple[Config, torch.device, torch.dtype]:
+    cfg = from_dict(config["cfg"])
+    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
+    torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
+    return cfg, device, dtype
+
+
+def _generator(cfg: Config, device: torch.device, stream: int, step: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + stream + 7919 * step)
+
+
+@contextlib.contextmanager
+def _rank0_tracker(cfg: Config, run_id: str | None):
+    """Rank 0 logs into the controller's MLflow run; other ranks get None."""
+    if global_rank() != 0:
+        yield None
+        return
+    tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
+    tracker.start(resume_run_id=run_id)
+    try:
+        yield tracker
+    finally:
+        tracker.finish()
+
+
+def _step_done(tracker: Tracker | None, metrics: dict[str, float], step: int, device: torch.device) -> dict:
+    """Average the step's metrics over ranks and log them from rank 0. Ray Train hears of the stage
+    once, at its end (`_finish`): a report is a round trip to the train controller, which costs
+    more than a toy step."""
+    world = world_size()
+    if world > 1:
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(values)
+        metrics = dict(zip(metrics, (values / world).tolist()))
+    if tracker is not None:
+        tracker.log_metrics(metrics, step)
+    return metrics
+
+
+def _finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: int) -> None:
+    """Rank 0 writes the model to run_dir/name and then its marker (ZeRO-3 gathers on every rank);
+    every rank reports the last step's metrics."""
+    with full_params(engine.module, cfg.trainer.zero_stage == 3):
+        if global_rank() == 0:
+            engine.module.save_pretrained(cfg.run_dir / name)
+            write_marker(cfg.run_dir / name, record)
+    ray.train.report(metrics | {"step": step})
+
+
+# ---------------------------------------------------------------- teacher pretraining
+
+
+def pretrain_teacher_loop(config: dict) -> None:
+    """Ray Train entry point. config: {"cfg": Config dict, "mlflow_run_id"}. Each rank trains on
+    teacher_pretrain.batch_size clips a step."""
+    cfg, device, dtype = _setup(config)
+    tp, rank, world = cfg.teacher_pretrain, global_rank(), world_size()
+    engine, *_ = deepspeed.initialize(model=components.build_critic(cfg),
+                                      config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS))
+    text = components.build_text_encoder(cfg, device, dtype)
+    codec = components.build_video_codec(cfg, device, dtype)
+    schedule = components.build_schedule(cfg)
+    uncond = text.encode([cfg.text.negative_prompt])
+    frames = codec.video_frames(cfg.video.teacher_frames)
+    losses = []
+    with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
+        for step in range(1, tp.steps + 1):
+            # Every rank sees its own slice of the step's scenes, at start frames and dropouts of its own.
+            scenes = sample_scenes(cfg.run.seed * 1000 + step, tp.batch_size * world, "train",
+                                   world_of(cfg))[rank::world]
+            rng = np.random.default_rng([cfg.run.seed, rank, step])
+            latents, cond = world_latent_batch(scenes, frames, codec, text, rng)
+            drop = torch.from_numpy(rng.random(len(scenes)) < PROMPT_DROPOUT).to(device)
+            cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
+            loss, _ = critic_loss(latents, engine, cond, schedule, cfg.dmd, _generator(cfg, device, rank, step))
+            engine.backward(loss)
+            engine.step()
+            metrics = _step_done(tracker, {"teacher/loss": loss.item()}, step, device)
+            losses.append(metrics["teacher/loss"])
+    _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses}, metrics, tp.steps)
+
+
+# ---------------------------------------------------------------- ODE initialisation
+
+
+def _ode_shard(teacher, cfg: Config, start: int, n: int, text, codec, schedule, timesteps, uncond, device, dtype):
+    """Pairs start..start+n: prompts and noise depend only on `start`, not on which rank makes them."""
+    prompts = [prompt(s) for s in sample_scenes(cfg.run.seed * 1000 + ODE_SCENE_OFFSET + start, n, "train",
+                                                world_of(cfg))]
+    g = _generator(cfg, device, ODE_SCENE_OFFSET, start)
+    noise = torch.randn(components.latent_shape(cfg, codec, cfg.video.teacher_frames, n), generator=g, device=device,
+                        dtype=dtype)
+    trajectories = make_ode_trajectories(teacher, text.encode(prompts), uncond, noise, timesteps, cfg.ode, schedule)
+    return trajectories.cpu(), prompts
+
+
+def ode_pairs(cfg: Config, text, codec, schedule, timesteps, uncond, device, dtype) -> OdePairStore:
+    """The store under run_dir/ode_pairs, completed once: the ranks make the missing shards in rounds,
+    one each, and rank 0 writes them in order (a store has one writer). Every rank holds a full
+    teacher copy for this, so ranks with nothing left to make in the last round need not follow."""
+    root = cfg.run_dir / "ode_pairs"
+    meta = {"timesteps": timesteps.tolist(),
+            "shape": list(components.latent_shape(cfg, codec, cfg.video.teacher_frames))}
+    store = OdePairStore(root, meta)
+    starts = list(range(len(store), cfg.ode.num_pairs, cfg.ode.shard_size))
+    if not starts:
+        return store
+    rank, world = global_rank(), world_size()
+    teacher = components.build_teacher(cfg, device, dtype)
+    for first in range(0, len(starts), world):
+        mine = starts[first + rank] if first + rank < len(starts) else None
+        shard = None if mine is None else _ode_shard(teacher, cfg, mine, min(cfg.ode.shard_size,
+                                                                             cfg.ode.num_pairs - mine),
+                                                     text, codec, schedule, timesteps, uncond, device, dtype)
+        shards = [shard]
+        if world > 1:
+            shards = [None] * world
+            dist.all_gather_object(shards, shard)
+        if rank == 0:
+            for made in shards:
+                if made is not None:
+                    store.write_shard(*made)
+    if world > 1:
+        dist.barrier()
+    return OdePairStore(root, meta)  # rank 0's index, as written
+
+
+def ode_loop(config: dict) -> None:
+    """Ray Train entry point. config: {"cfg": Config dict (model.pretrained: the teacher), "mlflow_run_id"}."""
+    cfg, device, dtype = _setup(config)
+    rank = global_rank()
+    text = components.build_text_encoder(cfg, device, dtype)
+    codec = components.build_video_codec(cfg, device, dtype)
+    schedule = components.build_schedule(cfg)
+    timesteps = schedule.student_timesteps(cfg.schedule)
+    uncond = text.encode([cfg.text.negative_prompt])
+    store = ode_pairs(cfg, text, codec, schedule, timesteps, uncond, device, dtype)
+    engine, *_ = deepspeed.initialize(model=components.build_student(cfg), config=deepspeed_config(cfg, cfg.ode.lr))
+    losses = []
+    with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
+        for step in range(1, cfg.ode.steps + 1):
+            g = _generator(cfg, device, rank, step)
+            idx = torch.randint(0, len(store), (cfg.ode.batch_size,), generator=g, device=device).tolist()
+            pairs = [store.load(i) for i in idx]
+            trajectories = torch.stack([p[0] for p in pairs]).to(device, dtype)
+            loss = ode_regression_loss(engine.module, trajectories, timesteps, text.encode([p[1] for p in pairs]),
+                                       schedule, g)
+            engine.backward(loss)
+            engine.step()
+            metrics = _step_done(tracker, {"ode/loss": loss.item()}, step, device)
+            losses.append(metrics["ode/loss"])
+    _finish(engine, cfg, "student_ode", {"steps": cfg.ode.steps, "losses": losses, "pairs": len(store)}, metrics,
+            cfg.ode.steps)
+
+
+# ---------------------------------------------------------------- GRPO
+
+
+def grpo_loop(config: dict) -> None:
+    """Ray Train entry point. config: {"cfg": Config dict (student.checkpoint: the DMD student), "prompts",
+    "mlflow_run_id"}. Each rank takes its own prompt per step and rolls out a group for it."""
+    cfg, device, dtype = _setup(config)
+    gp, rank, world, prompts = cfg.grpo, global_rank(), world_size(), config["prompts"]
+    engine, *_ = deepspeed.initialize(model=components.build_student(cfg), config=deepspeed_config(cfg, gp.lr))
+    reference = components.build_student(cfg, device, dtype).eval().requires_grad_(False)
+    text = components.build_text_encoder(cfg, device, dtype)
+    codec = components.build_video_codec(cfg, device, dtype)
+    schedule = components.build_schedule(cfg)
+    timesteps = schedule.student_timesteps(cfg.schedule)
+    ctx = cfg.schedule.context_noise
+    rewards_seen = []
+    with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
+        for step in range(1, gp.steps + 1):
+            student, g = engine.module, _generator(cfg, device, rank, step)
+            cond = text.encode([prompts[((step - 1) * world + rank) % len(prompts)]] * gp.group_size)
+            # Shared initial noise: the group differs only by the sampler's own noise, the policy's randomness.
+            shape = components.latent_shape(cfg, codec, cfg.rollout.num_frames, 1 if gp.shared_noise else gp.group_size)
+            noise = torch.randn(shape, generator=g, device=device, dtype=dtype).expand(gp.group_size, *shape[1:])
+            with torch.no_grad():
+                out = rollout(student, student.cross_attention_cache(cond), noise, timesteps, schedule,
+                              context_noise=ctx, record=True, generator=g)
+                videos = [to_uint8(v) for v in codec.decode(out.latents)]
+                _, ref_means = trajectory_log_prob(reference, reference.cross_attention_cache(cond), out.steps,
+                                                   out.latents, timesteps, schedule, ctx)
+            rewards = batch_flow_rewards(videos, gp.min_motion, gp.reward, gp.raft_weights)
+            advantages = group_advantages(torch.from_numpy(rewards)[None], gp.advantage_clip)[0].to(device)
+            logp, means = trajectory_log_prob(student, student.cross_attention_cache(cond), out.steps, out.latents,
+                                              timesteps, schedule, ctx)
+            loss, info = grpo_loss(logp, rollout_log_prob(out.steps, timesteps, schedule), advantages, means,
+                                   ref_means, step_sigmas(out.steps, timesteps, schedule), gp)
+            engine.backward(loss)
+            engine.step()
+            metrics = _step_done(tracker, {"grpo/loss": loss.item(), "grpo/reward": float(rewards.mean()),
+                                           "grpo/kl": info["kl"], "grpo/clip_frac": info["clip_frac"]}, step, device)
+            rewards_seen.append(metrics["grpo/reward"])
+    _finish(engine, cfg, "student_grpo", {"steps": gp.steps, "rewards": rewards_seen}, metrics, gp.steps)
