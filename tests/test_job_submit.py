@@ -37,7 +37,11 @@ def head_node():
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     dashboard = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+    # Every port on a free one: other Ray clusters (the shared test cluster among them) hold the defaults.
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+             f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
+    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}", *ports,
                     "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
