@@ -151,7 +151,6 @@ class TrainerConfig:
     ema_start_step: int = 200
     sync_every: int = 1
     checkpoint_every: int = 1
-    eval_every: int = 0  # 0: evaluation videos only at the end
 
 
 @dataclass
