@@ -194,6 +194,11 @@ class TeacherPretrainConfig:
     steps: int = 2000
     lr: float = 1e-4
     batch_size: int = 8
+    warmup_steps: int = 0  # linear warmup of the learning rate from 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 10 at the last step
+    ema_decay: float = 0.0  # > 0: the saved teacher is the weights' moving average (sharper samples)
+    ema_start_step: int = 0
+    data_workers: int = 0  # processes rendering world clips ahead of the GPU (0: in the training loop)
 
 
 @dataclass
@@ -446,6 +451,15 @@ def validate(cfg: Config) -> None:
                        ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights)):
         if value is not None and not Path(value).exists():
             raise ConfigError(key, f"path {value!r} does not exist")
+    tp = cfg.teacher_pretrain
+    positive("teacher_pretrain.steps", tp.steps)
+    positive("teacher_pretrain.batch_size", tp.batch_size)
+    if not 0 <= tp.warmup_steps < tp.steps:
+        raise ConfigError("teacher_pretrain.warmup_steps", f"must lie in [0, teacher_pretrain.steps), got {tp.warmup_steps}")
+    if not 0 <= tp.ema_decay < 1:
+        raise ConfigError("teacher_pretrain.ema_decay", f"must lie in [0, 1), got {tp.ema_decay}")
+    positive("teacher_pretrain.ema_start_step", tp.ema_start_step, allow_zero=True)
+    positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")

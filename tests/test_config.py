@@ -46,6 +46,10 @@ def test_overrides_are_typed_and_dotted():
     ("text.kind=umt5", "text.path"),
     ("grpo.reward=raft", "grpo.raft_weights"),
     ("run.stages=[dmd,ode]", "run.stages"),
+    ("teacher_pretrain.warmup_steps=20", "teacher_pretrain.warmup_steps"),  # not below steps (20)
+    ("teacher_pretrain.ema_decay=1.0", "teacher_pretrain.ema_decay"),
+    ("teacher_pretrain.lr_schedule=linear", "teacher_pretrain.lr_schedule"),
+    ("teacher_pretrain.data_workers=-1", "teacher_pretrain.data_workers"),
     ("student", "student"),
 ])
 def test_bad_input_names_the_key(override, key):

@@ -16,25 +16,25 @@ where it is, never on what ran before.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import deepspeed
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 
 from sfpp_ray import components
-from sfpp_ray.algorithm.dmd import critic_loss
+from sfpp_ray.algorithm.dmd import EMA, critic_loss
 from sfpp_ray.algorithm.grpo import group_advantages, grpo_loss, rollout_log_prob, step_sigmas, trajectory_log_prob
 from sfpp_ray.algorithm.ode_init import OdePairStore, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import Config, from_dict
-from sfpp_ray.distributed.trainer import deepspeed_config, full_params, global_rank, world_size, write_marker
+from sfpp_ray.distributed.trainer import deepspeed_config, full_params, global_rank, lr_factor, world_size, write_marker
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
-from sfpp_ray.world.clips import world_latent_batch
+from sfpp_ray.world.clips import WorldClipStream, encode_clips
 from sfpp_ray.world.sprites import prompt, sample_scenes
 
 PROMPT_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so guidance has an unconditional model
@@ -47,6 +47,7 @@ def _setup(config: dict) -> tuple[Config, torch.device, torch.dtype]:
     device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
     torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 runs as TF32 on GPUs
     return cfg, device, dtype
 
 
@@ -97,32 +98,50 @@ def _finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: i
 
 def pretrain_teacher_loop(config: dict) -> None:
     """Ray Train entry point. config: {"cfg": Config dict, "mlflow_run_id"}. Each rank trains on
-    teacher_pretrain.batch_size clips a step."""
+    teacher_pretrain.batch_size clips a step, rendered ahead by teacher_pretrain.data_workers processes;
+    with teacher_pretrain.ema_decay > 0 the saved teacher is the moving average of its weights."""
     cfg, device, dtype = _setup(config)
     tp, rank, world = cfg.teacher_pretrain, global_rank(), world_size()
-    engine, *_ = deepspeed.initialize(model=components.build_critic(cfg),
-                                      config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS))
+    engine, *_ = deepspeed.initialize(
+        model=components.build_critic(cfg), config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
+    zero3 = cfg.trainer.zero_stage == 3
+    ema = None
+    if tp.ema_decay > 0:
+        with full_params(engine.module, zero3):
+            ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step)
     text = components.build_text_encoder(cfg, device, dtype)
     codec = components.build_video_codec(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     uncond = text.encode([cfg.text.negative_prompt])
-    frames = codec.video_frames(cfg.video.teacher_frames)
-    losses = []
+    clips = WorldClipStream(world_of(cfg), codec.video_frames(cfg.video.teacher_frames), tp.batch_size,
+                            cfg.run.seed, first=1, steps=tp.steps, rank=rank, world_size=world,
+                            prompt_dropout=PROMPT_DROPOUT)
+    losses, t0 = [], time.perf_counter()
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
-        for step in range(1, tp.steps + 1):
-            # Every rank sees its own slice of the step's scenes, at start frames and dropouts of its own.
-            scenes = sample_scenes(cfg.run.seed * 1000 + step, tp.batch_size * world, "train",
-                                   world_of(cfg))[rank::world]
-            rng = np.random.default_rng([cfg.run.seed, rank, step])
-            latents, cond = world_latent_batch(scenes, frames, codec, text, rng)
-            drop = torch.from_numpy(rng.random(len(scenes)) < PROMPT_DROPOUT).to(device)
+        for batch in clips.loader(tp.data_workers):
+            step = batch["step"]
+            latents, cond = encode_clips(batch["frames"], batch["prompts"], codec, text)
+            drop = batch["drop"].to(device)
             cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
             loss, _ = critic_loss(latents, engine, cond, schedule, cfg.dmd, _generator(cfg, device, rank, step))
             engine.backward(loss)
             engine.step()
-            metrics = _step_done(tracker, {"teacher/loss": loss.item()}, step, device)
+            if ema is not None:
+                with full_params(engine.module, zero3):
+                    ema.update(engine.module, step)
+            metrics = _step_done(tracker, {"teacher/loss": loss.item(), "teacher/lr": engine.get_lr()[0]}, step,
+                                 device)
             losses.append(metrics["teacher/loss"])
-    _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses}, metrics, tp.steps)
+            if rank == 0 and (step % max(1, tp.steps // 10) == 0 or step == tp.steps):
+                print(f"[pretrain_teacher] step {step}/{tp.steps}  loss {metrics['teacher/loss']:.4f}  "
+                      f"{step / (time.perf_counter() - t0):.1f} steps/s", flush=True)
+    if ema is not None:
+        with full_params(engine.module, zero3):
+            ema.copy_to(engine.module)  # the average is the published teacher
+    _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses, "ema": tp.ema_decay > 0,
+                                     "seconds": time.perf_counter() - t0}, metrics, tp.steps)
 
 
 # ---------------------------------------------------------------- ODE initialisation

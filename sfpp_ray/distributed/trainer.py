@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,17 @@ def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None) -
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": t.bf16},
     }
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warmup over
+    `warmup_steps`, then constant or a cosine down to a tenth at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - 1 - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def world_size() -> int:

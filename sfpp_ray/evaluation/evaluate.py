@@ -1,8 +1,9 @@
 """`sfpp-ray evaluate`: long student videos scored against the synthetic world's ground truth.
 
-For each held-out prompt of the world, the student streams videos of 1x, 5x, ... the teacher's
-horizon (the same rollout `generate` runs); each is cut into horizon-long segments and scored
-against real clips of the same scene. Prints a table, writes JSON, plots metrics over time and
+For each held-out prompt of the world, the student streams one video of the longest horizon asked
+for (the same rollout `generate` runs); its first 1x, 5x, ... the teacher's horizon are the videos
+of those lengths (a causal student's first frames do not depend on how long it goes on), each cut
+into horizon-long segments and scored against real clips of the same scene. Prints a table, writes JSON, plots metrics over time and
 logs everything to MLflow.
 """
 
@@ -57,13 +58,15 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     horizon = gen.codec.video_frames(cfg.video.teacher_frames)
     scenes = sample_scenes(ev.seed, ev.num_prompts, "heldout", world_of(cfg))
     rows, curves = [], {}
+    longest = cfg.video.teacher_frames * max(ev.horizons)
     for i, scene in enumerate(scenes):
         reference = render(scene, 0, 4 * horizon)
+        frames = FrameList()
+        gen.stream(prompt(scene), longest, frames, seed=ev.seed + i)
+        stream = frames.video()
         for mult in ev.horizons:
             nf = cfg.video.teacher_frames * mult
-            frames = FrameList()
-            gen.stream(prompt(scene), nf, frames, seed=ev.seed + i)
-            video = frames.video()
+            video = stream[:gen.codec.video_frames(nf)]
             segments = segment_metrics(video, horizon, reference=reference, block_frames=block_starts(gen.codec, nf, fpb))
             rows.append({"prompt": prompt(scene), "horizon": mult, **summarise(segments)})
             curves.setdefault(mult, []).append([s["stability"] for s in segments])
@@ -72,7 +75,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     table = {}
     for mult in ev.horizons:
         sel = [r for r in rows if r["horizon"] == mult]
-        table[mult] = {k: _nanmean([r[k] for r in sel]) for k in TABLE_KEYS}
+        table[mult] = {k: nanmean([r[k] for r in sel]) for k in TABLE_KEYS}
     result = {"label": label, "checkpoint": checkpoint, "horizon_frames": horizon, "table": table, "rows": rows}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     plot = _plot(curves, horizon, cfg.video.fps, out / "stability_over_time.png", label)
@@ -85,7 +88,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     return result
 
 
-def _nanmean(values: list[float]) -> float:
+def nanmean(values: list[float]) -> float:
     """Mean of the defined values; NaN when none is (e.g. repetition of a one-segment video)."""
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")

@@ -13,7 +13,7 @@ import torch
 
 from sfpp_ray.models.codec import VideoCodec
 from sfpp_ray.models.text_encoder import TextEncoder
-from sfpp_ray.world.sprites import SceneSpec, prompt, render
+from sfpp_ray.world.sprites import SceneSpec, WorldSpec, prompt, render, sample_scenes
 
 MAX_START_FRAME = 100_000
 
@@ -30,7 +30,48 @@ def world_latent_batch(scenes: Sequence[SceneSpec], num_video_frames: int, codec
     if len(start) != len(scenes):
         raise ValueError(f"{len(start)} start frames for {len(scenes)} scenes")
     frames = np.stack([render(s, int(f), num_video_frames) for s, f in zip(scenes, start)])  # (B, F, H, W, 3)
-    video = torch.from_numpy(frames).to(text_encoder.device).permute(0, 4, 1, 2, 3)
-    video = video.to(text_encoder.dtype) / 127.5 - 1.0
+    return encode_clips(torch.from_numpy(frames), [prompt(s) for s in scenes], codec, text_encoder)
+
+
+def encode_clips(frames: torch.Tensor, prompts: Sequence[str], codec: VideoCodec,
+                 text_encoder: TextEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 clips (B, F, H, W, 3) to codec latents (B, C, F', h, w) and prompt embeddings, on the text encoder's device."""
+    video = frames.to(text_encoder.device).permute(0, 4, 1, 2, 3).to(text_encoder.dtype) / 127.5 - 1.0
     latents = codec.encode(video).to(text_encoder.device, text_encoder.dtype)
-    return latents, text_encoder.encode([prompt(s) for s in scenes])
+    return latents, text_encoder.encode(list(prompts))
+
+
+class WorldClipStream(torch.utils.data.IterableDataset):
+    """The batches of training steps first..first+steps-1: uint8 clips (B, F, H, W, 3), their prompts and
+    a prompt-dropout mask, each a function of (seed, rank, step) alone.
+
+    Rendering is the slow part of a small model's step; under a DataLoader with workers, worker w
+    renders steps w, w + W, ... and the loader hands them back in step order, so the batches are the
+    same with any number of workers. Rank r of `world_size` takes its slice of each step's scenes.
+    """
+
+    def __init__(self, world: WorldSpec, num_video_frames: int, batch_size: int, seed: int, first: int, steps: int,
+                 rank: int = 0, world_size: int = 1, prompt_dropout: float = 0.0, split: str = "train"):
+        self.world, self.num_video_frames, self.batch_size = world, num_video_frames, batch_size
+        self.seed, self.first, self.steps, self.rank, self.world_size = seed, first, steps, rank, world_size
+        self.prompt_dropout, self.split = prompt_dropout, split
+
+    def batch(self, step: int) -> dict:
+        scenes = sample_scenes(self.seed * 1000 + step, self.batch_size * self.world_size, self.split,
+                               self.world)[self.rank::self.world_size]
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        start = rng.integers(0, MAX_START_FRAME, size=len(scenes))
+        frames = np.stack([render(s, int(f), self.num_video_frames) for s, f in zip(scenes, start)])
+        return {"step": step, "frames": torch.from_numpy(frames), "prompts": [prompt(s) for s in scenes],
+                "drop": torch.from_numpy(rng.random(len(scenes)) < self.prompt_dropout)}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(self.first + worker, self.first + self.steps, workers):
+            yield self.batch(step)
+
+    def loader(self, workers: int) -> torch.utils.data.DataLoader:
+        """Batches in step order, rendered by `workers` processes ahead of use (0: in this process)."""
+        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers,
+                                           prefetch_factor=4 if workers else None, persistent_workers=False)

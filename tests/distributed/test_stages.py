@@ -81,3 +81,14 @@ def test_rerun_skips_finished_stages(runs):
     assert second["stages_run"] == [] and second["stages_skipped"] == STAGES
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert state_checksum(components.build_student(cfg, checkpoint=second["student"])) == grpo_checksum
+
+
+def test_teacher_learning_rate_warms_up_then_decays_to_a_tenth():
+    from sfpp_ray.distributed.trainer import lr_factor
+
+    steps, warmup = 100, 10
+    cosine = [lr_factor(i, steps, warmup, "cosine") for i in range(steps)]
+    assert cosine[:warmup] == pytest.approx([(i + 1) / warmup for i in range(warmup)])
+    assert cosine[warmup] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[warmup:], cosine[warmup + 1:]))
+    assert [lr_factor(i, steps, 0, "constant") for i in range(steps)] == [1.0] * steps

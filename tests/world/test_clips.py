@@ -1,0 +1,35 @@
+"""World training clips: the batch of a step is a function of (seed, rank, step) alone, however it is rendered."""
+
+import numpy as np
+import torch
+
+from sfpp_ray.world.clips import WorldClipStream
+from sfpp_ray.world.sprites import WorldSpec, prompt, render, sample_scenes
+
+WORLD = WorldSpec(height=16, width=16, fps=8)
+
+
+def _stream(seed, **kw):
+    return WorldClipStream(WORLD, num_video_frames=5, batch_size=3, seed=seed, first=1, steps=5, prompt_dropout=0.5, **kw)
+
+
+def test_batches_arrive_in_step_order_and_match_with_any_number_of_workers():
+    seed = int(np.random.default_rng().integers(1000))
+    inline = list(_stream(seed).loader(0))
+    parallel = list(_stream(seed).loader(2))
+    assert [b["step"] for b in inline] == [b["step"] for b in parallel] == [1, 2, 3, 4, 5]
+    for a, b in zip(inline, parallel):
+        assert torch.equal(a["frames"], b["frames"]) and a["prompts"] == b["prompts"] and torch.equal(a["drop"], b["drop"])
+    assert inline[0]["frames"].shape == (3, 5, 16, 16, 3) and inline[0]["frames"].dtype == torch.uint8
+    assert not torch.equal(inline[0]["frames"], inline[1]["frames"])  # every step draws new clips
+
+
+def test_ranks_split_each_steps_scenes():
+    seed = int(np.random.default_rng().integers(1000))
+    scenes = sample_scenes(seed * 1000 + 2, 6, "train", WORLD)
+    ranks = [_stream(seed, rank=r, world_size=2).batch(2) for r in range(2)]
+    assert ranks[0]["prompts"] + ranks[1]["prompts"] != [prompt(s) for s in scenes]  # interleaved, not halves
+    assert ranks[0]["prompts"] == [prompt(s) for s in scenes[0::2]]
+    assert ranks[1]["prompts"] == [prompt(s) for s in scenes[1::2]]
+    start = int(np.random.default_rng([seed, 1, 2]).integers(0, 100_000, size=3)[0])
+    assert np.array_equal(ranks[1]["frames"][0].numpy(), render(scenes[1], start, 5))  # clip starts drawn per rank
