@@ -2,6 +2,8 @@
 
 Stages (each writes under --out and is skipped when its output exists, so an interrupted run resumes):
   teacher     flow-matching pretraining of the bidirectional teacher on T-frame world clips
+  sampler     the teacher's samples scored on validation scenes for each ODE sampler setting in
+              SAMPLER_SWEEP (shift x guidance): what ode.shift and ode.guidance should be
   ode         teacher ODE pairs, then ODE initialisation of the causal student
   <variants>  DMD from the ODE student, each with its own critic:
                 sf          Self-Forcing: rollout = training window = T
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -274,19 +277,25 @@ def train_grpo(s: Setup, name: str = "sfpp_grpo") -> dict:
 # ---------------------------------------------------------------- evaluation
 
 
-def reference_rows(s: Setup) -> dict[str, dict]:
-    """Real clips and the teacher's own 1x-horizon samples, scored like the students: the metrics' floor and the teacher's ceiling."""
+SAMPLER_SWEEP = {"shift": (1.0, 3.0, 8.0), "guidance": (1.0, 2.0, 4.0)}
+VALIDATION_SEED_OFFSET = 1  # the sampler sweep scores other held-out scenes than the evaluation
+
+
+def reference_rows(s: Setup, ode=None, seed: int | None = None) -> dict[str, dict]:
+    """Real clips and the teacher's own 1x-horizon samples (sampled with `ode`, default cfg.ode), scored
+    like the students: the metrics' floor and the teacher's ceiling."""
     cfg = s.with_teacher()
     ev, T = cfg.evaluation, cfg.video.teacher_frames
+    seed = ev.seed if seed is None else seed
     horizon = s.codec.video_frames(T)
     block = s.codec.video_frames(cfg.student.frames_per_block)
-    scenes = sample_scenes(ev.seed, ev.num_prompts, "heldout", s.world)
+    scenes = sample_scenes(seed, ev.num_prompts, "heldout", s.world)
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
     trajectories = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,
-                                         s.noise(T, len(scenes), g), s.timesteps, cfg.ode, s.schedule)
+                                         s.noise(T, len(scenes), g), s.timesteps, ode or cfg.ode, s.schedule)
     samples = [to_uint8(v) for v in s.codec.decode(trajectories[:, -1])]
-    rng = np.random.default_rng(ev.seed)
+    rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {"real": [], "teacher": []}
     for scene, sample in zip(scenes, samples):
         reference = render(scene, 0, 4 * horizon)
@@ -294,6 +303,23 @@ def reference_rows(s: Setup) -> dict[str, dict]:
         for label, video in (("real", real), ("teacher", sample)):
             rows[label].append(summarise(segment_metrics(video, horizon, reference=reference, block_frames=block)))
     return {label: {1: {k: nanmean([r[k] for r in rs]) for k in rs[0]}} for label, rs in rows.items()}
+
+
+def sampler_sweep(s: Setup) -> dict:
+    """The teacher's stability on validation scenes for every (shift, guidance) of SAMPLER_SWEEP."""
+    rows, t0 = [], time.perf_counter()
+    for shift in SAMPLER_SWEEP["shift"]:
+        for guidance in SAMPLER_SWEEP["guidance"]:
+            ode = dataclasses.replace(s.cfg.ode, shift=shift, guidance=guidance)
+            m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET)["teacher"][1]
+            rows.append({"shift": shift, "guidance": guidance, **m})
+            print(f"[sampler] shift {shift:g}  guidance {guidance:g}  stability {m['stability']:.1f}  "
+                  f"colour_drift {m['colour_drift']:.3f}  count_error {m['count_error']:.3f}  frechet {m['frechet']:.3f}",
+                  flush=True)
+    best = max(rows, key=lambda r: r["stability"])
+    print(f"[sampler] best: ode.shift={best['shift']:g} ode.guidance={best['guidance']:g}")
+    return mark_done(s.out / "sampler", {"rows": rows, "best": {"shift": best["shift"], "guidance": best["guidance"]},
+                                         "seconds": time.perf_counter() - t0})
 
 
 def run_eval(s: Setup, variants: list[str]) -> dict:
@@ -346,10 +372,10 @@ def run(cfg: Config, out: Path, stages: list[str]) -> dict | None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     s = Setup(cfg, out)
-    variants = [v for v in stages if v not in ("teacher", "ode", "eval")]
+    variants = [v for v in stages if v not in ("teacher", "sampler", "ode", "eval")]
     for v in variants:
         variant_config(cfg, v)  # a bad variant name fails before hours of training
-    needs = {"teacher": "teacher", "ode": "student_ode", **{v: v for v in variants}}
+    needs = {"teacher": "teacher", "sampler": "sampler", "ode": "student_ode", **{v: v for v in variants}}
     for stage in stages:
         if stage == "eval":
             result = run_eval(s, variants or default_variants(cfg))
@@ -360,6 +386,8 @@ def run(cfg: Config, out: Path, stages: list[str]) -> dict | None:
             continue
         if stage == "teacher":
             train_teacher(s)
+        elif stage == "sampler":
+            sampler_sweep(s)
         elif stage == "ode":
             ode_init(s)
         elif stage == "sfpp_grpo":
@@ -379,10 +407,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    stages = args.stages.split(",") if args.stages else ["teacher", "ode", *default_variants(cfg), "eval"]
-    order = ["teacher", "ode"]
+    stages = args.stages.split(",") if args.stages else ["teacher", "sampler", "ode", *default_variants(cfg), "eval"]
+    order = ["teacher", "sampler", "ode"]
     if [x for x in stages if x in order] != [x for x in order if x in stages]:
-        raise ValueError("teacher runs before ode")
+        raise ValueError("teacher, sampler and ode run in that order")
     return run(cfg, Path(args.out), stages)
 
 

@@ -199,6 +199,7 @@ class TeacherPretrainConfig:
     ema_decay: float = 0.0  # > 0: the saved teacher is the weights' moving average (sharper samples)
     ema_start_step: int = 0
     data_workers: int = 0  # processes rendering world clips ahead of the GPU (0: in the training loop)
+    timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
 
 
 @dataclass
@@ -460,6 +461,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("teacher_pretrain.ema_decay", f"must lie in [0, 1), got {tp.ema_decay}")
     positive("teacher_pretrain.ema_start_step", tp.ema_start_step, allow_zero=True)
     positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
+    positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")

@@ -43,10 +43,12 @@ def test_world_latent_batch_encodes_rendered_clips_and_prompts():
 
 def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_path, capsys):
     out = tmp_path / "run"
-    stages = "teacher,ode,sf,sfpp,eval"
+    stages = "teacher,sampler,ode,sf,sfpp,eval"
     result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
     teacher = json.loads((out / "teacher" / "stage.json").read_text())  # written by the Ray stage
     assert len(teacher["losses"]) == 3 and all(math.isfinite(v) for v in teacher["losses"])
+    sweep = json.loads((out / "sampler" / "stage.json").read_text())
+    assert len(sweep["rows"]) == 9 and sweep["best"] in [{"shift": r["shift"], "guidance": r["guidance"]} for r in sweep["rows"]]
     for name in ("student_ode", "sf", "sfpp"):
         record = json.loads((out / name / "stage.json").read_text())
         assert record["losses"] and all(math.isfinite(v) for vs in record["losses"].values() for v in vs)
@@ -60,7 +62,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
     printed = capsys.readouterr().out
-    assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "ode", "sf", "sfpp"))
+    assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf", "sfpp"))
     assert (out / "sfpp" / "stage.json").stat().st_mtime == mtime
 
 

@@ -16,6 +16,7 @@ where it is, never on what ran before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import deepspeed
@@ -118,6 +119,7 @@ def pretrain_teacher_loop(config: dict) -> None:
     clips = WorldClipStream(world_of(cfg), codec.video_frames(cfg.video.teacher_frames), tp.batch_size,
                             cfg.run.seed, first=1, steps=tp.steps, rank=rank, world_size=world,
                             prompt_dropout=PROMPT_DROPOUT)
+    noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift)
     losses, t0 = [], time.perf_counter()
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for batch in clips.loader(tp.data_workers):
@@ -125,7 +127,7 @@ def pretrain_teacher_loop(config: dict) -> None:
             latents, cond = encode_clips(batch["frames"], batch["prompts"], codec, text)
             drop = batch["drop"].to(device)
             cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
-            loss, _ = critic_loss(latents, engine, cond, schedule, cfg.dmd, _generator(cfg, device, rank, step))
+            loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step))
             engine.backward(loss)
             engine.step()
             if ema is not None:
