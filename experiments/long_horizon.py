@@ -3,7 +3,8 @@
 Stages (each writes under --out and is skipped when its output exists, so an interrupted run resumes):
   teacher     flow-matching pretraining of the bidirectional teacher on T-frame world clips
   sampler     the teacher's samples scored on validation scenes for each ODE sampler setting in
-              SAMPLER_SWEEP (shift x guidance): what ode.shift and ode.guidance should be
+              SAMPLER_SWEEP (shift x guidance); once it has run, the ODE pairs and the teacher's
+              reference samples use its best setting instead of ode.shift and ode.guidance
   ode         teacher ODE pairs, then ODE initialisation of the causal student
   <variants>  DMD from the ODE student, each with its own critic:
                 sf          Self-Forcing: rollout = training window = T
@@ -71,6 +72,13 @@ class Setup:
         cfg = copy.deepcopy(cfg or self.cfg)
         cfg.model.pretrained = str(self.out / "teacher")
         return cfg
+
+    def teacher_sampler(self):
+        """cfg.ode with the sampler stage's best shift and guidance, once that stage has run."""
+        if not finished(self.out / "sampler"):
+            return self.cfg.ode
+        best = json.loads((self.out / "sampler" / DONE).read_text())["best"]
+        return dataclasses.replace(self.cfg.ode, **best)
 
     def generator(self, offset: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.cfg.run.seed * 1000 + offset)
@@ -148,8 +156,10 @@ def ode_init(s: Setup) -> dict:
     def make_shard(n: int) -> tuple[torch.Tensor, list[str]]:
         prompts = s.train_prompts(100_000 + len(store), n)
         return make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, n, g), s.timesteps,
-                                     cfg.ode, s.schedule), prompts
+                                     sampler, s.schedule), prompts
 
+    sampler = s.teacher_sampler()
+    print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}", flush=True)
     fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
     del teacher
     pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
@@ -282,7 +292,7 @@ VALIDATION_SEED_OFFSET = 1  # the sampler sweep scores other held-out scenes tha
 
 
 def reference_rows(s: Setup, ode=None, seed: int | None = None) -> dict[str, dict]:
-    """Real clips and the teacher's own 1x-horizon samples (sampled with `ode`, default cfg.ode), scored
+    """Real clips and the teacher's own 1x-horizon samples (sampled with `ode`, default s.teacher_sampler()), scored
     like the students: the metrics' floor and the teacher's ceiling."""
     cfg = s.with_teacher()
     ev, T = cfg.evaluation, cfg.video.teacher_frames
@@ -293,7 +303,7 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None) -> dict[str, dic
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
     trajectories = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,
-                                         s.noise(T, len(scenes), g), s.timesteps, ode or cfg.ode, s.schedule)
+                                         s.noise(T, len(scenes), g), s.timesteps, ode or s.teacher_sampler(), s.schedule)
     samples = [to_uint8(v) for v in s.codec.decode(trajectories[:, -1])]
     rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {"real": [], "teacher": []}
