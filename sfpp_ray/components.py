@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from diffusers import WanTransformer3DModel
 
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
 from sfpp_ray.config import Config
+from sfpp_ray.models.bidirectional_wan import BidirectionalWanTransformer3DModel
 from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
 from sfpp_ray.models.codec import VideoCodec, build_codec
 from sfpp_ray.models.loading import build_wan_transformer, load_into, load_transformer_state_dict
@@ -42,14 +42,16 @@ def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return model
 
 
-def build_teacher(cfg: Config, device=None, dtype=None) -> WanTransformer3DModel:
+def build_teacher(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransformer3DModel:
     """The frozen bidirectional teacher (real score)."""
-    return cast(build_wan_transformer(cfg.model), device, dtype).eval().requires_grad_(False)
+    return build_critic(cfg, device, dtype).eval().requires_grad_(False)
 
 
-def build_critic(cfg: Config, device=None, dtype=None) -> WanTransformer3DModel:
+def build_critic(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransformer3DModel:
     """The trainable bidirectional critic (fake score), initialised from the teacher."""
-    return cast(build_wan_transformer(cfg.model), device, dtype).train()
+    model = build_wan_transformer(cfg.model, cls=BidirectionalWanTransformer3DModel)
+    model.prediction = cfg.model.prediction
+    return cast(model, device, dtype).train()
 
 
 def build_student(cfg: Config, device=None, dtype=None, checkpoint: str | None = None) -> CausalWanTransformer3DModel:
@@ -58,6 +60,7 @@ def build_student(cfg: Config, device=None, dtype=None, checkpoint: str | None =
     path = checkpoint or cfg.student.checkpoint
     if path is not None:
         load_into(model, load_transformer_state_dict(path))
+    model.prediction = cfg.model.prediction
     return cast(model.set_layout(layout(cfg)), device, dtype)
 
 

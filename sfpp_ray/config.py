@@ -54,6 +54,10 @@ class ModelConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     init_seed: int = 0  # random init when there are no weights (tests, embedded default, benchmarks)
+    # What the network's output means: "flow" (Wan's own), or "sample", clean latents read as the flow
+    # (x_t - x0) / sigma. Models on large raw-pixel patches cannot cancel the noise a flow carries and
+    # leave it in their samples; predicting the clean frames sidesteps that.
+    prediction: Literal["flow", "sample"] = "flow"
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from torch.utils.checkpoint import checkpoint
 
+from sfpp_ray.algorithm.schedule import flow_from_sample
 from sfpp_ray.models.kv_cache import RollingKVCache, frame_positions, visible_frames
 
 
@@ -65,6 +66,7 @@ class CrossAttentionCache:
 
 class CausalWanTransformer3DModel(WanTransformer3DModel):
     layout: CausalLayout = CausalLayout()
+    prediction: str = "flow"  # or "sample": see BidirectionalWanTransformer3DModel
 
     def set_layout(self, layout: CausalLayout) -> CausalWanTransformer3DModel:
         self.layout = layout
@@ -207,7 +209,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         xo = x.view(B, nf, tpf, -1)
         xo = (self.norm_out(xo.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
         out = self.proj_out(xo).reshape(B, nf, h, w, p_t, p_h, p_w, -1)
-        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return flow_from_sample(hidden_states, out, timestep) if self.prediction == "sample" else out
 
     def _needs_per_block_positions(self, num_frames: int) -> bool:
         lay = self.layout

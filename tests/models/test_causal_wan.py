@@ -110,3 +110,26 @@ def test_gradients_flow_through_the_training_forward():
     x, t, text = torch.randn(1, 12, 6, 8, 8), torch.rand(1, 6) * 1000, torch.randn(1, 7, 32)
     student(x, t, text).square().mean().backward()
     assert all(p.grad is not None for p in student.blocks[0].attn1.parameters())
+
+
+def test_sample_prediction_is_read_as_the_flow_through_the_noise_level():
+    """With prediction="sample" both models return (x_t - net(x_t)) / sigma, so x_t - sigma * flow is the network's
+    clean prediction; the causal student and the bidirectional model still agree without a mask."""
+    from sfpp_ray.models.bidirectional_wan import BidirectionalWanTransformer3DModel
+
+    teacher, student = _models(int(torch.randint(0, 2**31, ())))
+    bidirectional = BidirectionalWanTransformer3DModel(**TINY).eval()
+    bidirectional.load_state_dict(teacher.state_dict())
+    x, text = torch.randn(2, 12, 3, 8, 8), torch.randn(2, 7, 32)
+    t = torch.rand(2) * 900 + 100
+    sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+    with torch.no_grad():
+        raw = teacher(x, t, text, return_dict=False)[0]
+        assert torch.equal(bidirectional(x, t, text, return_dict=False)[0], raw)  # "flow": diffusers' output
+        bidirectional.prediction = student.prediction = "sample"
+        flow = bidirectional(x, t, text, return_dict=False)[0]
+        assert torch.allclose(x - sigma * flow, raw, atol=1e-5)
+        assert _rel(student(x, t, text, causal=False), flow) <= 1e-5
+        tiny = torch.full((2,), 1.0)  # below the smallest noise level a sample is divided by
+        assert torch.allclose(bidirectional(x, tiny, text, return_dict=False)[0],
+                              (x - teacher(x, tiny, text, return_dict=False)[0]) / 0.05, atol=1e-4)
