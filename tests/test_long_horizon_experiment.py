@@ -59,11 +59,23 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_
     assert set(result["table"]["sf"][2]) == set(experiment.TABLE_KEYS)
     assert "sfpp" in capsys.readouterr().out.splitlines()[-1]
 
+    spec = importlib.util.spec_from_file_location("teacher_diagnostics", ROOT / "experiments" / "teacher_diagnostics.py")
+    diagnostics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnostics)
+    found = diagnostics.main(["--run", str(out), "--config", str(TINY), *TOY])
+    assert found["sampler"] == saved_best(out)  # samples drawn with the sampler stage's choice
+    assert all(math.isfinite(v) for by in found["loss_by_sigma"].values() for v in by.values())
+    assert (out / "teacher_diagnostics.png").is_file() and (out / "teacher_diagnostics.json").is_file()
+
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
     printed = capsys.readouterr().out
     assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf", "sfpp"))
     assert (out / "sfpp" / "stage.json").stat().st_mtime == mtime
+
+
+def saved_best(out: Path) -> dict:
+    return json.loads((out / "sampler" / "stage.json").read_text())["best"]
 
 
 def test_variant_configs_follow_the_comparison(experiment):

@@ -1,0 +1,96 @@
+"""Where a pretrained world teacher falls short: its samples next to real clips, its clean-frame predictions
+from real clips noised to several levels, and its flow-matching loss per noise level against an untrained model.
+
+    python experiments/teacher_diagnostics.py --run outputs/lh21 [--config configs/world_gpu.yaml] [key=value ...]
+
+Writes teacher_diagnostics.png and teacher_diagnostics.json into --run; runs on the CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.ode_init import make_ode_trajectories
+from sfpp_ray.config import load_config
+from sfpp_ray.evaluation.evaluate import world_of
+from sfpp_ray.video_io import to_uint8
+from sfpp_ray.world.clips import world_latent_batch
+from sfpp_ray.world.sprites import prompt, render, sample_scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGMAS = (0.05, 0.3, 0.6, 0.8, 0.95)
+EVERY = 5  # frames shown per clip: every EVERY-th
+
+
+def strip(video: np.ndarray) -> np.ndarray:
+    return np.concatenate(list(video[::EVERY]), axis=1)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="an experiments/long_horizon.py output directory with teacher/")
+    p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    cfg = load_config(args.config, ["run.device=cpu", f"model.pretrained={run / 'teacher'}", *args.overrides])
+    torch.manual_seed(cfg.run.seed)
+    text, codec, schedule = components.build_text_encoder(cfg), components.build_video_codec(cfg), components.build_schedule(cfg)
+    teacher = components.build_teacher(cfg)
+    untrained_cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
+    untrained = components.build_teacher(untrained_cfg)
+    T, world = cfg.video.teacher_frames, world_of(cfg)
+    frames = codec.video_frames(T)
+
+    # Samples from noise, with the sampler the sampler stage chose (cfg.ode without it).
+    ode = cfg.ode
+    sweep = run / "sampler" / "stage.json"
+    if sweep.is_file():
+        best = json.loads(sweep.read_text())["best"]
+        ode = dataclasses.replace(ode, **best)
+    scenes = sample_scenes(cfg.evaluation.seed, 2, "heldout", world)
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    noise = torch.randn(components.latent_shape(cfg, codec, T, len(scenes)), generator=g)
+    cond = text.encode([prompt(s) for s in scenes])
+    uncond = text.encode([cfg.text.negative_prompt])
+    samples = make_ode_trajectories(teacher, cond, uncond, noise, schedule.student_timesteps(cfg.schedule), ode, schedule)[:, -1]
+    rows = []
+    for scene, sample in zip(scenes, codec.decode(samples)):
+        rows += [strip(to_uint8(sample)), strip(render(scene, 500, frames))]
+
+    # Clean-frame predictions from real clips noised to each level, and the loss there.
+    x0, text_real = world_latent_batch(scenes, frames, codec, text, np.random.default_rng(cfg.run.seed))
+    eps = torch.randn(x0.shape, generator=g)
+    losses = {}
+    for sigma in SIGMAS:
+        t = torch.full((x0.shape[0],), sigma * schedule.num_train_timesteps)
+        x_t = schedule.add_noise(x0, eps, t)
+        target = schedule.flow_target(x0, eps)
+        flow = teacher(x_t, t, text_real, return_dict=False)[0]
+        losses[sigma] = {"teacher": float(((flow - target) ** 2).mean()),
+                         "untrained": float(((untrained(x_t, t, text_real, return_dict=False)[0] - target) ** 2).mean())}
+        if sigma > 0.1:
+            rows.append(strip(to_uint8(codec.decode(schedule.x0_from_flow(x_t, flow, t))[0])))
+        print(f"sigma {sigma:.2f}  flow-matching loss: teacher {losses[sigma]['teacher']:.4f}  "
+              f"untrained {losses[sigma]['untrained']:.4f}")
+    image = np.concatenate(rows, axis=0)
+    cv2.imwrite(str(run / "teacher_diagnostics.png"),
+                cv2.resize(image[..., ::-1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
+    result = {"sampler": {"shift": ode.shift, "guidance": ode.guidance}, "loss_by_sigma": losses,
+              "rows": ["sample, prompt 1", "real, prompt 1", "sample, prompt 2", "real, prompt 2",
+                       *(f"clean prediction of real prompt-1 clip at sigma {s}" for s in SIGMAS if s > 0.1)]}
+    (run / "teacher_diagnostics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
