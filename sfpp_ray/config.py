@@ -204,6 +204,7 @@ class TeacherPretrainConfig:
     ema_start_step: int = 0
     data_workers: int = 0  # processes rendering world clips ahead of the GPU (0: in the training loop)
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
+    checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
 
 
 @dataclass
@@ -466,6 +467,7 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.ema_start_step", tp.ema_start_step, allow_zero=True)
     positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
+    positive("teacher_pretrain.checkpoint_every", tp.checkpoint_every, allow_zero=True)
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")

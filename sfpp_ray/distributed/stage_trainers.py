@@ -7,8 +7,9 @@
                     PPO-clipped with a KL to the frozen pre-GRPO student
 
 Each loop trains a DeepSpeed engine, averages its metrics over ranks, logs them from rank 0 into
-the run's MLflow run, and ends with rank 0 saving the model and the stage marker. The stages are
-short and restart from their beginning if interrupted; only DMD keeps mid-stage checkpoints. Every rank
+the run's MLflow run, and ends with rank 0 saving the model and the stage marker. ODE and GRPO are
+short and restart from their beginning if interrupted; teacher pretraining (with
+teacher_pretrain.checkpoint_every) and DMD go on from their last checkpoint. Every rank
 draws its own data from generators seeded by (rank, step), so a rank's data depends only on
 where it is, never on what ran before.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 
 import deepspeed
 import ray.train
@@ -31,7 +34,7 @@ from sfpp_ray.algorithm.ode_init import OdePairStore, make_ode_trajectories, ode
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import Config, from_dict
-from sfpp_ray.distributed.trainer import deepspeed_config, full_params, global_rank, lr_factor, world_size, write_marker
+from sfpp_ray.distributed.trainer import STATE_FILE, deepspeed_config, full_params, global_rank, lr_factor, world_size, write_marker
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
@@ -116,11 +119,23 @@ def pretrain_teacher_loop(config: dict) -> None:
     codec = components.build_video_codec(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     uncond = text.encode([cfg.text.negative_prompt])
+    done, losses = 0, []
+    checkpoint = ray.train.get_checkpoint()  # the last one of an interrupted run of this stage
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(str(Path(d) / "teacher"), tag="state")
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        done, losses = state["step"], state["losses"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if rank == 0:
+            print(f"[pretrain_teacher] resumed at step {done}", flush=True)
     clips = WorldClipStream(world_of(cfg), codec.video_frames(cfg.video.teacher_frames), tp.batch_size,
-                            cfg.run.seed, first=1, steps=tp.steps, rank=rank, world_size=world,
+                            cfg.run.seed, first=done + 1, steps=tp.steps - done, rank=rank, world_size=world,
                             prompt_dropout=PROMPT_DROPOUT)
     noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift)
-    losses, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
+    metrics = {}
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for batch in clips.loader(tp.data_workers):
             step = batch["step"]
@@ -138,12 +153,25 @@ def pretrain_teacher_loop(config: dict) -> None:
             losses.append(metrics["teacher/loss"])
             if rank == 0 and (step % max(1, tp.steps // 10) == 0 or step == tp.steps):
                 print(f"[pretrain_teacher] step {step}/{tp.steps}  loss {metrics['teacher/loss']:.4f}  "
-                      f"{step / (time.perf_counter() - t0):.1f} steps/s", flush=True)
+                      f"{(step - done) / (time.perf_counter() - t0):.1f} steps/s", flush=True)
+            if tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps:
+                _save_teacher_state(engine, ema, losses, metrics, step)
     if ema is not None:
         with full_params(engine.module, zero3):
             ema.copy_to(engine.module)  # the average is the published teacher
     _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses, "ema": tp.ema_decay > 0,
-                                     "seconds": time.perf_counter() - t0}, metrics, tp.steps)
+                                     "resumed_from": done, "seconds": time.perf_counter() - t0}, metrics, tp.steps)
+
+
+def _save_teacher_state(engine, ema: EMA | None, losses: list[float], metrics: dict, step: int) -> None:
+    """Every rank writes its engine shards (weights, optimizer, LR schedule), rank 0 the step, losses and
+    EMA; Ray Train keeps the directory as the stage's latest checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(str(Path(d) / "teacher"), tag="state")
+        if global_rank() == 0:
+            torch.save({"step": step, "losses": losses, "ema": None if ema is None else ema.state_dict()},
+                       Path(d) / STATE_FILE)
+        ray.train.report(metrics | {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 # ---------------------------------------------------------------- ODE initialisation

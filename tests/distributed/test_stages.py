@@ -92,3 +92,24 @@ def test_teacher_learning_rate_warms_up_then_decays_to_a_tenth():
     assert cosine[warmup] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cosine[warmup:], cosine[warmup + 1:]))
     assert [lr_factor(i, steps, 0, "constant") for i in range(steps)] == [1.0] * steps
+
+
+def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster, tmp_path):
+    """A run stopped after its step-2 checkpoint (marker and weights gone) resumes there and ends where an
+    uninterrupted run ends: the same losses for every step and the same weights."""
+    from sfpp_ray.distributed.controller import train
+
+    cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=resume", "run.stages=[pretrain_teacher]",
+                               "teacher_pretrain.steps=4", "teacher_pretrain.checkpoint_every=2",
+                               "tracking.enabled=false"])
+    first = train(cfg)["stages"]["pretrain_teacher"]["record"]
+    teacher = cfg.run_dir / "teacher"
+    weights = components.build_teacher(load_config(CONFIG, [f"model.pretrained={teacher}"])).state_dict()
+    for f in teacher.iterdir():
+        f.unlink()
+    again = train(cfg)["stages"]["pretrain_teacher"]["record"]
+    assert first["resumed_from"] == 0 and again["resumed_from"] == 2  # steps 3-4 trained again, not 1-4
+    assert len(again["losses"]) == 4
+    assert again["losses"] == pytest.approx(first["losses"], rel=1e-5)
+    resumed = components.build_teacher(load_config(CONFIG, [f"model.pretrained={teacher}"])).state_dict()
+    assert all(torch.allclose(resumed[k], weights[k], rtol=1e-5, atol=1e-7) for k in weights)
