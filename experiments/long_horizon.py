@@ -47,7 +47,6 @@ from sfpp_ray.world.sprites import prompt, render, sample_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = "stage.json"  # written last: a stage whose directory lacks it did not finish
-CFG_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so classifier-free guidance has an unconditional model
 TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frechet")
 
 

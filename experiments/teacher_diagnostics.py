@@ -9,21 +9,23 @@ Writes teacher_diagnostics.png and teacher_diagnostics.json into --run; runs on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from sfpp_ray import components
-from sfpp_ray.algorithm.ode_init import make_ode_trajectories
-from sfpp_ray.config import load_config
-from sfpp_ray.evaluation.evaluate import world_of
-from sfpp_ray.video_io import to_uint8
-from sfpp_ray.world.clips import world_latent_batch
-from sfpp_ray.world.sprites import prompt, render, sample_scenes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
+
+from sfpp_ray import components  # noqa: E402
+from sfpp_ray.algorithm.ode_init import make_ode_trajectories  # noqa: E402
+from sfpp_ray.config import load_config  # noqa: E402
+from sfpp_ray.video_io import to_uint8  # noqa: E402
+from sfpp_ray.world.clips import world_latent_batch  # noqa: E402
+from sfpp_ray.world.sprites import prompt, render, sample_scenes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = (0.05, 0.3, 0.6, 0.8, 0.95)
@@ -42,44 +44,37 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     run = Path(args.run)
-    cfg = load_config(args.config, ["run.device=cpu", f"model.pretrained={run / 'teacher'}", *args.overrides])
+    cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
     torch.manual_seed(cfg.run.seed)
-    text, codec, schedule = components.build_text_encoder(cfg), components.build_video_codec(cfg), components.build_schedule(cfg)
-    teacher = components.build_teacher(cfg)
-    untrained_cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
-    untrained = components.build_teacher(untrained_cfg)
-    T, world = cfg.video.teacher_frames, world_of(cfg)
-    frames = codec.video_frames(T)
+    s = Setup(cfg, run)
+    teacher = components.build_teacher(s.with_teacher())
+    untrained = components.build_teacher(cfg)
+    T = cfg.video.teacher_frames
+    frames = s.codec.video_frames(T)
 
     # Samples from noise, with the sampler the sampler stage chose (cfg.ode without it).
-    ode = cfg.ode
-    sweep = run / "sampler" / "stage.json"
-    if sweep.is_file():
-        best = json.loads(sweep.read_text())["best"]
-        ode = dataclasses.replace(ode, **best)
-    scenes = sample_scenes(cfg.evaluation.seed, 2, "heldout", world)
+    ode = s.teacher_sampler()
+    scenes = sample_scenes(cfg.evaluation.seed, 2, "heldout", s.world)
     g = torch.Generator().manual_seed(cfg.run.seed)
-    noise = torch.randn(components.latent_shape(cfg, codec, T, len(scenes)), generator=g)
-    cond = text.encode([prompt(s) for s in scenes])
-    uncond = text.encode([cfg.text.negative_prompt])
-    samples = make_ode_trajectories(teacher, cond, uncond, noise, schedule.student_timesteps(cfg.schedule), ode, schedule)[:, -1]
+    samples = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,
+                                    s.noise(T, len(scenes), g), s.timesteps, ode, s.schedule)[:, -1]
     rows = []
-    for scene, sample in zip(scenes, codec.decode(samples)):
+    for scene, sample in zip(scenes, s.codec.decode(samples)):
         rows += [strip(to_uint8(sample)), strip(render(scene, 500, frames))]
 
     # Clean-frame predictions from real clips noised to each level, and the loss there.
-    x0, text_real = world_latent_batch(scenes, frames, codec, text, np.random.default_rng(cfg.run.seed))
+    x0, text_real = world_latent_batch(scenes, frames, s.codec, s.text, np.random.default_rng(cfg.run.seed))
     eps = torch.randn(x0.shape, generator=g)
     losses = {}
     for sigma in SIGMAS:
-        t = torch.full((x0.shape[0],), sigma * schedule.num_train_timesteps)
-        x_t = schedule.add_noise(x0, eps, t)
-        target = schedule.flow_target(x0, eps)
+        t = torch.full((x0.shape[0],), sigma * s.schedule.num_train_timesteps)
+        x_t = s.schedule.add_noise(x0, eps, t)
+        target = s.schedule.flow_target(x0, eps)
         flow = teacher(x_t, t, text_real, return_dict=False)[0]
         losses[sigma] = {"teacher": float(((flow - target) ** 2).mean()),
                          "untrained": float(((untrained(x_t, t, text_real, return_dict=False)[0] - target) ** 2).mean())}
         if sigma > 0.1:
-            rows.append(strip(to_uint8(codec.decode(schedule.x0_from_flow(x_t, flow, t))[0])))
+            rows.append(strip(to_uint8(s.codec.decode(s.schedule.x0_from_flow(x_t, flow, t))[0])))
         print(f"sigma {sigma:.2f}  flow-matching loss: teacher {losses[sigma]['teacher']:.4f}  "
               f"untrained {losses[sigma]['untrained']:.4f}")
     image = np.concatenate(rows, axis=0)

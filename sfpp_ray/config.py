@@ -55,8 +55,8 @@ class ModelConfig:
     rope_max_seq_len: int = 1024
     init_seed: int = 0  # random init when there are no weights (tests, embedded default, benchmarks)
     # What the network's output means: "flow" (Wan's own), or "sample", clean latents read as the flow
-    # (x_t - x0) / sigma. Models on large raw-pixel patches cannot cancel the noise a flow carries and
-    # leave it in their samples; predicting the clean frames sidesteps that.
+    # (x_t - x0) / sigma. Small models on large raw-pixel patches fail to cancel the noise a flow
+    # carries and leave it in their samples; predicting clean frames removes that failure (not others).
     prediction: Literal["flow", "sample"] = "flow"
 
 
