@@ -39,7 +39,7 @@ from sfpp_ray.algorithm.ode_init import OdePairStore, fill_ode_store, make_ode_t
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
-from sfpp_ray.config import Config, load_config, validate
+from sfpp_ray.config import Config, load_config, validate, with_teacher
 from sfpp_ray.evaluation.evaluate import evaluate, nanmean, world_of
 from sfpp_ray.evaluation.metrics import segment_metrics, summarise
 from sfpp_ray.video_io import to_uint8
@@ -59,7 +59,9 @@ class Setup:
     def __init__(self, cfg: Config, out: Path):
         self.cfg, self.out = cfg, out
         self.device, self.dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
-        self.text = components.build_text_encoder(cfg, self.device, self.dtype)
+        # the teacher's own text encoder once it has one (teacher_pretrain.train_text_encoder)
+        text_cfg = self.with_teacher() if finished(out / "teacher") else cfg
+        self.text = components.build_text_encoder(text_cfg, self.device, self.dtype)
         self.codec = components.build_video_codec(cfg, self.device, self.dtype)
         self.schedule = components.build_schedule(cfg)
         self.timesteps = self.schedule.student_timesteps(cfg.schedule)  # CPU: indexed as Python scalars
@@ -67,10 +69,8 @@ class Setup:
         self.world = world_of(cfg)
 
     def with_teacher(self, cfg: Config | None = None) -> Config:
-        """A copy of the config whose model weights are the pretrained teacher's."""
-        cfg = copy.deepcopy(cfg or self.cfg)
-        cfg.model.pretrained = str(self.out / "teacher")
-        return cfg
+        """A copy of the config whose model weights (and text encoder, if trained with it) are the teacher's."""
+        return with_teacher(cfg or self.cfg, self.out / "teacher")
 
     def teacher_sampler(self):
         """cfg.ode with the sampler stage's best shift and guidance, once that stage has run."""
@@ -395,6 +395,7 @@ def run(cfg: Config, out: Path, stages: list[str]) -> dict | None:
             continue
         if stage == "teacher":
             train_teacher(s)
+            s = Setup(cfg, out)  # with the teacher's text encoder
         elif stage == "sampler":
             sampler_sweep(s)
         elif stage == "ode":

@@ -205,6 +205,7 @@ class TeacherPretrainConfig:
     data_workers: int = 0  # processes rendering world clips ahead of the GPU (0: in the training loop)
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
     checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
+    train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
 
 
 @dataclass
@@ -373,6 +374,16 @@ def from_dict(tree: dict) -> Config:
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
+
+
+def with_teacher(cfg: Config, teacher_dir: str | os.PathLike) -> Config:
+    """A copy of cfg whose teacher weights are teacher_dir's, and whose text encoder is the one trained
+    with that teacher (teacher_pretrain.train_text_encoder) where the directory holds one."""
+    tree, teacher_dir = cfg.to_dict(), Path(teacher_dir)
+    tree["model"]["pretrained"] = str(teacher_dir)
+    if (teacher_dir / "text_encoder" / "config.json").is_file():
+        tree["text"]["kind"], tree["text"]["path"] = "umt5", str(teacher_dir)
+    return from_dict(tree)
 
 
 def codec_latent_channels(cfg: Config) -> int | None:

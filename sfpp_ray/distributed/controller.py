@@ -32,7 +32,7 @@ from ray.data import ExecutionResources
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from sfpp_ray.config import Config, from_dict
+from sfpp_ray.config import Config, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
@@ -100,11 +100,11 @@ def _finished(cfg: Config, stage: str) -> bool:
 
 
 def _stage_config(cfg: Config, stage: str) -> Config:
-    """The config a stage trains with: the run's pretrained teacher once it exists, and the student
+    """The config a stage trains with: the run's pretrained teacher (and text encoder) once it exists, and the student
     of the stage before (the ODE student for DMD, the DMD student for GRPO)."""
-    tree = cfg.to_dict()
     if _finished(cfg, "pretrain_teacher"):
-        tree["model"]["pretrained"] = str(cfg.run_dir / STAGE_OUTPUTS["pretrain_teacher"])
+        cfg = with_teacher(cfg, cfg.run_dir / STAGE_OUTPUTS["pretrain_teacher"])
+    tree = cfg.to_dict()
     source = STUDENT_FROM.get(stage)
     if source is not None and (cfg.run_dir / STAGE_OUTPUTS[source] / STAGE_MARKER).is_file():
         tree["student"]["checkpoint"] = str(cfg.run_dir / STAGE_OUTPUTS[source])

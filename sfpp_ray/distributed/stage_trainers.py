@@ -38,7 +38,8 @@ from sfpp_ray.distributed.trainer import STATE_FILE, deepspeed_config, full_para
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
-from sfpp_ray.world.clips import WorldClipStream, encode_clips
+from sfpp_ray.models.text_encoder import PromptConditioned
+from sfpp_ray.world.clips import WorldClipStream, clip_latents
 from sfpp_ray.world.sprites import prompt, sample_scenes
 
 PROMPT_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so guidance has an unconditional model
@@ -103,11 +104,16 @@ def _finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: i
 def pretrain_teacher_loop(config: dict) -> None:
     """Ray Train entry point. config: {"cfg": Config dict, "mlflow_run_id"}. Each rank trains on
     teacher_pretrain.batch_size clips a step, rendered ahead by teacher_pretrain.data_workers processes;
-    with teacher_pretrain.ema_decay > 0 the saved teacher is the moving average of its weights."""
+    with teacher_pretrain.ema_decay > 0 the saved teacher is the moving average of its weights; with
+    teacher_pretrain.train_text_encoder the text encoder trains with it and is saved in the teacher's directory."""
     cfg, device, dtype = _setup(config)
     tp, rank, world = cfg.teacher_pretrain, global_rank(), world_size()
+    text = components.build_text_encoder(cfg, device, dtype)
+    model = components.build_critic(cfg)
+    if tp.train_text_encoder:
+        model = PromptConditioned(model, text)  # takes token ids; saves the encoder beside the teacher
     engine, *_ = deepspeed.initialize(
-        model=components.build_critic(cfg), config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS),
+        model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
     zero3 = cfg.trainer.zero_stage == 3
@@ -115,10 +121,9 @@ def pretrain_teacher_loop(config: dict) -> None:
     if tp.ema_decay > 0:
         with full_params(engine.module, zero3):
             ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step)
-    text = components.build_text_encoder(cfg, device, dtype)
     codec = components.build_video_codec(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
-    uncond = text.encode([cfg.text.negative_prompt])
+    uncond = None if tp.train_text_encoder else text.encode([cfg.text.negative_prompt])
     done, losses = 0, []
     checkpoint = ray.train.get_checkpoint()  # the last one of an interrupted run of this stage
     if checkpoint is not None:
@@ -139,9 +144,12 @@ def pretrain_teacher_loop(config: dict) -> None:
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for batch in clips.loader(tp.data_workers):
             step = batch["step"]
-            latents, cond = encode_clips(batch["frames"], batch["prompts"], codec, text)
-            drop = batch["drop"].to(device)
-            cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
+            latents = clip_latents(batch["frames"], codec, device, dtype)
+            if tp.train_text_encoder:  # dropped prompts become the negative prompt before tokenizing
+                cond = text.tokenize([cfg.text.negative_prompt if drop else p
+                                      for p, drop in zip(batch["prompts"], batch["drop"].tolist())])
+            else:
+                cond = torch.where(batch["drop"].to(device)[:, None, None], uncond, text.encode(batch["prompts"]))
             loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step))
             engine.backward(loss)
             engine.step()

@@ -8,6 +8,7 @@ transformers objects, so a tiny encoder saved with `save_pretrained` loads back 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -100,6 +101,7 @@ class TextEncoder(torch.nn.Module):
         self.max_length = max_length
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._warned_truncation = False
 
     @property
     def text_dim(self) -> int:
@@ -172,13 +174,18 @@ class TextEncoder(torch.nn.Module):
                 self._remember(prompt, embedding.clone())
         return torch.stack([found[p] for p in prompts]).to(self.device, self.dtype)
 
-    def _run_encoder(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids (B, max_length) on the module's device, padded with PAD_ID; the padding is the mask."""
         tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
-                                max_length=self.max_length, add_special_tokens=True,
-                                return_attention_mask=True, return_tensors="pt")
-        mask = tokens["attention_mask"].to(self.device)
-        hidden = self.encoder(input_ids=tokens["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+                                max_length=self.max_length, add_special_tokens=True, return_tensors="pt")
+        ids = tokens["input_ids"]
+        if not self._warned_truncation and bool((ids[:, -1] != self.tokenizer.pad_token_id).any()):
+            self._warned_truncation = True
+            warnings.warn(f"prompts longer than text.max_length = {self.max_length} tokens are cut off", stacklevel=2)
+        return ids.to(self.device)
+
+    def _run_encoder(self, prompts: list[str]) -> torch.Tensor:
+        return embed_tokens(self.encoder, self.tokenize(prompts), self.tokenizer.pad_token_id)
 
     def _remember(self, prompt: str, embedding: torch.Tensor) -> None:
         if self.cache_size == 0:
@@ -186,3 +193,35 @@ class TextEncoder(torch.nn.Module):
         self._cache[prompt] = embedding
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+
+def embed_tokens(encoder: UMT5EncoderModel, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Encoder states of right-padded token ids, zero at the padding, as Wan feeds them."""
+    mask = (ids != pad_id).long()
+    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+class PromptConditioned(torch.nn.Module):
+    """A denoiser trained together with its text encoder: the forward takes token ids (B, L) from
+    `TextEncoder.tokenize` where the denoiser alone takes embeddings. Why: a text encoder that was never
+    trained (the tiny one) carries the words only weakly; trained with the teacher it learns to carry
+    what the video needs. `save_pretrained` writes the denoiser with text_encoder/ and tokenizer/ beside
+    it, the layout `TextEncoder.from_pretrained` (text kind umt5) reads."""
+
+    def __init__(self, denoiser: torch.nn.Module, text: TextEncoder):
+        super().__init__()
+        self.denoiser = denoiser
+        self.text_encoder = text.encoder.train().requires_grad_(True)
+        self.tokenizer = text.tokenizer
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, token_ids: torch.Tensor,
+                return_dict: bool = False):
+        context = embed_tokens(self.text_encoder, token_ids, self.tokenizer.pad_token_id).to(hidden_states.dtype)
+        return self.denoiser(hidden_states, timestep, context, return_dict=return_dict)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.denoiser.save_pretrained(directory)
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")

@@ -30,15 +30,14 @@ def world_latent_batch(scenes: Sequence[SceneSpec], num_video_frames: int, codec
     if len(start) != len(scenes):
         raise ValueError(f"{len(start)} start frames for {len(scenes)} scenes")
     frames = np.stack([render(s, int(f), num_video_frames) for s, f in zip(scenes, start)])  # (B, F, H, W, 3)
-    return encode_clips(torch.from_numpy(frames), [prompt(s) for s in scenes], codec, text_encoder)
+    latents = clip_latents(torch.from_numpy(frames), codec, text_encoder.device, text_encoder.dtype)
+    return latents, text_encoder.encode([prompt(s) for s in scenes])
 
 
-def encode_clips(frames: torch.Tensor, prompts: Sequence[str], codec: VideoCodec,
-                 text_encoder: TextEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 clips (B, F, H, W, 3) to codec latents (B, C, F', h, w) and prompt embeddings, on the text encoder's device."""
-    video = frames.to(text_encoder.device).permute(0, 4, 1, 2, 3).to(text_encoder.dtype) / 127.5 - 1.0
-    latents = codec.encode(video).to(text_encoder.device, text_encoder.dtype)
-    return latents, text_encoder.encode(list(prompts))
+def clip_latents(frames: torch.Tensor, codec: VideoCodec, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 clips (B, F, H, W, 3) to codec latents (B, C, F', h, w) on `device`, in `dtype`."""
+    video = frames.to(device).permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
+    return codec.encode(video).to(device, dtype)
 
 
 class WorldClipStream(torch.utils.data.IterableDataset):

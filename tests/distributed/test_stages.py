@@ -3,6 +3,7 @@ teacher's pretraining, ODE initialisation, Self-Forcing++ DMD and GRPO, then a r
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from sfpp_ray import components
-from sfpp_ray.config import load_config
+from sfpp_ray.config import load_config, with_teacher
 from sfpp_ray.distributed.weight_sync import state_checksum
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -56,6 +57,19 @@ def test_teacher_flow_matching_loss_decreases(runs):
     assert len(losses) == cfg.teacher_pretrain.steps
     assert losses == pytest.approx(json.loads((cfg.run_dir / "teacher" / "stage.json").read_text())["losses"])
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_text_encoder_trained_with_the_teacher_is_saved_and_used_by_later_stages(runs):
+    from sfpp_ray.distributed.controller import _stage_config
+
+    cfg, _, _, _ = runs
+    teacher_dir = cfg.run_dir / "teacher"
+    later = _stage_config(cfg, "dmd")
+    assert (later.text.kind, later.text.path, later.model.pretrained) == ("umt5", str(teacher_dir), str(teacher_dir))
+    trained = components.build_text_encoder(later).encoder.state_dict()
+    untrained = components.build_text_encoder(cfg).encoder.state_dict()
+    assert trained.keys() == untrained.keys()
+    assert all(not torch.equal(trained[k], untrained[k]) for k in trained)
 
 
 def test_ode_student_starts_from_the_teacher_and_moves_away(runs):
@@ -104,12 +118,16 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
                                "tracking.enabled=false"])
     first = train(cfg)["stages"]["pretrain_teacher"]["record"]
     teacher = cfg.run_dir / "teacher"
-    weights = components.build_teacher(load_config(CONFIG, [f"model.pretrained={teacher}"])).state_dict()
-    for f in teacher.iterdir():
-        f.unlink()
+    def saved_weights():  # the teacher's and the text encoder's trained with it
+        trained = with_teacher(cfg, teacher)
+        return components.build_teacher(trained).state_dict() | {
+            f"text.{k}": v for k, v in components.build_text_encoder(trained).encoder.state_dict().items()}
+
+    weights = saved_weights()
+    shutil.rmtree(teacher)
     again = train(cfg)["stages"]["pretrain_teacher"]["record"]
     assert first["resumed_from"] == 0 and again["resumed_from"] == 2  # steps 3-4 trained again, not 1-4
     assert len(again["losses"]) == 4
     assert again["losses"] == pytest.approx(first["losses"], rel=1e-5)
-    resumed = components.build_teacher(load_config(CONFIG, [f"model.pretrained={teacher}"])).state_dict()
+    resumed = saved_weights()
     assert all(torch.allclose(resumed[k], weights[k], rtol=1e-5, atol=1e-7) for k in weights)

@@ -1,16 +1,21 @@
-"""The text encoder: Wan's padding rule, determinism across processes, caching, and save/reload as kind umt5."""
+"""The text encoder: Wan's padding rule, determinism across processes, caching, save/reload as kind umt5,
+and training it together with a denoiser."""
 
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from sfpp_ray.config import TextConfig
-from sfpp_ray.models.text_encoder import BYTE_OFFSET, EOS_ID, PAD_ID, TextEncoder, byte_level_tokenizer
+from sfpp_ray import components
+from sfpp_ray.config import TextConfig, load_config, with_teacher
+from sfpp_ray.models.text_encoder import BYTE_OFFSET, EOS_ID, PAD_ID, PromptConditioned, TextEncoder, byte_level_tokenizer
 
 MAX_LENGTH = 24
+TINY_CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 TEXT_DIM = 32
 
 
@@ -127,3 +132,39 @@ def test_bad_input_is_refused(tiny, tmp_path):
         TextEncoder.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="needs text.path"):
         TextEncoder.from_config(TextConfig(kind="umt5", path=None), TEXT_DIM)
+
+
+def test_prompts_cut_off_at_max_length_warn_once(tiny):
+    with pytest.warns(UserWarning, match="text.max_length = 24"):
+        tiny.encode([random_prompt(MAX_LENGTH + 5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny.encode([random_prompt(MAX_LENGTH + 6)])  # said once per encoder
+        TextEncoder.from_config(TextConfig(kind="tiny", max_length=MAX_LENGTH), TEXT_DIM).encode([random_prompt(5)])
+
+
+def test_prompt_conditioned_denoiser_equals_it_on_the_encoders_embeddings_and_trains_it(tmp_path):
+    cfg = load_config(TINY_CONFIG)
+    text = components.build_text_encoder(cfg)
+    denoiser = components.build_critic(cfg)
+    model = PromptConditioned(denoiser, text)
+    prompts = [random_prompt(12), random_prompt(30)]
+    x = torch.randn(2, cfg.model.in_channels, 6, 8, 8)
+    t = torch.rand(2) * 1000
+    with torch.no_grad():
+        expected = denoiser(x, t, text.encode(prompts), return_dict=False)[0]
+    out = model(x, t, text.tokenize(prompts))[0]
+    torch.testing.assert_close(out, expected)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_encoder.parameters())
+
+    model.save_pretrained(tmp_path)  # the teacher with text_encoder/ and tokenizer/ beside it
+    reloaded = TextEncoder.from_config(TextConfig(kind="umt5", path=str(tmp_path), max_length=text.max_length),
+                                       cfg.model.text_dim)
+    text._cache.clear()
+    torch.testing.assert_close(reloaded.encode(prompts), text.encode(prompts))
+    teacher_cfg = with_teacher(cfg, tmp_path)
+    assert (teacher_cfg.text.kind, teacher_cfg.text.path) == ("umt5", str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(components.build_teacher(teacher_cfg)(x, t, reloaded.encode(prompts), return_dict=False)[0],
+                                   expected)
