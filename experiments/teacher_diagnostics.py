@@ -1,5 +1,6 @@
 """Where a pretrained world teacher falls short: its samples next to real clips, its clean-frame predictions
-from real clips noised to several levels, and its flow-matching loss per noise level against an untrained model.
+from real clips noised to several levels, its flow-matching loss per noise level against an untrained model,
+and the same loss with each clip's own prompt, another clip's and none: how much the teacher uses its prompt.
 
     python experiments/teacher_diagnostics.py --run outputs/lh21 [--config configs/world_gpu.yaml] [key=value ...]
 
@@ -30,6 +31,7 @@ from sfpp_ray.world.sprites import prompt, render, sample_scenes  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = (0.05, 0.3, 0.6, 0.8, 0.95)
 EVERY = 5  # frames shown per clip: every EVERY-th
+PROMPT_USE_CLIPS, PROMPT_USE_SEED = 16, 77  # training scenes the prompt-use losses are measured on
 
 
 def strip(video: np.ndarray) -> np.ndarray:
@@ -77,10 +79,25 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(strip(to_uint8(s.codec.decode(s.schedule.x0_from_flow(x_t, flow, t))[0])))
         print(f"sigma {sigma:.2f}  flow-matching loss: teacher {losses[sigma]['teacher']:.4f}  "
               f"untrained {losses[sigma]['untrained']:.4f}")
+    # How much the teacher uses its prompt: its loss on training clips with their own prompts, with
+    # another clip's prompt and with none (the negative prompt).
+    scenes = sample_scenes(cfg.run.seed + PROMPT_USE_SEED, PROMPT_USE_CLIPS, "train", s.world)
+    x0, text_own = world_latent_batch(scenes, frames, s.codec, s.text, np.random.default_rng(cfg.run.seed))
+    eps = torch.randn(x0.shape, generator=g)
+    prompt_use = {}
+    for sigma in SIGMAS:
+        t = torch.full((x0.shape[0],), sigma * s.schedule.num_train_timesteps)
+        x_t, target = s.schedule.add_noise(x0, eps, t), s.schedule.flow_target(x0, eps)
+        prompt_use[sigma] = {name: float(((teacher(x_t, t, text, return_dict=False)[0] - target) ** 2).mean())
+                             for name, text in (("own", text_own), ("other", text_own.roll(1, 0)),
+                                                ("none", s.uncond.expand_as(text_own)))}
+        print(f"sigma {sigma:.2f}  loss with own prompt {prompt_use[sigma]['own']:.4f}  another clip's "
+              f"{prompt_use[sigma]['other']:.4f}  none {prompt_use[sigma]['none']:.4f}")
     image = np.concatenate(rows, axis=0)
     cv2.imwrite(str(run / "teacher_diagnostics.png"),
                 cv2.resize(image[..., ::-1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
     result = {"sampler": {"shift": ode.shift, "guidance": ode.guidance}, "loss_by_sigma": losses,
+              "loss_by_prompt": prompt_use,
               "rows": ["sample, prompt 1", "real, prompt 1", "sample, prompt 2", "real, prompt 2",
                        *(f"clean prediction of real prompt-1 clip at sigma {s}" for s in SIGMAS if s > 0.1)]}
     (run / "teacher_diagnostics.json").write_text(json.dumps(result, indent=2))
