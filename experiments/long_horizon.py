@@ -34,7 +34,7 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
-from sfpp_ray.algorithm.grpo import group_advantages, grpo_loss, rollout_log_prob, step_sigmas, trajectory_log_prob
+from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
 from sfpp_ray.algorithm.ode_init import OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
@@ -271,14 +271,14 @@ def train_grpo(s: Setup, name: str = "sfpp_grpo") -> dict:
                                                s.timesteps, s.schedule, ctx)
         rewards = batch_flow_rewards(videos, gp.min_motion, gp.reward, gp.raft_weights)
         advantages = group_advantages(torch.from_numpy(rewards)[None], gp.advantage_clip)[0].to(s.device)
-        logp, means = trajectory_log_prob(student, student.cross_attention_cache(cond), out.steps, out.latents,
-                                          s.timesteps, s.schedule, ctx)
-        loss, _ = grpo_loss(logp, rollout_log_prob(out.steps, s.timesteps, s.schedule), advantages, means, ref_means,
-                            step_sigmas(out.steps, s.timesteps, s.schedule), gp)
-        step_(loss, student, opt, tr.grad_clip)
-        losses["grpo"].append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        info = grpo_backward(student, cond, out.steps, out.latents, advantages, ref_means, s.timesteps, s.schedule,
+                             ctx, gp, lambda loss, weight: (loss * weight).backward())
+        torch.nn.utils.clip_grad_norm_(student.parameters(), tr.grad_clip)
+        opt.step()
+        losses["grpo"].append(info["loss"])
         losses["reward"].append(float(rewards.mean()))
-        progress(name, step, gp.steps, t0, loss=loss.item(), reward=float(rewards.mean()))
+        progress(name, step, gp.steps, t0, loss=info["loss"], reward=float(rewards.mean()))
     student.save_pretrained(s.out / name)
     return mark_done(s.out / name, {"losses": losses, "seconds": time.perf_counter() - t0})
 

@@ -191,6 +191,7 @@ class GRPOConfig:
     reward: Literal["farneback", "raft"] = "farneback"
     raft_weights: str | None = None
     min_motion: float = 0.05  # flow magnitude (pixels/frame) under which motion is penalised
+    micro_batch: int = 0  # rollouts replayed with gradient at once (0: the whole group); must divide group_size
 
 
 @dataclass
@@ -454,6 +455,9 @@ def validate(cfg: Config) -> None:
     positive("buffer.max_reuse", cfg.buffer.max_reuse)
     if "grpo" in cfg.run.stages and cfg.grpo.group_size < 2:
         raise ConfigError("grpo.group_size", "needs at least 2 rollouts per group")
+    positive("grpo.micro_batch", cfg.grpo.micro_batch, allow_zero=True)
+    if cfg.grpo.micro_batch and cfg.grpo.group_size % cfg.grpo.micro_batch:
+        raise ConfigError("grpo.micro_batch", f"must divide grpo.group_size = {cfg.grpo.group_size}, got {cfg.grpo.micro_batch}")
     if cfg.grpo.reward == "raft" and cfg.grpo.raft_weights is None:
         raise ConfigError("grpo.raft_weights", "the raft reward needs a local weights path")
     lat = codec_latent_channels(cfg)

@@ -50,6 +50,8 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.ema_decay=1.0", "teacher_pretrain.ema_decay"),
     ("teacher_pretrain.lr_schedule=linear", "teacher_pretrain.lr_schedule"),
     ("teacher_pretrain.data_workers=-1", "teacher_pretrain.data_workers"),
+    ("teacher_pretrain.train_text_encoder=maybe", "teacher_pretrain.train_text_encoder"),
+    ("grpo.micro_batch=3", "grpo.micro_batch"),  # does not divide the group of 2
     ("student", "student"),
 ])
 def test_bad_input_names_the_key(override, key):

@@ -11,8 +11,10 @@ differences to ~1e-4, below float32's resolution at that magnitude.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -121,3 +123,39 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
         clipped = ((ratio - 1).abs() > cfg.clip).float().mean()
     return loss, {"policy_loss": policy.item(), "kl": kl.item(), "ratio": ratio.mean().item(),
                   "clip_frac": clipped.item()}
+
+
+def _rollouts(record: StepRecord, part: slice) -> StepRecord:
+    return dataclasses.replace(record, x_in=record.x_in[part], x0_pred=record.x0_pred[part],
+                               x_next=None if record.x_next is None else record.x_next[part])
+
+
+def grpo_backward(student: CausalWanTransformer3DModel, cond: torch.Tensor, steps: list[StepRecord],
+                  clean_latents: torch.Tensor, advantages: torch.Tensor, ref_means: torch.Tensor | None,
+                  timesteps: torch.Tensor, schedule: FlowMatchSchedule, context_noise: float, cfg: GRPOConfig,
+                  backward: Callable[[torch.Tensor, float], None]) -> dict:
+    """One group's GRPO loss, replayed and back-propagated cfg.micro_batch rollouts at a time (0: all).
+
+    Why: the replay keeps every block's activations for the backward, so its memory grows with the
+    rollouts replayed together. The loss is a mean over rollouts, so the parts' gradients, each
+    weighted by its share of the group, sum to the whole group's. backward(loss, weight) is called once
+    per part: `(loss * weight).backward()` in plain torch; a DeepSpeed engine whose
+    gradient_accumulation_steps is the number of (equal) parts applies that weight itself.
+    Returns the group's loss and grpo_loss's metrics, averaged over the parts.
+    """
+    group = clean_latents.shape[0]
+    size = cfg.micro_batch or group
+    logp_old, sigmas = rollout_log_prob(steps, timesteps, schedule), step_sigmas(steps, timesteps, schedule)
+    totals: dict[str, float] = defaultdict(float)
+    for start in range(0, group, size):
+        part = slice(start, min(start + size, group))
+        weight = (part.stop - part.start) / group
+        logp, means = trajectory_log_prob(student, student.cross_attention_cache(cond[part] if len(cond) == group else cond),
+                                          [_rollouts(r, part) for r in steps], clean_latents[part], timesteps,
+                                          schedule, context_noise)
+        loss, info = grpo_loss(logp, logp_old[part], advantages[part], means,
+                               None if ref_means is None else ref_means[part], sigmas, cfg)
+        backward(loss, weight)
+        for key, value in {"loss": loss.item(), **info}.items():
+            totals[key] += weight * value
+    return dict(totals)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss
-from sfpp_ray.algorithm.grpo import group_advantages, grpo_loss, rollout_log_prob, step_sigmas, trajectory_log_prob
+from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
 from sfpp_ray.algorithm.ode_init import OdePairStore, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
@@ -263,7 +263,9 @@ def grpo_loop(config: dict) -> None:
     "mlflow_run_id"}. Each rank takes its own prompt per step and rolls out a group for it."""
     cfg, device, dtype = _setup(config)
     gp, rank, world, prompts = cfg.grpo, global_rank(), world_size(), config["prompts"]
-    engine, *_ = deepspeed.initialize(model=components.build_student(cfg), config=deepspeed_config(cfg, gp.lr))
+    parts = gp.group_size // gp.micro_batch if gp.micro_batch else 1  # replayed one after another, one update
+    engine, *_ = deepspeed.initialize(model=components.build_student(cfg),
+                                      config=deepspeed_config(cfg, gp.lr) | {"gradient_accumulation_steps": parts})
     reference = components.build_student(cfg, device, dtype).eval().requires_grad_(False)
     text = components.build_text_encoder(cfg, device, dtype)
     codec = components.build_video_codec(cfg, device, dtype)
@@ -286,13 +288,14 @@ def grpo_loop(config: dict) -> None:
                                                    out.latents, timesteps, schedule, ctx)
             rewards = batch_flow_rewards(videos, gp.min_motion, gp.reward, gp.raft_weights)
             advantages = group_advantages(torch.from_numpy(rewards)[None], gp.advantage_clip)[0].to(device)
-            logp, means = trajectory_log_prob(student, student.cross_attention_cache(cond), out.steps, out.latents,
-                                              timesteps, schedule, ctx)
-            loss, info = grpo_loss(logp, rollout_log_prob(out.steps, timesteps, schedule), advantages, means,
-                                   ref_means, step_sigmas(out.steps, timesteps, schedule), gp)
-            engine.backward(loss)
-            engine.step()
-            metrics = _step_done(tracker, {"grpo/loss": loss.item(), "grpo/reward": float(rewards.mean()),
+
+            def accumulate(loss: torch.Tensor, weight: float) -> None:  # the engine divides by `parts` itself
+                engine.backward(loss)
+                engine.step()  # updates the weights after the last part only
+
+            info = grpo_backward(student, cond, out.steps, out.latents, advantages, ref_means, timesteps, schedule,
+                                 ctx, gp, accumulate)
+            metrics = _step_done(tracker, {"grpo/loss": info["loss"], "grpo/reward": float(rewards.mean()),
                                            "grpo/kl": info["kl"], "grpo/clip_frac": info["clip_frac"]}, step, device)
             rewards_seen.append(metrics["grpo/reward"])
     _finish(engine, cfg, "student_grpo", {"steps": gp.steps, "rewards": rewards_seen}, metrics, gp.steps)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from sfpp_ray.algorithm.grpo import (gaussian_kl, gaussian_log_prob, group_advantages, grpo_loss, ppo_clip_loss,
+from sfpp_ray.algorithm.grpo import (gaussian_kl, gaussian_log_prob, group_advantages, grpo_backward, grpo_loss, ppo_clip_loss,
                                      rollout_log_prob, step_sigmas, trajectory_log_prob)
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import GRPOConfig
@@ -92,3 +92,29 @@ def test_replay_and_kl_move_with_the_policy(student, schedule, timesteps):
     expected_kl = sum(gaussian_kl(means[:, i], ref_means[:, i], sigmas[0, i]) for i in range(means.shape[1]))
     assert metrics["kl"] > 0 and abs(metrics["kl"] - expected_kl.item()) < 1e-3 * expected_kl.item()
     assert metrics["clip_frac"] == 1.0  # the ratio has left [1 - clip, 1 + clip]
+
+
+def test_replaying_the_group_in_parts_gives_the_whole_groups_gradient(student, schedule, timesteps):
+    text = torch.randn(4, 7, 32)
+    with torch.no_grad():
+        out = rollout(student, student.cross_attention_cache(text), torch.randn(4, 12, 6, 8, 8), timesteps, schedule,
+                      record=True, generator=torch.Generator().manual_seed(1))
+        _, ref_means = trajectory_log_prob(student, student.cross_attention_cache(text), out.steps, out.latents,
+                                           timesteps, schedule)
+        ref_means = ref_means + 0.01 * torch.randn_like(ref_means)  # a KL term that is not zero
+    advantages = torch.randn(4)
+
+    def gradient(micro_batch: int) -> tuple[dict, list[torch.Tensor]]:
+        student.zero_grad(set_to_none=True)
+        info = grpo_backward(student, text, out.steps, out.latents, advantages, ref_means, timesteps, schedule, 0.0,
+                             GRPOConfig(kl_coef=0.5, clip=0.5, micro_batch=micro_batch),
+                             lambda loss, weight: (loss * weight).backward())
+        return info, [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    whole, whole_grad = gradient(0)
+    for micro_batch in (1, 2):
+        parts, parts_grad = gradient(micro_batch)
+        assert parts["loss"] == pytest.approx(whole["loss"], rel=1e-5) and parts["kl"] == pytest.approx(whole["kl"], rel=1e-5)
+        assert len(parts_grad) == len(whole_grad) > 0
+        for a, b in zip(parts_grad, whole_grad):  # float32 sums in another order
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

@@ -83,11 +83,13 @@ def test_ode_student_starts_from_the_teacher_and_moves_away(runs):
     assert len(metric_history(first, "ode/loss")) == cfg.ode.steps
 
 
-def test_grpo_rewards_are_finite(runs):
-    cfg, first, _, _ = runs
+def test_grpo_rewards_are_finite_and_the_group_replayed_in_parts_updates_the_student(runs):
+    cfg, first, _, grpo_checksum = runs
     rewards = metric_history(first, "grpo/reward")
     assert len(rewards) == cfg.grpo.steps and all(math.isfinite(r) for r in rewards)
     assert all(math.isfinite(x) for x in metric_history(first, "grpo/loss"))
+    assert cfg.grpo.micro_batch < cfg.grpo.group_size  # tiny.yaml: one update from several backward passes
+    assert state_checksum(components.build_student(cfg, checkpoint=str(cfg.run_dir / "student"))) != grpo_checksum
 
 
 def test_rerun_skips_finished_stages(runs):
