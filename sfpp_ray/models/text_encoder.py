@@ -176,13 +176,13 @@ class TextEncoder(torch.nn.Module):
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (B, max_length) on the module's device, padded with PAD_ID; the padding is the mask."""
-        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
-                                max_length=self.max_length, add_special_tokens=True, return_tensors="pt")
-        ids = tokens["input_ids"]
-        if not self._warned_truncation and bool((ids[:, -1] != self.tokenizer.pad_token_id).any()):
+        prompts = [clean_prompt(p) for p in prompts]
+        if not self._warned_truncation and max(map(len, self.tokenizer(prompts)["input_ids"])) > self.max_length:
             self._warned_truncation = True
             warnings.warn(f"prompts longer than text.max_length = {self.max_length} tokens are cut off", stacklevel=2)
-        return ids.to(self.device)
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                                add_special_tokens=True, return_tensors="pt")
+        return tokens["input_ids"].to(self.device)
 
     def _run_encoder(self, prompts: list[str]) -> torch.Tensor:
         return embed_tokens(self.encoder, self.tokenize(prompts), self.tokenizer.pad_token_id)

@@ -135,6 +135,9 @@ def test_bad_input_is_refused(tiny, tmp_path):
 
 
 def test_prompts_cut_off_at_max_length_warn_once(tiny):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny.encode([random_prompt(MAX_LENGTH - 1)])  # with its end token: exactly max_length, nothing cut
     with pytest.warns(UserWarning, match="text.max_length = 24"):
         tiny.encode([random_prompt(MAX_LENGTH + 5)])
     with warnings.catch_warnings():
