@@ -38,6 +38,12 @@ def strip(video: np.ndarray) -> np.ndarray:
     return np.concatenate(list(video[::EVERY]), axis=1)
 
 
+def flow_loss(s: Setup, model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> float:
+    """The flow-matching loss of `model` on clips x0 noised with eps to timesteps t."""
+    x_t = s.schedule.add_noise(x0, eps, t)
+    return float(((model(x_t, t, text, return_dict=False)[0] - s.schedule.flow_target(x0, eps)) ** 2).mean())
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,10 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     for sigma in SIGMAS:
         t = torch.full((x0.shape[0],), sigma * s.schedule.num_train_timesteps)
         x_t = s.schedule.add_noise(x0, eps, t)
-        target = s.schedule.flow_target(x0, eps)
-        flow = teacher(x_t, t, text_real, return_dict=False)[0]
-        losses[sigma] = {"teacher": float(((flow - target) ** 2).mean()),
-                         "untrained": float(((untrained(x_t, t, text_real, return_dict=False)[0] - target) ** 2).mean())}
+        flow = teacher(x_t, t, text_real, return_dict=False)[0]  # also drawn below
+        losses[sigma] = {"teacher": float(((flow - s.schedule.flow_target(x0, eps)) ** 2).mean()),
+                         "untrained": flow_loss(s, untrained, x0, eps, t, text_real)}
         if sigma > 0.1:
             rows.append(strip(to_uint8(s.codec.decode(s.schedule.x0_from_flow(x_t, flow, t))[0])))
         print(f"sigma {sigma:.2f}  flow-matching loss: teacher {losses[sigma]['teacher']:.4f}  "
@@ -87,10 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_use = {}
     for sigma in SIGMAS:
         t = torch.full((x0.shape[0],), sigma * s.schedule.num_train_timesteps)
-        x_t, target = s.schedule.add_noise(x0, eps, t), s.schedule.flow_target(x0, eps)
-        prompt_use[sigma] = {name: float(((teacher(x_t, t, text, return_dict=False)[0] - target) ** 2).mean())
-                             for name, text in (("own", text_own), ("other", text_own.roll(1, 0)),
-                                                ("none", s.uncond.expand_as(text_own)))}
+        prompt_use[sigma] = {name: flow_loss(s, teacher, x0, eps, t, text) for name, text in
+                             (("own", text_own), ("other", text_own.roll(1, 0)), ("none", s.uncond.expand_as(text_own)))}
         print(f"sigma {sigma:.2f}  loss with own prompt {prompt_use[sigma]['own']:.4f}  another clip's "
               f"{prompt_use[sigma]['other']:.4f}  none {prompt_use[sigma]['none']:.4f}")
     image = np.concatenate(rows, axis=0)

@@ -150,9 +150,9 @@ def grpo_backward(student: CausalWanTransformer3DModel, cond: torch.Tensor, step
     for start in range(0, group, size):
         part = slice(start, min(start + size, group))
         weight = (part.stop - part.start) / group
-        logp, means = trajectory_log_prob(student, student.cross_attention_cache(cond[part] if len(cond) == group else cond),
-                                          [_rollouts(r, part) for r in steps], clean_latents[part], timesteps,
-                                          schedule, context_noise)
+        text = cond[part] if len(cond) == group else cond  # one prompt's embedding may serve the group
+        logp, means = trajectory_log_prob(student, student.cross_attention_cache(text), [_rollouts(r, part) for r in steps],
+                                          clean_latents[part], timesteps, schedule, context_noise)
         loss, info = grpo_loss(logp, logp_old[part], advantages[part], means,
                                None if ref_means is None else ref_means[part], sigmas, cfg)
         backward(loss, weight)

@@ -273,6 +273,11 @@ def grpo_loop(config: dict) -> None:
     timesteps = schedule.student_timesteps(cfg.schedule)
     ctx = cfg.schedule.context_noise
     rewards_seen = []
+
+    def accumulate(loss: torch.Tensor, weight: float) -> None:  # the engine divides by `parts` itself
+        engine.backward(loss)
+        engine.step()  # updates the weights after the last part only
+
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for step in range(1, gp.steps + 1):
             student, g = engine.module, _generator(cfg, device, rank, step)
@@ -288,11 +293,6 @@ def grpo_loop(config: dict) -> None:
                                                    out.latents, timesteps, schedule, ctx)
             rewards = batch_flow_rewards(videos, gp.min_motion, gp.reward, gp.raft_weights)
             advantages = group_advantages(torch.from_numpy(rewards)[None], gp.advantage_clip)[0].to(device)
-
-            def accumulate(loss: torch.Tensor, weight: float) -> None:  # the engine divides by `parts` itself
-                engine.backward(loss)
-                engine.step()  # updates the weights after the last part only
-
             info = grpo_backward(student, cond, out.steps, out.latents, advantages, ref_means, timesteps, schedule,
                                  ctx, gp, accumulate)
             metrics = _step_done(tracker, {"grpo/loss": info["loss"], "grpo/reward": float(rewards.mean()),

@@ -177,12 +177,21 @@ class TextEncoder(torch.nn.Module):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (B, max_length) on the module's device, padded with PAD_ID; the padding is the mask."""
         prompts = [clean_prompt(p) for p in prompts]
-        if not self._warned_truncation and max(map(len, self.tokenizer(prompts)["input_ids"])) > self.max_length:
-            self._warned_truncation = True
-            warnings.warn(f"prompts longer than text.max_length = {self.max_length} tokens are cut off", stacklevel=2)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                                add_special_tokens=True, return_tensors="pt")
-        return tokens["input_ids"].to(self.device)
+        # One token more than kept shows which prompts are too long; only those are tokenized again.
+        ids = self._token_ids(prompts, self.max_length + 1)
+        too_long = (ids[:, -1] != self.tokenizer.pad_token_id).nonzero().flatten().tolist()
+        ids = ids[:, :-1]
+        if too_long:
+            ids[too_long] = self._token_ids([prompts[i] for i in too_long], self.max_length)
+            if not self._warned_truncation:
+                self._warned_truncation = True
+                warnings.warn(f"prompts longer than text.max_length = {self.max_length} tokens are cut off",
+                              stacklevel=2)
+        return ids.to(self.device)
+
+    def _token_ids(self, prompts: list[str], length: int) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=length,
+                              add_special_tokens=True, return_tensors="pt")["input_ids"]
 
     def _run_encoder(self, prompts: list[str]) -> torch.Tensor:
         return embed_tokens(self.encoder, self.tokenize(prompts), self.tokenizer.pad_token_id)
