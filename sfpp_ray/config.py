@@ -83,7 +83,7 @@ class ScheduleConfig:
 
 @dataclass
 class TextConfig:
-    kind: Literal["tiny", "umt5"] = "umt5"
+    kind: Literal["tiny", "tiny_words", "umt5"] = "umt5"  # tiny: bytes; tiny_words: the sprite world's words
     path: str | None = None  # directory with the UMT5 encoder and its tokenizer (kind umt5)
     max_length: int = 512
     negative_prompt: str = ""

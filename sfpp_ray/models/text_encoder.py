@@ -1,8 +1,9 @@
 """Prompt embeddings for the Wan transformer's cross-attention: a UMT5 encoder and its tokenizer.
 
-Two kinds: the real umT5-xxl Wan was trained with (loaded from a local directory), and a tiny one built in
-process from a fixed seed and a byte-level tokenizer, for tests and toy runs. Both are ordinary
-transformers objects, so a tiny encoder saved with `save_pretrained` loads back as kind "umt5".
+Three kinds: the real umT5-xxl Wan was trained with (loaded from a local directory), and tiny ones built
+in process from a fixed seed, for tests and toy runs: over bytes ("tiny") or over the sprite world's
+words, one token per word ("tiny_words"). All are ordinary transformers objects, so a tiny encoder saved
+with `save_pretrained` loads back as kind "umt5".
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from sfpp_ray.config import TextConfig
+from sfpp_ray.world.sprites import vocabulary as world_vocabulary
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # UMT5's own special ids
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids PAD_ID, EOS_ID, UNK_ID
 BYTE_OFFSET = 3  # token id of byte b is b + BYTE_OFFSET
 TINY_SEED = 0
 TINY_LAYERS = 2
@@ -47,21 +50,36 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     Built as a `tokenizers` BPE without merges over the 256 byte symbols, so it saves and reloads through
     `AutoTokenizer` like any other tokenizer. Text that looks like a special token ("<pad>") stays bytes.
     """
-    specials = ["<pad>", "</s>", "<unk>"]  # ids PAD_ID, EOS_ID, UNK_ID
-    vocab = {token: i for i, token in enumerate(specials)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({symbol: byte + BYTE_OFFSET for byte, symbol in enumerate(_byte_symbols())})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
-    backend.add_special_tokens(specials)
+    backend.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", split_special_tokens=True)
 
 
-def tiny_umt5(text_dim: int, seed: int = TINY_SEED) -> UMT5EncoderModel:
-    """A small UMT5 encoder over the byte vocabulary; the same seed gives the same weights in every process."""
-    config = UMT5Config(vocab_size=256 + BYTE_OFFSET, d_model=text_dim, d_kv=max(1, text_dim // TINY_HEADS),
+def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """One token per word (lower-cased; punctuation is a word of its own), then EOS, padded with PAD;
+    a word outside `words` is UNK. Why: a small encoder trained with a small model reads "grey" as one
+    token far more easily than as four bytes."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({word: i + len(SPECIAL_TOKENS) for i, word in enumerate(dict.fromkeys(words))})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", split_special_tokens=True)
+
+
+def tiny_umt5(text_dim: int, seed: int = TINY_SEED, vocab_size: int = 256 + BYTE_OFFSET) -> UMT5EncoderModel:
+    """A small UMT5 encoder (by default over the byte vocabulary); the same seed gives the same weights in
+    every process."""
+    config = UMT5Config(vocab_size=vocab_size, d_model=text_dim, d_kv=max(1, text_dim // TINY_HEADS),
                         d_ff=2 * text_dim, num_layers=TINY_LAYERS, num_heads=TINY_HEADS, dropout_rate=0.0,
                         is_encoder_decoder=False, use_cache=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     with torch.random.fork_rng(devices=[]):
@@ -124,6 +142,12 @@ class TextEncoder(torch.nn.Module):
         return cls(tiny_umt5(text_dim, seed), byte_level_tokenizer(), max_length)
 
     @classmethod
+    def tiny_words(cls, text_dim: int, max_length: int, seed: int = TINY_SEED) -> TextEncoder:
+        """A tiny encoder over the sprite world's words."""
+        tokenizer = word_level_tokenizer(world_vocabulary())
+        return cls(tiny_umt5(text_dim, seed, vocab_size=len(tokenizer)), tokenizer, max_length)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 512, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> TextEncoder:
         """A UMT5 encoder and tokenizer from a local directory (never the hub)."""
@@ -139,6 +163,8 @@ class TextEncoder(torch.nn.Module):
                     dtype: torch.dtype = torch.float32) -> TextEncoder:
         if cfg.kind == "tiny":
             encoder = cls.tiny(text_dim, cfg.max_length)
+        elif cfg.kind == "tiny_words":
+            encoder = cls.tiny_words(text_dim, cfg.max_length)
         elif cfg.kind == "umt5":
             if cfg.path is None:
                 raise ValueError("text kind umt5 needs text.path, a local directory with the encoder and tokenizer")

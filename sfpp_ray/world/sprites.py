@@ -185,6 +185,14 @@ def prompt(scene: SceneSpec) -> str:
     return f"{objects} bouncing {tempo(scene)} on a {scene.background.tone} {texture} background"
 
 
+def vocabulary() -> list[str]:
+    """Every word (and the comma) a prompt of this world can contain, in a fixed order: the
+    vocabulary of a word-level tokenizer, one token per word."""
+    words = [*NUMBER_WORDS, "a", "an", "and", ",", "bouncing", "on", "background", "gradient", "textured",
+             *TEMPOS, *BACKGROUND_TONES, *PALETTE, *SHAPES, *(f"{shape}s" for shape in SHAPES)]
+    return list(dict.fromkeys(words))
+
+
 # ---------------------------------------------------------------- rendering
 
 

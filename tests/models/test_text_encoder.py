@@ -12,7 +12,10 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray.config import TextConfig, load_config, with_teacher
-from sfpp_ray.models.text_encoder import BYTE_OFFSET, EOS_ID, PAD_ID, PromptConditioned, TextEncoder, byte_level_tokenizer
+from sfpp_ray.models.text_encoder import (BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, PromptConditioned, TextEncoder,
+                                         byte_level_tokenizer)
+from sfpp_ray.world.sprites import prompt as scene_prompt
+from sfpp_ray.world.sprites import sample_scenes, vocabulary
 
 MAX_LENGTH = 24
 TINY_CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -40,6 +43,24 @@ def test_byte_tokenizer_is_utf8_bytes_plus_offset():
     assert ids == [b + BYTE_OFFSET for b in prompt.encode("utf-8")] + [EOS_ID]
     padded = tokenizer([prompt], padding="max_length", max_length=32)["input_ids"][0]
     assert padded[len(ids):] == [PAD_ID] * (32 - len(ids))
+
+
+def test_word_encoder_gives_every_world_word_one_token_and_reloads_as_umt5(tmp_path):
+    words = TextEncoder.from_config(TextConfig(kind="tiny_words", max_length=MAX_LENGTH), TEXT_DIM)
+    seed = int(torch.randint(0, 2**31, ()).item())
+    prompts = [scene_prompt(s) for split in ("train", "heldout") for s in sample_scenes(seed, 50, split)]
+    ids = words.tokenize(prompts)
+    lengths = (ids != PAD_ID).sum(1)
+    assert lengths.tolist() == [len(p.replace(",", " ,").split()) + 1 for p in prompts]  # a token a word, then EOS
+    assert not (ids == UNK_ID).any()
+    assert set(ids[ids > UNK_ID].tolist()) <= set(range(UNK_ID + 1, UNK_ID + 1 + len(vocabulary())))
+    upper = words.tokenize([prompts[0].upper() + " zebra"])[0]  # case-blind; an unknown word is one UNK
+    assert upper[:lengths[0] - 1].tolist() == ids[0, :lengths[0] - 1].tolist() and upper[lengths[0] - 1] == UNK_ID
+
+    words.save_pretrained(tmp_path)
+    reloaded = TextEncoder.from_config(TextConfig(kind="umt5", path=str(tmp_path), max_length=MAX_LENGTH), TEXT_DIM)
+    assert torch.equal(reloaded.tokenize(prompts), ids)
+    assert torch.equal(reloaded.encode(prompts[:4]), words.encode(prompts[:4]))
 
 
 def test_embeddings_are_zero_past_each_prompt(tiny):
