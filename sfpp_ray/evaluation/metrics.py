@@ -16,14 +16,14 @@ import numpy as np
 from sfpp_ray.evaluation.flow import as_float_video, farneback_flow, luma
 from sfpp_ray.world.sprites import PALETTE, SHAPES
 
-HIST_BINS = 8  # per channel, for colour drift
+LEVELS = 256  # per channel, for colour drift
 FEATURE_HIST_BINS = 4  # per channel, inside the Frechet features
 THUMB = 4  # side of the downsampled frame inside the Frechet features
 REPEAT_THUMB = 16  # side of the frame descriptor used to find repeats
 # Penalty scales of the stability score: the raw value at which a penalty saturates (or, for the
 # Frechet distance, reaches one half).
 EXPOSURE_SCALE = 0.1  # mean luma difference in [0, 1]
-COLOUR_SCALE = 0.5  # total-variation distance of colour histograms
+COLOUR_SCALE = 0.1  # earth mover's distance of per-channel colour histograms, in [0, 1] units
 REPEAT_FLOOR = 0.8  # similarity a moving world reaches by chance between distant segments
 FRECHET_SCALE = 2.0
 PENALTIES = ("exposure", "colour", "count", "composition", "motion", "flicker", "repetition", "frechet")
@@ -47,7 +47,7 @@ def stability_score(m: dict) -> float:
     """Stability, 0-100: 100 * (1 - mean of eight penalties, each in [0, 1]):
 
         exposure    = min(1, exposure_drift / 0.1)
-        colour      = min(1, colour_drift / 0.5)
+        colour      = min(1, colour_drift / 0.1)
         count       = min(1, count_error)
         composition = composition_error
         motion      = stagnation
@@ -69,6 +69,20 @@ def stability_score(m: dict) -> float:
         "frechet": m["frechet"] / (m["frechet"] + FRECHET_SCALE),
     }
     return 100.0 * (1.0 - sum(penalties[k] for k in PENALTIES) / len(PENALTIES))
+
+
+def _channel_histograms(video: np.ndarray) -> np.ndarray:
+    """Per-frame histograms of each channel's 256 levels, (F, 3, 256), each summing to 1."""
+    q = np.minimum((video * LEVELS).astype(np.int64), LEVELS - 1).reshape(len(video), -1, 3)
+    codes = q + (np.arange(len(video))[:, None, None] * 3 + np.arange(3)) * LEVELS
+    return np.bincount(codes.ravel(), minlength=len(video) * 3 * LEVELS).reshape(len(video), 3, LEVELS) / q.shape[1]
+
+
+def colour_distance(hist_a: np.ndarray, hist_b: np.ndarray) -> float:
+    """Earth mover's distance between two (3, 256) channel histograms, averaged over channels, in [0, 1]
+    units of pixel value. Why not a binned distance: moving every pixel by an invisible 4/255 across a
+    bin edge would count like a change of colour; here it costs 4/255."""
+    return float(np.abs(np.cumsum(hist_a, -1) - np.cumsum(hist_b, -1)).sum(-1).mean() / LEVELS)
 
 
 def _colour_histograms(video: np.ndarray, bins: int) -> np.ndarray:
@@ -124,7 +138,7 @@ def _frame_stats(video: np.ndarray, palette, tolerance: float, min_area: int) ->
         np.concatenate([flow_stats[:1], flow_stats]),  # frame t carries the flow that arrived at it
     ], 1)
     return {
-        "brightness": luma(video).mean((1, 2)), "hist": _colour_histograms(video, HIST_BINS),
+        "brightness": luma(video).mean((1, 2)), "hist": _channel_histograms(video),
         "flow": flow_stats[:, 0], "diff": np.abs(np.diff(video, axis=0)).mean((1, 2, 3)),
         "count": counts, "kinds": kinds, "features": features,
     }
@@ -157,7 +171,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
     (for codecs whose first block decodes to fewer frames). Per segment:
 
     brightness, exposure_drift  mean luma, and its absolute difference from the reference's
-    colour_drift                total-variation distance of 8^3-bin RGB histograms to the reference's
+    colour_drift                earth mover's distance of the R, G and B histograms to the reference's
     sprite_count, count_error   connected components of palette colours per frame, relative error
     composition_error           total-variation distance of the (colour, shape) distribution
     flow_magnitude, dynamic_degree, stagnation
@@ -209,7 +223,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
             "start": s, "end": e,
             "brightness": float(stats["brightness"][s:e].mean()),
             "exposure_drift": float(abs(stats["brightness"][s:e].mean() - ref_brightness)),
-            "colour_drift": 0.5 * float(np.abs(stats["hist"][s:e].mean(0) - ref_hist).sum()),
+            "colour_drift": colour_distance(stats["hist"][s:e].mean(0), ref_hist),
             "sprite_count": float(stats["count"][s:e].mean()),
             "count_error": float(abs(stats["count"][s:e].mean() - ref_count) / max(ref_count, 1.0)),
             "composition_error": _distribution_distance(stats["kinds"][s:e].sum(0), ref_kinds),
