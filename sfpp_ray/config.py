@@ -210,6 +210,16 @@ class TeacherPretrainConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The synthetic sprite world's scene ranges (`sfpp_ray.world.sprites.WorldSpec`); its resolution and
+    fps are video's. Sizes in short sides, speeds in short sides per second."""
+    sprite_count: list[int] = field(default_factory=lambda: [1, 4])  # inclusive
+    size: list[float] = field(default_factory=lambda: [0.08, 0.16])  # sprite half-width
+    speed: list[float] = field(default_factory=lambda: [0.1, 0.6])
+    backgrounds: list[Literal["gradient", "texture"]] = field(default_factory=lambda: ["gradient", "texture"])
+
+
+@dataclass
 class EvalConfig:
     num_prompts: int = 4  # held-out prompts of the synthetic world
     horizons: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # multiples of the teacher's horizon
@@ -240,6 +250,7 @@ class Config:
     dmd: DMDConfig = field(default_factory=DMDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     teacher_pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -463,6 +474,18 @@ def validate(cfg: Config) -> None:
     lat = codec_latent_channels(cfg)
     if lat is not None and lat != m.in_channels:
         raise ConfigError("model.in_channels", f"the pixel_unshuffle codec makes {lat} latent channels, model.in_channels is {m.in_channels}")
+    w = cfg.world
+    for key in ("sprite_count", "size", "speed"):
+        if len(getattr(w, key)) != 2:
+            raise ConfigError(f"world.{key}", f"needs 2 entries (lowest, highest), got {getattr(w, key)}")
+    if not 1 <= w.sprite_count[0] <= w.sprite_count[1] <= 9:
+        raise ConfigError("world.sprite_count", f"must satisfy 1 <= lowest <= highest <= 9, got {w.sprite_count}")
+    if not 0 < w.size[0] <= w.size[1] < 0.5:
+        raise ConfigError("world.size", f"must satisfy 0 < lowest <= highest < 0.5 (short sides), got {w.size}")
+    if not 0 < w.speed[0] < w.speed[1]:
+        raise ConfigError("world.speed", f"must satisfy 0 < lowest < highest, got {w.speed}")
+    if not w.backgrounds:
+        raise ConfigError("world.backgrounds", "needs at least one of gradient, texture")
     if cfg.text.kind == "umt5" and cfg.text.path is None:
         raise ConfigError("text.path", "kind umt5 needs a local directory with the encoder and tokenizer")
     if cfg.codec.kind == "wan_vae" and cfg.codec.path is None:

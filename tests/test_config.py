@@ -52,6 +52,11 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.data_workers=-1", "teacher_pretrain.data_workers"),
     ("teacher_pretrain.train_text_encoder=maybe", "teacher_pretrain.train_text_encoder"),
     ("grpo.micro_batch=3", "grpo.micro_batch"),  # does not divide the group of 2
+    ("world.sprite_count=[3,2]", "world.sprite_count"),
+    ("world.size=[0.1]", "world.size"),
+    ("world.speed=[0.5,0.2]", "world.speed"),
+    ("world.backgrounds=[stripes]", "world.backgrounds[0]"),
+    ("world.backgrounds=[]", "world.backgrounds"),
     ("student", "student"),
 ])
 def test_bad_input_names_the_key(override, key):
@@ -64,3 +69,15 @@ def test_bad_input_names_the_key(override, key):
 def test_missing_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/none.yaml")
+
+
+def test_world_section_sets_the_scenes():
+    from sfpp_ray.evaluation.evaluate import world_of
+    from sfpp_ray.world.sprites import sample_scenes
+
+    cfg = load_config(TINY, ["world.sprite_count=[2,3]", "world.size=[0.2,0.25]", "world.backgrounds=[texture]"])
+    world = world_of(cfg)
+    assert (world.height, world.width, world.fps) == (cfg.video.height, cfg.video.width, cfg.video.fps)
+    for scene in sample_scenes(int(__import__("random").randrange(2**31)), 20, world=world):
+        assert 2 <= len(scene.sprites) <= 3 and scene.background.kind == "texture"
+        assert all(0.2 * world.short_side <= s.radius <= 0.25 * world.short_side for s in scene.sprites)
