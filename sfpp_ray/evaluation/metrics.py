@@ -80,8 +80,8 @@ def _channel_histograms(video: np.ndarray) -> np.ndarray:
 
 def colour_distance(hist_a: np.ndarray, hist_b: np.ndarray) -> float:
     """Earth mover's distance between two (3, 256) channel histograms, averaged over channels, in [0, 1]
-    units of pixel value. Why not a binned distance: moving every pixel by an invisible 4/255 across a
-    bin edge would count like a change of colour; here it costs 4/255."""
+    units of pixel value. Why not a binned distance: moving every pixel by an invisible 4 levels across a
+    bin edge would count like a change of colour; here it costs what it moves, 4/256."""
     return float(np.abs(np.cumsum(hist_a, -1) - np.cumsum(hist_b, -1)).sum(-1).mean() / LEVELS)
 
 
