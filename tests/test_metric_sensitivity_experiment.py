@@ -1,0 +1,29 @@
+"""experiments/metric_sensitivity.py: the table it prints and writes says what docs/results.md relies on,
+on fresh scenes: colour drift grows with a shift of every pixel and stays near what the shift moves,
+while the earlier binned distance jumps on shifts nobody can see."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "metric_sensitivity.py"
+
+
+def test_colour_drift_follows_the_shift_and_the_binned_one_does_not(tmp_path):
+    spec = importlib.util.spec_from_file_location("metric_sensitivity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "sensitivity.json"
+    seed = random.SystemRandom().randrange(2**31)
+    rows = {r["change"]: r for r in module.main(["--scenes", "3", "--size", "32", "--frames", "12",
+                                                 "--seed", str(seed), "--out", str(out)])}
+    assert json.loads(out.read_text())["rows"] == list(rows.values())
+    drift = [rows[k]["colour_drift"] for k in ("none", "+4 levels", "+8 levels", "+25 levels")]
+    assert drift == sorted(drift) and drift[-1] > 0.05
+    for levels in (2, 4, 8):
+        moved = rows[f"+{levels} levels"]["colour_drift"] - rows["none"]["colour_drift"]
+        assert 0 < moved < 1.5 * levels / 255
+    binned_jump = rows["+4 levels"]["binned_colour_drift"] - rows["none"]["binned_colour_drift"]
+    assert binned_jump > 5 * (rows["+4 levels"]["colour_drift"] - rows["none"]["colour_drift"])
+    assert rows["grey (no colour)"]["colour_drift"] > rows["+4 levels"]["colour_drift"]
