@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sfpp_ray.world.sprites import WorldSpec
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message always starts with the dotted key."""
@@ -217,6 +219,11 @@ class WorldConfig:
     size: list[float] = field(default_factory=lambda: [0.08, 0.16])  # sprite half-width
     speed: list[float] = field(default_factory=lambda: [0.1, 0.6])
     backgrounds: list[Literal["gradient", "texture"]] = field(default_factory=lambda: ["gradient", "texture"])
+
+    def build(self, video: VideoConfig) -> WorldSpec:
+        """The world at the video's resolution and fps; WorldSpec checks the ranges."""
+        return WorldSpec(height=video.height, width=video.width, fps=video.fps, sprite_count=tuple(self.sprite_count),
+                         size=tuple(self.size), speed=tuple(self.speed), backgrounds=tuple(dict.fromkeys(self.backgrounds)))
 
 
 @dataclass
@@ -478,14 +485,11 @@ def validate(cfg: Config) -> None:
     for key in ("sprite_count", "size", "speed"):
         if len(getattr(w, key)) != 2:
             raise ConfigError(f"world.{key}", f"needs 2 entries (lowest, highest), got {getattr(w, key)}")
-    if not 1 <= w.sprite_count[0] <= w.sprite_count[1] <= 9:
-        raise ConfigError("world.sprite_count", f"must satisfy 1 <= lowest <= highest <= 9, got {w.sprite_count}")
-    if not 0 < w.size[0] <= w.size[1] < 0.5:
-        raise ConfigError("world.size", f"must satisfy 0 < lowest <= highest < 0.5 (short sides), got {w.size}")
-    if not 0 < w.speed[0] < w.speed[1]:
-        raise ConfigError("world.speed", f"must satisfy 0 < lowest < highest, got {w.speed}")
-    if not w.backgrounds:
-        raise ConfigError("world.backgrounds", "needs at least one of gradient, texture")
+    try:
+        w.build(cfg.video)
+    except ValueError as e:  # WorldSpec names the field first; the rest is the video's size
+        field_name = str(e).split()[0]
+        raise ConfigError(f"world.{field_name}" if hasattr(w, field_name) else "video.height", str(e)) from None
     if cfg.text.kind == "umt5" and cfg.text.path is None:
         raise ConfigError("text.path", "kind umt5 needs a local directory with the encoder and tokenizer")
     if cfg.codec.kind == "wan_vae" and cfg.codec.path is None:

@@ -41,11 +41,7 @@ class FrameList:
 
 
 def world_of(cfg: Config) -> WorldSpec:
-    """The sprite world at the video's resolution and fps with the config's scene ranges."""
-    w = cfg.world
-    return WorldSpec(height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps,
-                     sprite_count=tuple(w.sprite_count), size=tuple(w.size), speed=tuple(w.speed),
-                     backgrounds=tuple(dict.fromkeys(w.backgrounds)))
+    return cfg.world.build(cfg.video)
 
 
 def block_starts(codec, num_latent_frames: int, frames_per_block: int) -> list[int]:

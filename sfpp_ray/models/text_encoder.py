@@ -55,10 +55,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", split_special_tokens=True)
+    return _umt5_style(backend)
 
 
 def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -70,6 +67,11 @@ def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return _umt5_style(backend)
+
+
+def _umt5_style(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """EOS after every prompt and UMT5's special tokens, as a transformers tokenizer that saves and reloads."""
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
     backend.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
