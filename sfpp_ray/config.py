@@ -209,6 +209,7 @@ class TeacherPretrainConfig:
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
     checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
     train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
+    autocast: bool = False  # forward and backward in bfloat16 autocast; weights, optimizer and EMA stay float32
 
 
 @dataclass

@@ -150,7 +150,9 @@ def pretrain_teacher_loop(config: dict) -> None:
                                       for p, drop in zip(batch["prompts"], batch["drop"].tolist())])
             else:
                 cond = torch.where(batch["drop"].to(device)[:, None, None], uncond, text.encode(batch["prompts"]))
-            loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step))
+            with torch.autocast(device.type, torch.bfloat16, enabled=tp.autocast):
+                loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels,
+                                      _generator(cfg, device, rank, step))
             engine.backward(loss)
             engine.step()
             if ema is not None:

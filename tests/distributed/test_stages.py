@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from sfpp_ray import components
 from sfpp_ray.config import load_config, with_teacher
@@ -28,6 +29,7 @@ def runs(ray_cluster, tmp_path_factory):
         f"run.output_dir={tmp_path_factory.mktemp('stages')}", "run.name=stages", f"run.stages={STAGES}",
         "rollout.num_frames=12", "rollout.cpus_per_worker=0.5", "ode.num_pairs=4", "ode.steps=4", "dmd.steps=2",
         "dmd.update_ratio=1", "grpo.steps=2", "tracking.experiment=sfpp-stages",
+        "teacher_pretrain.autocast=true",  # the interruption test below covers float32
     ])
     first = train(cfg)
     grpo_checksum = state_checksum(components.build_student(cfg, checkpoint=first["student"]))
@@ -52,7 +54,10 @@ def test_every_stage_runs_in_order_and_leaves_loadable_weights(runs):
 
 
 def test_teacher_flow_matching_loss_decreases(runs):
+    """Trained under bf16 autocast, saved in float32."""
     cfg, first, _, _ = runs
+    saved = load_file(cfg.run_dir / "teacher" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in saved.values()} == {torch.float32}
     losses = metric_history(first, "teacher/loss")
     assert len(losses) == cfg.teacher_pretrain.steps
     assert losses == pytest.approx(json.loads((cfg.run_dir / "teacher" / "stage.json").read_text())["losses"])
