@@ -113,7 +113,7 @@ def pretrain_teacher_loop(config: dict) -> None:
     if tp.train_text_encoder:
         model = PromptConditioned(model, text)  # takes token ids; saves the encoder beside the teacher
     engine, *_ = deepspeed.initialize(
-        model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS),
+        model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS, autocast=tp.autocast),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
     zero3 = cfg.trainer.zero_stage == 3
@@ -150,9 +150,7 @@ def pretrain_teacher_loop(config: dict) -> None:
                                       for p, drop in zip(batch["prompts"], batch["drop"].tolist())])
             else:
                 cond = torch.where(batch["drop"].to(device)[:, None, None], uncond, text.encode(batch["prompts"]))
-            with torch.autocast(device.type, torch.bfloat16, enabled=tp.autocast):
-                loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels,
-                                      _generator(cfg, device, rank, step))
+            loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step))
             engine.backward(loss)
             engine.step()
             if ema is not None:

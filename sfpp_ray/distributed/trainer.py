@@ -46,10 +46,12 @@ def write_marker(directory: Path, record: dict) -> None:
     (directory / STAGE_MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None) -> dict:
-    """AdamW under the trainer's ZeRO stage; `betas` default to trainer.betas (DMD's, without momentum)."""
+def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None, autocast: bool = False) -> dict:
+    """AdamW under the trainer's ZeRO stage; `betas` default to trainer.betas (DMD's, without momentum).
+    autocast: the engine runs its forward under bfloat16 autocast (weights and optimizer stay as they
+    are); DeepSpeed switches off any autocast opened around the engine, so this is the only way in."""
     t = cfg.trainer
-    return {
+    return ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if autocast else {}) | {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": t.zero_stage},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas or t.betas),
