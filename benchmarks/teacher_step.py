@@ -56,7 +56,7 @@ def time_steps(cfg, device, autocast: bool, compile_model: bool, latents, cond, 
     sync(device)
     seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"seconds_per_step": seconds, "steps_per_s": 1 / seconds, "peak_gib": peak,
+    return {"params": sum(p.numel() for p in model.parameters()), "seconds_per_step": seconds, "steps_per_s": 1 / seconds, "peak_gib": peak,
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-3:]))}
 
 
@@ -93,7 +93,7 @@ def main() -> None:
     base = rows[0]["seconds_per_step"]
     for row in rows:
         row["speedup"] = base / row["seconds_per_step"]
-    params = sum(p.numel() for p in components.build_critic(cfg).parameters())
+    params = rows[0]["params"]
     result = {"config": a.config, "overrides": a.overrides, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "params": params, "batch_size": tp.batch_size, "latent_shape": list(latents.shape),
               "render_seconds_per_batch": render, "rows": rows}
