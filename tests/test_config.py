@@ -26,6 +26,9 @@ def test_shipped_configs_load(tmp_path):
 def test_overrides_are_typed_and_dotted():
     cfg = load_config(TINY, ["trainer.num_workers=2", "data.window_sampler=beta", "run.name=x"])
     assert (cfg.trainer.num_workers, cfg.data.window_sampler, cfg.run.name) == (2, "beta", "x")
+    # YAML 1.1 reads an exponent without a dot or a sign as a string; a float key takes it as the number
+    cfg = load_config(TINY, ["teacher_pretrain.lr=3e-4", "trainer.generator_lr=-2E+1", "dmd.guidance=1.5e0"])
+    assert (cfg.teacher_pretrain.lr, cfg.trainer.generator_lr, cfg.dmd.guidance) == (3e-4, -20.0, 1.5)
 
 
 @pytest.mark.parametrize("override,key", [
@@ -33,6 +36,8 @@ def test_overrides_are_typed_and_dotted():
     ("nosuchsection.x=1", "nosuchsection"),
     ("trainer.num_workers=two", "trainer.num_workers"),
     ("trainer.bf16=3", "trainer.bf16"),
+    ("teacher_pretrain.lr=1e-4x", "teacher_pretrain.lr"),
+    ("trainer.num_workers=1e2", "trainer.num_workers"),  # an exponent makes no integer
     ("run.device=tpu", "run.device"),
     ("data.window_frames=27", "data.window_frames"),  # longer than rollout.num_frames (24)
     ("rollout.num_frames=25", "rollout.num_frames"),  # not divisible by the block size

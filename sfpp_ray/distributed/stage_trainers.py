@@ -44,6 +44,7 @@ from sfpp_ray.world.sprites import prompt, sample_scenes
 
 PROMPT_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so guidance has an unconditional model
 TEACHER_BETAS = [0.9, 0.999]  # flow matching on data is ordinary supervised training: Adam with momentum
+READ_BACK_EVERY = 20  # teacher steps between reads of the loss from the GPU
 ODE_SCENE_OFFSET = 100_000  # ODE prompts are world scenes apart from the teacher's per-step scenes
 
 
@@ -140,9 +141,22 @@ def pretrain_teacher_loop(config: dict) -> None:
                             prompt_dropout=PROMPT_DROPOUT)
     noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift)
     t0 = time.perf_counter()
-    metrics = {}
+    metrics, unread = {}, []  # unread: (step, loss on the device, lr) not yet read back
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
-        for batch in clips.loader(tp.data_workers):
+        def read_back() -> dict:
+            """Reading a loss waits for the GPU to finish the step; done every few steps, the GPU's queue stays full."""
+            values = torch.stack([loss for _, loss, _ in unread]).float()
+            if world > 1:
+                dist.all_reduce(values)
+                values /= world
+            for (step, _, lr), value in zip(unread, values.tolist()):
+                losses.append(value)
+                if tracker is not None:
+                    tracker.log_metrics({"teacher/loss": value, "teacher/lr": lr}, step)
+            unread.clear()
+            return {"teacher/loss": losses[-1], "teacher/lr": lr}
+
+        for batch in clips.loader(tp.data_workers, pin_memory=device.type == "cuda"):
             step = batch["step"]
             latents = clip_latents(batch["frames"], codec, device, dtype)
             if tp.train_text_encoder:  # dropped prompts become the negative prompt before tokenizing
@@ -156,13 +170,15 @@ def pretrain_teacher_loop(config: dict) -> None:
             if ema is not None:
                 with full_params(engine.module, zero3):
                     ema.update(engine.module, step)
-            metrics = _step_done(tracker, {"teacher/loss": loss.item(), "teacher/lr": engine.get_lr()[0]}, step,
-                                 device)
-            losses.append(metrics["teacher/loss"])
-            if rank == 0 and (step % max(1, tp.steps // 10) == 0 or step == tp.steps):
+            unread.append((step, loss.detach(), engine.get_lr()[0]))
+            printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
+            checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
+            if printing or checkpointing or step == tp.steps or len(unread) == READ_BACK_EVERY:
+                metrics = read_back()
+            if rank == 0 and printing:
                 print(f"[pretrain_teacher] step {step}/{tp.steps}  loss {metrics['teacher/loss']:.4f}  "
                       f"{(step - done) / (time.perf_counter() - t0):.1f} steps/s", flush=True)
-            if tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps:
+            if checkpointing:
                 _save_teacher_state(engine, ema, losses, metrics, step)
     if ema is not None:
         with full_params(engine.module, zero3):

@@ -215,6 +215,8 @@ class TextEncoder(torch.nn.Module):
                 self._warned_truncation = True
                 warnings.warn(f"prompts longer than text.max_length = {self.max_length} tokens are cut off",
                               stacklevel=2)
+        if self.device.type == "cuda":  # from pageable memory the copy would wait for the GPU's queue to drain
+            return ids.pin_memory().to(self.device, non_blocking=True)
         return ids.to(self.device)
 
     def _token_ids(self, prompts: list[str], length: int) -> torch.Tensor:

@@ -35,8 +35,9 @@ def world_latent_batch(scenes: Sequence[SceneSpec], num_video_frames: int, codec
 
 
 def clip_latents(frames: torch.Tensor, codec: VideoCodec, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 clips (B, F, H, W, 3) to codec latents (B, C, F', h, w) on `device`, in `dtype`."""
-    video = frames.to(device).permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
+    """uint8 clips (B, F, H, W, 3) to codec latents (B, C, F', h, w) on `device`, in `dtype`. From pinned
+    memory the copy does not wait for the GPU's queue to drain."""
+    video = frames.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
     return codec.encode(video).to(device, dtype)
 
 
@@ -70,7 +71,8 @@ class WorldClipStream(torch.utils.data.IterableDataset):
         for step in range(self.first + worker, self.first + self.steps, workers):
             yield self.batch(step)
 
-    def loader(self, workers: int) -> torch.utils.data.DataLoader:
-        """Batches in step order, rendered by `workers` processes ahead of use (0: in this process)."""
-        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers,
+    def loader(self, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """Batches in step order, rendered by `workers` processes ahead of use (0: in this process); pin_memory
+        for a GPU, so copying a batch there does not stall the GPU's queue."""
+        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                            prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -138,3 +138,27 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
     assert again["losses"] == pytest.approx(first["losses"], rel=1e-5)
     resumed = saved_weights()
     assert all(torch.allclose(resumed[k], weights[k], rtol=1e-5, atol=1e-7) for k in weights)
+
+
+def test_teacher_pretraining_goes_on_from_a_saved_teacher(runs, tmp_path):
+    """model.pretrained and text.path at a saved teacher: pretraining starts from its weights and its text
+    encoder (fine-tuning), not from a random init. At a learning rate of 1e-9 two steps leave them in place."""
+    from sfpp_ray.distributed.controller import train
+
+    cfg, _, _, _ = runs
+    saved = cfg.run_dir / "teacher"
+    again = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=finetune", "run.stages=[pretrain_teacher]",
+                                 "teacher_pretrain.steps=2", "teacher_pretrain.warmup_steps=0", "teacher_pretrain.lr=1e-9",
+                                 "teacher_pretrain.ema_decay=0",
+                                 f"model.pretrained={saved}", "text.kind=umt5", f"text.path={saved}",
+                                 "tracking.enabled=false"])
+    train(again)
+
+    def weights(teacher_dir):
+        trained = with_teacher(cfg, teacher_dir)
+        return components.build_teacher(trained).state_dict() | {
+            f"text.{k}": v for k, v in components.build_text_encoder(trained).encoder.state_dict().items()}
+
+    start, tuned, fresh = weights(saved), weights(tmp_path / "finetune" / "teacher"), components.build_teacher(cfg).state_dict()
+    assert all(torch.allclose(tuned[k], start[k], atol=1e-6) for k in start)
+    assert not all(torch.allclose(tuned[k], fresh[k], atol=1e-6) for k in fresh)
