@@ -153,8 +153,9 @@ def pretrain_teacher_loop(config: dict) -> None:
                 losses.append(value)
                 if tracker is not None:
                     tracker.log_metrics({"teacher/loss": value, "teacher/lr": lr}, step)
+            last_lr = unread[-1][2]
             unread.clear()
-            return {"teacher/loss": losses[-1], "teacher/lr": lr}
+            return {"teacher/loss": losses[-1], "teacher/lr": last_lr}
 
         for batch in clips.loader(tp.data_workers, pin_memory=device.type == "cuda"):
             step = batch["step"]
@@ -173,7 +174,7 @@ def pretrain_teacher_loop(config: dict) -> None:
             unread.append((step, loss.detach(), engine.get_lr()[0]))
             printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
-            if printing or checkpointing or step == tp.steps or len(unread) == READ_BACK_EVERY:
+            if printing or checkpointing or len(unread) == READ_BACK_EVERY:  # printing: also the last step
                 metrics = read_back()
             if rank == 0 and printing:
                 print(f"[pretrain_teacher] step {step}/{tp.steps}  loss {metrics['teacher/loss']:.4f}  "
