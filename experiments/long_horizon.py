@@ -39,7 +39,7 @@ from sfpp_ray.algorithm.ode_init import OdePairStore, fill_ode_store, make_ode_t
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
-from sfpp_ray.config import Config, load_config, validate, with_teacher
+from sfpp_ray.config import Config, ConfigError, load_config, validate, with_teacher
 from sfpp_ray.evaluation.evaluate import evaluate, nanmean, world_of
 from sfpp_ray.evaluation.metrics import segment_metrics, summarise
 from sfpp_ray.video_io import to_uint8
@@ -331,8 +331,34 @@ def sampler_sweep(s: Setup) -> dict:
                                          "seconds": time.perf_counter() - t0})
 
 
+def eval_settings(s: Setup) -> dict:
+    """What the scores cached under eval/ depend on besides the trained weights, by config key (the
+    teacher's sampler: the sampler stage's choice once it has run)."""
+    ev, ode = s.cfg.evaluation, s.teacher_sampler()
+    return {"evaluation.num_prompts": ev.num_prompts, "evaluation.horizons": list(ev.horizons),
+            "evaluation.seed": ev.seed, "run.seed": s.cfg.run.seed, "ode.shift": ode.shift,
+            "ode.guidance": ode.guidance, "ode.euler_steps": ode.euler_steps}
+
+
+def check_eval_settings(s: Setup) -> None:
+    """Cached scores are reused only under the settings they were made with; another prompt count, seed
+    or sampler is refused with the key that differs, so a table never mixes two of them."""
+    path, now = s.out / "eval" / "settings.json", eval_settings(s)
+    if not path.is_file():  # a new eval/ (or one from before settings were recorded: taken as made with these)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=2))
+        return
+    then = json.loads(path.read_text())
+    for key, value in now.items():
+        before = then.get(key)
+        if before != value:
+            raise ConfigError(key, f"the scores in {path.parent} were made with {before}, not {value}: "
+                                   "remove that directory to score again")
+
+
 def run_eval(s: Setup, variants: list[str]) -> dict:
     """Scores every finished variant (each cached under eval/<variant>) and collects the results table."""
+    check_eval_settings(s)
     ref_path = s.out / "eval" / "reference.json"
     if not ref_path.is_file():
         ref_path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sfpp_ray import components
-from sfpp_ray.config import load_config
+from sfpp_ray.config import ConfigError, load_config
 from sfpp_ray.world.clips import world_latent_batch
 from sfpp_ray.world.sprites import WorldSpec, sample_scenes
 
@@ -72,6 +72,11 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_
     printed = capsys.readouterr().out
     assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf", "sfpp"))
     assert (out / "sfpp" / "stage.json").stat().st_mtime == mtime
+
+    # scores cached under eval/ are not mixed with scores made under other settings
+    with pytest.raises(ConfigError) as e:
+        experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY, "evaluation.num_prompts=2"])
+    assert e.value.key == "evaluation.num_prompts"
 
 
 def saved_best(out: Path) -> dict:
