@@ -56,8 +56,9 @@ def time_steps(cfg, device, autocast: bool, compile_model: bool, latents, cond, 
     sync(device)
     seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"params": sum(p.numel() for p in model.parameters()), "seconds_per_step": seconds, "steps_per_s": 1 / seconds, "peak_gib": peak,
-            "loss_first": losses[0], "loss_last": float(np.mean(losses[-3:]))}
+    return {"params": sum(p.numel() for p in model.parameters()), "seconds_per_step": seconds,
+            "steps_per_s": 1 / seconds, "peak_gib": peak, "loss_first": losses[0],
+            "loss_last": float(np.mean(losses[-3:]))}
 
 
 def main() -> None:

@@ -358,10 +358,9 @@ def check_eval_settings(s: Setup) -> None:
 
 def run_eval(s: Setup, variants: list[str]) -> dict:
     """Scores every finished variant (each cached under eval/<variant>) and collects the results table."""
-    check_eval_settings(s)
+    check_eval_settings(s)  # makes eval/
     ref_path = s.out / "eval" / "reference.json"
     if not ref_path.is_file():
-        ref_path.parent.mkdir(parents=True, exist_ok=True)
         ref_path.write_text(json.dumps(reference_rows(s), indent=2))
     reference = json.loads(ref_path.read_text())
     print(format_reference(reference))
