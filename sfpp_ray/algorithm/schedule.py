@@ -62,10 +62,13 @@ class FlowMatchSchedule:
 
     def sample_training_timesteps(self, n: int, min_t: int, max_t: int, shift: float,
                                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One t per sample: uniform, shifted, clamped to [min_t, max_t] (DMD and critic)."""
+        """One t per sample: uniform, shifted, clamped to [min_t, max_t] (DMD and critic). A shift above 1
+        draws more noisy timesteps, below 1 more clean ones (1: uniform)."""
+        if shift <= 0:
+            raise ValueError(f"timestep shift must be > 0, got {shift}")
         T = self.num_train_timesteps
         u = torch.randint(0, T, (n,), generator=generator, device=generator.device if generator is not None else "cpu").float() / T
-        t = shift_sigma(u, shift) * T if shift > 1 else u * T
+        t = shift_sigma(u, shift) * T
         return t.clamp(min_t, max_t).to(device)
 
     def euler_sigmas(self, num_steps: int, shift: float) -> torch.Tensor:

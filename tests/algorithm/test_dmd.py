@@ -158,3 +158,17 @@ def test_flow_matching_under_bf16_autocast_matches_float32(tiny, schedule):
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in critic.parameters())
     assert mixed != exact and mixed == pytest.approx(exact, rel=0.03)  # computed in bf16, to 3%
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("shift", [0.25, 3.0])
+def test_training_timesteps_follow_the_shift_on_both_sides_of_one(schedule, shift):
+    """A shift below 1 must draw more clean timesteps (it was once silently read as 1)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    draw = lambda s: schedule.sample_training_timesteps(20000, 0, 1000, s, torch.Generator().manual_seed(seed))
+    uniform, shifted = draw(1.0), draw(shift)
+    assert abs(uniform.mean().item() - 500) < 15
+    expected = 1000 * torch.tensor([shift * (k / 1000) / (1 + (shift - 1) * k / 1000) for k in range(1000)]).mean()
+    assert abs(shifted.mean().item() - expected.item()) < 15
+    assert (shifted.mean() < uniform.mean() - 100) if shift < 1 else (shifted.mean() > uniform.mean() + 100)
+    with pytest.raises(ValueError, match="shift"):
+        draw(0.0)
