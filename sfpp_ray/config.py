@@ -473,6 +473,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.betas", "needs two values")
     positive("trainer.sync_every", cfg.trainer.sync_every)
     positive("dmd.update_ratio", cfg.dmd.update_ratio)
+    positive("dmd.timestep_shift", cfg.dmd.timestep_shift)
     if not 0 <= cfg.dmd.min_timestep < cfg.dmd.max_timestep <= sch.num_train_timesteps:
         raise ConfigError("dmd.max_timestep", "needs 0 <= dmd.min_timestep < dmd.max_timestep <= num_train_timesteps")
     positive("buffer.max_items", cfg.buffer.max_items)

@@ -57,6 +57,8 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.data_workers=-1", "teacher_pretrain.data_workers"),
     ("teacher_pretrain.train_text_encoder=maybe", "teacher_pretrain.train_text_encoder"),
     ("teacher_pretrain.autocast=maybe", "teacher_pretrain.autocast"),
+    ("teacher_pretrain.timestep_shift=0", "teacher_pretrain.timestep_shift"),
+    ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
     ("grpo.micro_batch=3", "grpo.micro_batch"),  # does not divide the group of 2
     ("world.sprite_count=[3,2]", "world.sprite_count"),
     ("world.size=[0.1]", "world.size"),
