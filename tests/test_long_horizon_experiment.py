@@ -67,6 +67,16 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_
     assert all(math.isfinite(v) for by in found["loss_by_sigma"].values() for v in by.values())
     assert (out / "teacher_diagnostics.png").is_file() and (out / "teacher_diagnostics.json").is_file()
 
+    # shape recovery from sigma 0 and 1 scores exactly the eval's real clips and teacher samples
+    spec = importlib.util.spec_from_file_location("shape_recovery", ROOT / "experiments" / "shape_recovery.py")
+    recovery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recovery)
+    found = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0,1", *TOY])
+    reference = experiment.reference_rows(experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out))
+    for row, label in zip(found["rows"], ("real", "teacher")):
+        assert {k: row[k] for k in recovery.KEYS} == pytest.approx({k: reference[label][1][k] for k in recovery.KEYS})
+    assert json.loads((out / "shape_recovery.json").read_text())["rows"] == found["rows"]
+
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
     printed = capsys.readouterr().out

@@ -1,0 +1,39 @@
+"""experiments/shape_recovery.py: noising to sigma 1 and sampling down is the teacher's sampler from noise,
+sigma 0 is the clip itself, and intermediate levels take only the sampler's steps below them."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule, euler_ode_sample
+from sfpp_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    spec = importlib.util.spec_from_file_location("shape_recovery", ROOT / "experiments" / "shape_recovery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recovery_from_sigma_one_is_the_sampler_and_from_zero_the_clip(recovery):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    teacher, text = components.build_teacher(cfg), components.build_text_encoder(cfg)
+    cond, uncond = text.encode(["a red square", "two blue circles"]), text.encode([""])
+    x0, noise = torch.randn(2, 12, 3, 8, 8), torch.randn(2, 12, 3, 8, 8)
+    grid = FlowMatchSchedule(1000, 5.0).euler_sigmas(6, 3.0)
+    flow = lambda c: (lambda x, t: teacher(x, t, c.expand(2, *c.shape[1:]), return_dict=False)[0])
+    sampled, _ = euler_ode_sample(flow(cond), flow(uncond), noise, grid, 2.0)
+    torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, 1.0, grid, 2.0), sampled)
+    assert torch.equal(recovery.recover(teacher, cond, uncond, x0, noise, 0.0, grid, 2.0), x0)
+    # from a level on the grid: the noised clip, then exactly the grid's remaining steps
+    k = 3
+    noised = (1 - grid[k]) * x0 + grid[k] * noise
+    expected, _ = euler_ode_sample(flow(cond), flow(uncond), noised, grid[k:], 2.0)
+    torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, float(grid[k]), grid, 2.0), expected)
