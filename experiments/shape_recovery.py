@@ -7,7 +7,7 @@ tells at which noise levels the teacher loses the shapes; the shape shares say w
     python experiments/shape_recovery.py --run outputs/w11 [--prompts 8] [--sigmas 0,0.2,0.4,0.6,0.8,1] [key=value ...]
 
 Prints a table (last), writes shape_recovery.json and shape_recovery.png (frame 10 of the first clips:
-real, then from each level) into --run. On the CPU by default (run.device=cuda to change).
+real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N). On the CPU by default (run.device=cuda to change).
 """
 
 from __future__ import annotations
@@ -69,11 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
     p.add_argument("--prompts", type=int, default=8, help="held-out scenes (the evaluation seed's first ones)")
     p.add_argument("--sigmas", default="0,0.2,0.4,0.6,0.8,1")
+    p.add_argument("--even-steps", type=int, default=0,
+                   help="N > 0: N even Euler steps from each level instead of the sampler's own below it")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     sigmas = [float(v) for v in args.sigmas.split(",")]
     if any(not 0 <= v <= 1 for v in sigmas):
         raise SystemExit(f"--sigmas must lie in [0, 1], got {args.sigmas}")
+    if args.even_steps < 0:
+        raise SystemExit(f"--even-steps must be >= 0, got {args.even_steps}")
+    name = "shape_recovery" + (f"_even{args.even_steps}" if args.even_steps else "")
     run = Path(args.run)
     cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
     s = Setup(cfg, run)
@@ -92,17 +97,20 @@ def main(argv: list[str] | None = None) -> dict:
     min_area = max(4, cfg.video.height * cfg.video.width // 500)  # as the metrics choose it
     rows, shown = [], [real[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)]]
     for sigma in sigmas:
+        if args.even_steps:  # its own levels below sigma, then sigma put in front
+            grid = torch.linspace(sigma, 0.0, args.even_steps + 1)[1:]
         videos = [to_uint8(v) for v in s.codec.decode(recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance))]
         scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block)) for v, r in zip(videos, references)]
         rows.append({"sigma": sigma, "steps": int((grid < sigma).sum()) if sigma > 0 else 0,
                      **{k: float(np.nanmean([m[k] for m in scores])) for k in KEYS},
                      "shapes": shape_shares(videos, min_area)})
         shown.append(np.stack(videos)[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)])
-    result = {"sampler": {"euler_steps": ode.euler_steps, "shift": ode.shift, "guidance": ode.guidance},
+    result = {"sampler": {"euler_steps": ode.euler_steps, "shift": ode.shift, "guidance": ode.guidance,
+                          "even_steps": args.even_steps},
               "prompts": args.prompts, "real_shapes": shape_shares(list(real), min_area), "rows": rows}
-    (run / "shape_recovery.json").write_text(json.dumps(result, indent=2))
+    (run / f"{name}.json").write_text(json.dumps(result, indent=2))
     image = np.concatenate([np.concatenate(list(r), axis=1) for r in shown], axis=0)
-    cv2.imwrite(str(run / "shape_recovery.png"), cv2.resize(image[..., ::-1], None, fx=4, fy=4,
+    cv2.imwrite(str(run / f"{name}.png"), cv2.resize(image[..., ::-1], None, fx=4, fy=4,
                                                            interpolation=cv2.INTER_NEAREST))
     shares = lambda d: " ".join(f"{d[k]:.2f}" for k in SHAPES)
     print(f"real clips: shapes ({' / '.join(SHAPES)}) {shares(result['real_shapes'])}; sampler {result['sampler']}")

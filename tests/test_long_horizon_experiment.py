@@ -76,6 +76,9 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_
     for row, label in zip(found["rows"], ("real", "teacher")):
         assert {k: row[k] for k in recovery.KEYS} == pytest.approx({k: reference[label][1][k] for k in recovery.KEYS})
     assert json.loads((out / "shape_recovery.json").read_text())["rows"] == found["rows"]
+    even = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5",
+                          "--even-steps", "3", *TOY])
+    assert even["rows"][0]["steps"] == 3 and (out / "shape_recovery_even3.json").is_file()
 
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
