@@ -1,13 +1,15 @@
 """How far into the noise a world teacher keeps the sprites' shapes: held-out real clips noised to a level
 sigma, then the teacher's own sampler from sigma to 0, scored as the eval stage scores samples. At sigma 0
-the clip is the real one; at 1 it is the eval's own teacher sample (same scenes, noise and sampler). A perfect teacher scores like the real clips at
-every level (its ODE carries the noised clips' distribution to the clips'), so where the score falls
-tells at which noise levels the teacher loses the shapes; the shape shares say what it draws instead.
+the clip is the real one; at 1 it is the eval's own teacher sample (same scenes, noise and sampler). A
+perfect teacher scores like the real clips at every level (its ODE carries the noised clips' distribution
+to the clips'), so where the score falls tells at which noise levels the teacher loses the shapes; the
+shape shares say what it draws instead.
 
     python experiments/shape_recovery.py --run outputs/w11 [--prompts 8] [--sigmas 0,0.2,0.4,0.6,0.8,1] [key=value ...]
 
 Prints a table (last), writes shape_recovery.json and shape_recovery.png (frame 10 of the first clips:
-real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N). On the CPU by default (run.device=cuda to change).
+real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N). On the CPU by
+default (run.device=cuda to change).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up an
 from sfpp_ray import components  # noqa: E402
 from sfpp_ray.algorithm.schedule import euler_ode_sample  # noqa: E402
 from sfpp_ray.config import load_config  # noqa: E402
-from sfpp_ray.evaluation.metrics import PALETTE, SHAPES, _sprites, as_float_video, segment_metrics, summarise  # noqa: E402
+from sfpp_ray.evaluation.metrics import (  # noqa: E402
+    PALETTE, SHAPES, _sprites, as_float_video, segment_metrics, summarise)
 from sfpp_ray.video_io import to_uint8  # noqa: E402
 from sfpp_ray.world.clips import clip_latents  # noqa: E402
 from sfpp_ray.world.sprites import prompt, render, sample_scenes  # noqa: E402
@@ -50,7 +53,8 @@ def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma:
         text = text.expand(x0.shape[0], *text.shape[1:]) if text.shape[0] == 1 else text
         return lambda x, t: teacher(x, t, text, return_dict=False)[0]
 
-    clean, _ = euler_ode_sample(flow(cond), flow(uncond) if uncond is not None else None, x.to(x0.dtype), grid, guidance)
+    uncond_flow = flow(uncond) if uncond is not None else None
+    clean, _ = euler_ode_sample(flow(cond), uncond_flow, x.to(x0.dtype), grid, guidance)
     return clean
 
 
@@ -97,10 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     min_area = max(4, cfg.video.height * cfg.video.width // 500)  # as the metrics choose it
     rows, shown = [], [real[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)]]
     for sigma in sigmas:
-        if args.even_steps:  # its own levels below sigma, then sigma put in front
+        if args.even_steps:  # N even levels below sigma (recover puts sigma in front)
             grid = torch.linspace(sigma, 0.0, args.even_steps + 1)[1:]
-        videos = [to_uint8(v) for v in s.codec.decode(recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance))]
-        scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block)) for v, r in zip(videos, references)]
+        clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance)
+        videos = [to_uint8(v) for v in s.codec.decode(clean)]
+        scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block))
+                  for v, r in zip(videos, references)]
         rows.append({"sigma": sigma, "steps": int((grid < sigma).sum()) if sigma > 0 else 0,
                      **{k: float(np.nanmean([m[k] for m in scores])) for k in KEYS},
                      "shapes": shape_shares(videos, min_area)})
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"real clips: shapes ({' / '.join(SHAPES)}) {shares(result['real_shapes'])}; sampler {result['sampler']}")
     print(f"{'from sigma':>10}{'steps':>7}" + "".join(f"{k:>19}" for k in KEYS) + f"{'shapes':>18}")
     for r in rows:
-        print(f"{r['sigma']:>10.2f}{r['steps']:>7}" + "".join(f"{r[k]:>19.3f}" for k in KEYS) + f"{shares(r['shapes']):>18}")
+        values = "".join(f"{r[k]:>19.3f}" for k in KEYS)
+        print(f"{r['sigma']:>10.2f}{r['steps']:>7}{values}{shares(r['shapes']):>18}")
     return result
 
 
