@@ -1,5 +1,6 @@
 """Shared test setup: one small local Ray cluster for the whole session, CPU-only settings."""
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -15,6 +16,18 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 # Two loaded cores can take longer than Ray Train's 60 s default to start a worker group that imports torch.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # JIT ops built once
+
+
+@pytest.fixture(scope="session")
+def load_experiment():
+    """load_experiment(name): experiments/<name>.py as a module (the scripts are not a package)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """experiments/long_horizon.py end to end on the tiny CPU config: every stage writes its output, the
 results table holds the expected rows, losses are finite, and a second run skips finished stages."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -22,11 +21,8 @@ TOY = ["teacher_pretrain.steps=3", "ode.num_pairs=4", "ode.shard_size=4", "ode.s
 
 
 @pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("long_horizon", ROOT / "experiments" / "long_horizon.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def experiment(load_experiment):
+    return load_experiment("long_horizon")
 
 
 def test_world_latent_batch_encodes_rendered_clips_and_prompts():
@@ -41,7 +37,7 @@ def test_world_latent_batch_encodes_rendered_clips_and_prompts():
     assert torch.equal(same, again)
 
 
-def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_path, capsys):
+def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, ray_cluster, tmp_path, capsys):
     out = tmp_path / "run"
     stages = "teacher,sampler,ode,sf,sfpp,eval"
     result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
@@ -59,18 +55,13 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, ray_cluster, tmp_
     assert set(result["table"]["sf"][2]) == set(experiment.TABLE_KEYS)
     assert "sfpp" in capsys.readouterr().out.splitlines()[-1]
 
-    spec = importlib.util.spec_from_file_location("teacher_diagnostics", ROOT / "experiments" / "teacher_diagnostics.py")
-    diagnostics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnostics)
-    found = diagnostics.main(["--run", str(out), "--config", str(TINY), *TOY])
+    found = load_experiment("teacher_diagnostics").main(["--run", str(out), "--config", str(TINY), *TOY])
     assert found["sampler"] == saved_best(out)  # samples drawn with the sampler stage's choice
     assert all(math.isfinite(v) for by in found["loss_by_sigma"].values() for v in by.values())
     assert (out / "teacher_diagnostics.png").is_file() and (out / "teacher_diagnostics.json").is_file()
 
     # shape recovery from sigma 0 and 1 scores exactly the eval's real clips and teacher samples
-    spec = importlib.util.spec_from_file_location("shape_recovery", ROOT / "experiments" / "shape_recovery.py")
-    recovery = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recovery)
+    recovery = load_experiment("shape_recovery")
     found = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0,1", *TOY])
     reference = experiment.reference_rows(experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out))
     for row, label in zip(found["rows"], ("real", "teacher")):

@@ -2,18 +2,12 @@
 on fresh scenes: colour drift grows with a shift of every pixel and stays near what the shift moves,
 while the earlier binned distance jumps on shifts nobody can see."""
 
-import importlib.util
 import json
 import random
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "metric_sensitivity.py"
 
 
-def test_colour_drift_follows_the_shift_and_the_binned_one_does_not(tmp_path):
-    spec = importlib.util.spec_from_file_location("metric_sensitivity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_colour_drift_follows_the_shift_and_the_binned_one_does_not(tmp_path, load_experiment):
+    module = load_experiment("metric_sensitivity")
     out = tmp_path / "sensitivity.json"
     seed = random.SystemRandom().randrange(2**31)
     rows = {r["change"]: r for r in module.main(["--scenes", "3", "--size", "32", "--frames", "12",

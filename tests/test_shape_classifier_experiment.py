@@ -1,18 +1,12 @@
 """experiments/shape_classifier.py on fresh scenes: it writes what it returns, and its counts say what
 docs/results.md relies on: squares are recognised, and every true shape is found more often right than wrong."""
 
-import importlib.util
 import json
 import random
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "shape_classifier.py"
 
 
-def test_confusion_of_the_shape_classifier_on_real_sprites(tmp_path):
-    spec = importlib.util.spec_from_file_location("shape_classifier", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_confusion_of_the_shape_classifier_on_real_sprites(tmp_path, load_experiment):
+    module = load_experiment("shape_classifier")
     out, frames = tmp_path / "shapes.json", 6
     seed = random.SystemRandom().randrange(2**31)
     rows = module.main(["--scenes", "40", "--frames", str(frames), "--seed", str(seed), "--out", str(out)])

@@ -1,7 +1,6 @@
 """experiments/shape_recovery.py: noising to sigma 1 and sampling down is the teacher's sampler from noise,
 sigma 0 is the clip itself, and intermediate levels take only the sampler's steps below them."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def recovery():
-    spec = importlib.util.spec_from_file_location("shape_recovery", ROOT / "experiments" / "shape_recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def recovery(load_experiment):
+    return load_experiment("shape_recovery")
 
 
 def test_recovery_from_sigma_one_is_the_sampler_and_from_zero_the_clip(recovery):
