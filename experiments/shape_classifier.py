@@ -13,11 +13,8 @@ import json
 
 import numpy as np
 
-from sfpp_ray.evaluation.metrics import _sprites, as_float_video
+from sfpp_ray.evaluation.metrics import find_sprites
 from sfpp_ray.world.sprites import PALETTE, SHAPES, WorldSpec, render, sample_scenes
-
-COLOUR_TOLERANCE = 60.0  # segment_metrics' default
-
 
 def confusion(scenes: int, size: int, frames: int, seed: int) -> dict[tuple[str, int], np.ndarray]:
     """(true shape, radius rounded to pixels) -> frames classified as each of SHAPES."""
@@ -25,7 +22,7 @@ def confusion(scenes: int, size: int, frames: int, seed: int) -> dict[tuple[str,
     counts: dict[tuple[str, int], np.ndarray] = {}
     for scene in sample_scenes(seed, scenes, "train", world):
         sprite = scene.sprites[0]
-        _, kinds = _sprites(as_float_video(render(scene, 0, frames)), PALETTE, COLOUR_TOLERANCE, max(4, size * size // 500))
+        _, kinds = find_sprites(render(scene, 0, frames))
         own = kinds.reshape(frames, len(PALETTE), len(SHAPES))[:, list(PALETTE).index(sprite.colour)].sum(0)
         key = (sprite.shape, int(round(sprite.radius)))
         counts[key] = counts.get(key, np.zeros(len(SHAPES), np.int64)) + own
@@ -53,7 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'true shape':<10}{'radius':>8}" + "".join(f"{'as ' + s:>12}" for s in SHAPES) + f"{'correct':>10}")
     for r in rows:
         radius = "all" if r["radius_px"] is None else r["radius_px"]
-        print(f"{r['shape']:<10}{radius:>8}" + "".join(f"{r['as_' + s]:>12}" for s in SHAPES) + f"{r['correct']:>10.2f}")
+        found = "".join(f"{r['as_' + s]:>12}" for s in SHAPES)
+        print(f"{r['shape']:<10}{radius:>8}{found}{r['correct']:>10.2f}")
     return rows
 
 

@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
 
 from sfpp_ray import components  # noqa: E402
-from sfpp_ray.algorithm.schedule import euler_ode_sample  # noqa: E402
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule, euler_ode_sample  # noqa: E402
 from sfpp_ray.config import load_config  # noqa: E402
-from sfpp_ray.evaluation.metrics import (  # noqa: E402
-    PALETTE, SHAPES, _sprites, as_float_video, segment_metrics, summarise)
+from sfpp_ray.evaluation.metrics import PALETTE, SHAPES, find_sprites, segment_metrics, summarise  # noqa: E402
 from sfpp_ray.video_io import to_uint8  # noqa: E402
 from sfpp_ray.world.clips import clip_latents  # noqa: E402
 from sfpp_ray.world.sprites import prompt, render, sample_scenes  # noqa: E402
@@ -42,11 +41,12 @@ SHOWN_CLIPS, SHOWN_FRAME = 4, 10
 
 @torch.no_grad()
 def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma: float, sigmas: torch.Tensor,
-            guidance: float) -> torch.Tensor:
+            guidance: float, schedule: FlowMatchSchedule) -> torch.Tensor:
     """x0 noised to `sigma`, then the sampler's Euler steps below sigma (`sigmas`: its whole grid, 1 -> 0)."""
     if sigma == 0:
         return x0
-    x = (1 - sigma) * x0.float() + sigma * noise.float()
+    t = torch.full((x0.shape[0],), sigma * schedule.num_train_timesteps, device=x0.device)
+    x = schedule.add_noise(x0, noise, t)
     grid = torch.cat([torch.tensor([sigma]), sigmas[sigmas < sigma]])
 
     def flow(text):
@@ -54,15 +54,15 @@ def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma:
         return lambda x, t: teacher(x, t, text, return_dict=False)[0]
 
     uncond_flow = flow(uncond) if uncond is not None else None
-    clean, _ = euler_ode_sample(flow(cond), uncond_flow, x.to(x0.dtype), grid, guidance)
+    clean, _ = euler_ode_sample(flow(cond), uncond_flow, x, grid, guidance, schedule.num_train_timesteps)
     return clean
 
 
-def shape_shares(videos: list[np.ndarray], min_area: int) -> dict[str, float]:
+def shape_shares(videos: list[np.ndarray]) -> dict[str, float]:
     """The share of each shape among the palette-coloured sprites found in every frame of `videos`."""
     counts = np.zeros(len(SHAPES))
     for video in videos:
-        kinds = _sprites(as_float_video(video), PALETTE, 60.0, min_area)[1].sum(0)
+        kinds = find_sprites(video)[1].sum(0)
         counts += kinds.reshape(len(PALETTE), len(SHAPES)).sum(0)
     return {shape: float(c / max(counts.sum(), 1)) for shape, c in zip(SHAPES, counts)}
 
@@ -98,22 +98,21 @@ def main(argv: list[str] | None = None) -> dict:
     cond = s.text.encode([prompt(sc) for sc in scenes])
     grid = s.schedule.euler_sigmas(ode.euler_steps, ode.shift)
     block = s.codec.video_frames(cfg.student.frames_per_block)
-    min_area = max(4, cfg.video.height * cfg.video.width // 500)  # as the metrics choose it
     rows, shown = [], [real[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)]]
     for sigma in sigmas:
         if args.even_steps:  # N even levels below sigma (recover puts sigma in front)
             grid = torch.linspace(sigma, 0.0, args.even_steps + 1)[1:]
-        clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance)
+        clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance, s.schedule)
         videos = [to_uint8(v) for v in s.codec.decode(clean)]
         scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block))
                   for v, r in zip(videos, references)]
         rows.append({"sigma": sigma, "steps": int((grid < sigma).sum()) if sigma > 0 else 0,
                      **{k: float(np.nanmean([m[k] for m in scores])) for k in KEYS},
-                     "shapes": shape_shares(videos, min_area)})
+                     "shapes": shape_shares(videos)})
         shown.append(np.stack(videos)[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)])
     result = {"sampler": {"euler_steps": ode.euler_steps, "shift": ode.shift, "guidance": ode.guidance,
                           "even_steps": args.even_steps},
-              "prompts": args.prompts, "real_shapes": shape_shares(list(real), min_area), "rows": rows}
+              "prompts": args.prompts, "real_shapes": shape_shares(list(real)), "rows": rows}
     (run / f"{name}.json").write_text(json.dumps(result, indent=2))
     image = np.concatenate([np.concatenate(list(r), axis=1) for r in shown], axis=0)
     cv2.imwrite(str(run / f"{name}.png"), cv2.resize(image[..., ::-1], None, fx=4, fy=4,

@@ -22,6 +22,7 @@ THUMB = 4  # side of the downsampled frame inside the Frechet features
 REPEAT_THUMB = 16  # side of the frame descriptor used to find repeats
 # Penalty scales of the stability score: the raw value at which a penalty saturates (or, for the
 # Frechet distance, reaches one half).
+COLOUR_TOLERANCE = 60.0  # RGB distance (0-255) within which a pixel takes its nearest palette colour
 EXPOSURE_SCALE = 0.1  # mean luma difference in [0, 1]
 COLOUR_SCALE = 0.1  # earth mover's distance of per-channel colour histograms, in [0, 1] units
 REPEAT_FLOOR = 0.8  # similarity a moving world reaches by chance between distant segments
@@ -119,6 +120,20 @@ def _sprites(video: np.ndarray, palette: dict[str, tuple[int, int, int]], tolera
     return counts, kinds
 
 
+def min_sprite_area(height: int, width: int) -> int:
+    """The smallest component counted as a sprite, in pixels at the analysis size: specks are not sprites."""
+    return max(4, height * width // 500)
+
+
+def find_sprites(video: np.ndarray, palette: dict[str, tuple[int, int, int]] = PALETTE
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Sprites per frame (F,) and (colour, shape) counts (F, P * 3) exactly as the metrics find them: at
+    their analysis size, tolerance and minimum area. For experiments that look inside the composition
+    and count metrics."""
+    video = as_float_video(video)
+    return _sprites(video, palette, COLOUR_TOLERANCE, min_sprite_area(*video.shape[1:3]))
+
+
 def _distribution_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Total-variation distance of two count vectors; 1 when exactly one of them is empty."""
     sa, sb = a.sum(), b.sum()
@@ -162,7 +177,7 @@ def _boundary_pairs(num_frames: int, block_frames: int | Sequence[int] | None) -
 
 def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarray | Sequence[np.ndarray] | None = None,
                     palette: dict[str, tuple[int, int, int]] = PALETTE, block_frames: int | Sequence[int] | None = None,
-                    motion_threshold: float = 0.05, colour_tolerance: float = 60.0, min_area: int | None = None) -> list[dict]:
+                    motion_threshold: float = 0.05, colour_tolerance: float = COLOUR_TOLERANCE, min_area: int | None = None) -> list[dict]:
     """Metrics per consecutive segment of `segment_frames` frames (a trailing remainder of >= 2 frames
     is its own segment). video: (F, H, W, 3) uint8 or float in [0, 1], analysed area-downscaled to a
     short side of at most 128 px; reference: real clips of the same size, (F, H, W, 3),
@@ -191,7 +206,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
     if segment_frames < 2:
         raise ValueError(f"segment_frames must be >= 2, got {segment_frames}")
     if min_area is None:
-        min_area = max(4, h * w // 500)
+        min_area = min_sprite_area(h, w)
     stats = _frame_stats(video, palette, colour_tolerance, min_area)
     bounds = [(s, min(s + segment_frames, n)) for s in range(0, n, segment_frames) if min(s + segment_frames, n) - s >= 2]
 
