@@ -290,15 +290,16 @@ SAMPLER_SWEEP = {"shift": (1.0, 3.0, 8.0), "guidance": (1.0, 2.0, 4.0)}
 VALIDATION_SEED_OFFSET = 1  # the sampler sweep scores other held-out scenes than the evaluation
 
 
-def reference_rows(s: Setup, ode=None, seed: int | None = None) -> dict[str, dict]:
+def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "heldout") -> dict[str, dict]:
     """Real clips and the teacher's own 1x-horizon samples (sampled with `ode`, default s.teacher_sampler()), scored
-    like the students: the metrics' floor and the teacher's ceiling."""
+    like the students: the metrics' floor and the teacher's ceiling. `split` "train" scores new scenes made only of
+    the colour / shape pairs the teacher was trained on (held-out scenes each hold at least one pair it never saw)."""
     cfg = s.with_teacher()
     ev, T = cfg.evaluation, cfg.video.teacher_frames
     seed = ev.seed if seed is None else seed
     horizon = s.codec.video_frames(T)
     block = s.codec.video_frames(cfg.student.frames_per_block)
-    scenes = sample_scenes(seed, ev.num_prompts, "heldout", s.world)
+    scenes = sample_scenes(seed, ev.num_prompts, split, s.world)
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
     trajectories = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,

@@ -166,6 +166,7 @@ class ODEConfig:
     euler_steps: int = 48
     shift: float = 8.0
     guidance: float = 6.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # noise levels where guidance applies
     shard_size: int = 64
     steps: int = 3000
     lr: float = 2e-6
@@ -518,6 +519,9 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
     positive("teacher_pretrain.checkpoint_every", tp.checkpoint_every, allow_zero=True)
+    gi = cfg.ode.guidance_interval
+    if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
+        raise ConfigError("ode.guidance_interval", f"needs two noise levels 0 <= low <= high <= 1, got {gi}")
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")

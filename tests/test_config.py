@@ -59,6 +59,8 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.autocast=maybe", "teacher_pretrain.autocast"),
     ("teacher_pretrain.timestep_shift=0", "teacher_pretrain.timestep_shift"),
     ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
+    ("ode.guidance_interval=[0.8,0.3]", "ode.guidance_interval"),
+    ("ode.guidance_interval=[0.5]", "ode.guidance_interval"),
     ("grpo.micro_batch=3", "grpo.micro_batch"),  # does not divide the group of 2
     ("world.sprite_count=[3,2]", "world.sprite_count"),
     ("world.size=[0.1]", "world.size"),

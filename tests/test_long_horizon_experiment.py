@@ -1,6 +1,7 @@
 """experiments/long_horizon.py end to end on the tiny CPU config: every stage writes its output, the
 results table holds the expected rows, losses are finite, and a second run skips finished stages."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -70,6 +71,19 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     even = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5",
                           "--even-steps", "3", *TOY])
     assert even["rows"][0]["steps"] == 3 and (out / "shape_recovery_even3.json").is_file()
+
+    # the sampler experiment: its eval rows are the eval's own, for either split
+    sampler = load_experiment("teacher_sampler")
+    found = sampler.main(["--run", str(out), "--config", str(TINY), "--settings", "4:3:2,4:3:2:0.5:1", "--validation",
+                          "1", "--heldout", "1", "--top", "1", "--splits", "heldout,train", *TOY])
+    assert len(found["validation"]) == 2 and len(found["heldout"]) == 4
+    setup = experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out)
+    ode = dataclasses.replace(setup.cfg.ode, euler_steps=4, shift=3.0, guidance=2.0)
+    for split, row in zip(("heldout", "train"), (found["heldout"][0], found["heldout"][2])):
+        assert row["split"] == split and row["setting"] == {"euler_steps": 4, "shift": 3.0, "guidance": 2.0}
+        expected = experiment.reference_rows(setup, ode, split=split)
+        assert row["teacher"] == pytest.approx({k: expected["teacher"][1][k] for k in sampler.KEYS})
+    assert json.loads((out / "teacher_sampler.json").read_text()) == found
 
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])

@@ -37,7 +37,7 @@ def make_ode_trajectories(teacher: nn.Module, cond: torch.Tensor, uncond: torch.
         return lambda x, t: teacher(x, t, text, return_dict=False)[0]
 
     clean, kept = euler_ode_sample(flow(cond), flow(uncond) if uncond is not None else None, noise, sigmas,
-                                   cfg.guidance, T, keep_at=keep)
+                                   cfg.guidance, T, keep_at=keep, guidance_interval=tuple(cfg.guidance_interval))
     return torch.stack(kept + [clean], dim=1)
 
 

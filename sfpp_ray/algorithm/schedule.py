@@ -90,24 +90,29 @@ FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch.Tensor, sigmas: torch.Tensor,
-                     guidance: float, T: int = 1000, keep_at: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                     guidance: float, T: int = 1000, keep_at: list[int] | None = None,
+                     guidance_interval: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Many-step Euler ODE with classifier-free guidance (the teacher's sampler).
 
-    flow_*(x, t) return the predicted flow for timesteps t of shape (B,). Returns the clean end
-    point and, for each index in `keep_at`, the state at sigmas[index] (ODE-init trajectories).
+    flow_*(x, t) return the predicted flow for timesteps t of shape (B,). Guidance applies only at
+    noise levels sigma within `guidance_interval` (low, high): where the layout is decided, not
+    where it mostly saturates colours. Returns the clean end point and, for each index in `keep_at`,
+    the state at sigmas[index] (ODE-init trajectories).
     """
+    lo, hi = guidance_interval
     x = noise.float()
     kept: dict[int, torch.Tensor] = {}
     keep = set(keep_at or [])
     for i in range(len(sigmas) - 1):
         if i in keep:
             kept[i] = x.clone()
-        t = torch.full((x.shape[0],), float(sigmas[i]) * T, device=x.device)
+        sigma = float(sigmas[i])
+        t = torch.full((x.shape[0],), sigma * T, device=x.device)
         flow = flow_cond(x.to(noise.dtype), t).float()
-        if flow_uncond is not None and guidance != 1.0:
+        if flow_uncond is not None and guidance != 1.0 and lo <= sigma <= hi:
             un = flow_uncond(x.to(noise.dtype), t).float()
             flow = un + guidance * (flow - un)
-        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * flow
+        x = x + (float(sigmas[i + 1]) - sigma) * flow
     return x.to(noise.dtype), [kept[i].to(noise.dtype) for i in (keep_at or [])]
 
 

@@ -1,5 +1,7 @@
 """ODE initialisation: teacher trajectories, the pair store, and block-causal regression."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,6 +32,25 @@ def test_trajectories_follow_the_teachers_ode(teacher, schedule, timesteps, ode_
     # Along the path the states approach the clean end.
     dist = [(traj[:, k] - clean).norm().item() for k in range(len(timesteps))]
     assert dist == sorted(dist, reverse=True)
+
+
+def test_guidance_applies_only_within_its_noise_levels(teacher, schedule, ode_cfg):
+    """Guidance on [low, high] is the guided sampler down to `low`, then the unguided one from there on."""
+    cond, uncond, noise = torch.randn(2, 7, 32), torch.randn(1, 7, 32), torch.randn(2, 12, 6, 8, 8)
+    flow_c = lambda x, t: teacher(x, t, cond, return_dict=False)[0]
+    flow_u = lambda x, t: teacher(x, t, uncond.expand(2, -1, -1), return_dict=False)[0]
+    sigmas = schedule.euler_sigmas(ode_cfg.euler_steps, ode_cfg.shift)
+    low = float(sigmas[5] + sigmas[6]) / 2  # between grid levels 5 and 6: levels 0-5 guided
+    sample = lambda x, grid, **kw: euler_ode_sample(flow_c, flow_u, x, grid, ode_cfg.guidance, **kw)[0]
+    interval = sample(noise, sigmas, guidance_interval=(low, 1.0))
+    guided_part = sample(noise, sigmas[:7])
+    expected = euler_ode_sample(flow_c, flow_u, guided_part, sigmas[6:], 1.0)[0]
+    torch.testing.assert_close(interval, expected)
+    assert not torch.allclose(interval, sample(noise, sigmas))  # (guidance all the way differs)
+    torch.testing.assert_close(sample(noise, sigmas, guidance_interval=(0.0, 1.0)), sample(noise, sigmas))
+    traj = make_ode_trajectories(teacher, cond, uncond, noise, torch.tensor([1000.0]),
+                                 dataclasses.replace(ode_cfg, guidance_interval=[low, 1.0]), schedule)
+    torch.testing.assert_close(traj[:, -1], interval)  # the config's interval reaches the sampler
 
 
 def test_pair_store_round_trip_and_reuse(tmp_path):

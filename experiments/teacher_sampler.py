@@ -1,0 +1,92 @@
+"""A world teacher's own samples against real clips under chosen sampler settings, on more scenes than the
+sampler stage and the eval use: which sampler to draw with, and how far the teacher is from the world.
+
+Each setting is steps:shift:guidance[:low:high] (Euler steps, the grid's shift, guidance, and the noise
+levels where guidance applies). Every setting is scored on --validation scenes (the sampler stage's seed);
+the first setting and the --top best of them again on --heldout scenes (the eval's seed, so the first
+--heldout 8 are the table's own) of each split in --splits: "heldout" scenes each hold a colour / shape
+pair the teacher never saw, "train" scenes only pairs it was trained on.
+
+    python experiments/teacher_sampler.py --run outputs/w11 --settings 24:8:2,24:8:4:0.3:0.8 \
+        [--validation 32] [--heldout 64] [--top 3] [--splits heldout,train] [key=value ...]
+
+Prints a table (last) and writes teacher_sampler.json into --run. On the GPU by default (run.device=cpu
+to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_horizon import VALIDATION_SEED_OFFSET, Setup, reference_rows  # noqa: E402
+
+from sfpp_ray.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("stability", "composition_error", "count_error", "colour_drift", "exposure_drift", "frechet")
+
+
+def parse_setting(text: str) -> dict:
+    """'24:8:2' or '24:8:4:0.3:0.8' -> the ode config fields it sets."""
+    v = text.split(":")
+    if len(v) not in (3, 5):
+        raise SystemExit(f"a setting is steps:shift:guidance[:low:high], got {text!r}")
+    setting = {"euler_steps": int(v[0]), "shift": float(v[1]), "guidance": float(v[2])}
+    if len(v) == 5:
+        setting["guidance_interval"] = [float(v[3]), float(v[4])]
+    return setting
+
+
+def score(run: Path, config: str, overrides: list[str], setting: dict, prompts: int, seed_offset: int,
+          split: str) -> dict:
+    cfg = load_config(config, [*overrides, f"evaluation.num_prompts={prompts}"])
+    s = Setup(cfg, run)
+    rows = reference_rows(s, dataclasses.replace(cfg.ode, **setting), seed=cfg.evaluation.seed + seed_offset, split=split)
+    return {label: {k: float(rows[label][1][k]) for k in KEYS} for label in ("real", "teacher")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="an experiments/long_horizon.py output directory with teacher/")
+    p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
+    p.add_argument("--settings", required=True, help="comma-separated steps:shift:guidance[:low:high]")
+    p.add_argument("--validation", type=int, default=32, help="validation scenes per setting (0: skip)")
+    p.add_argument("--heldout", type=int, default=64, help="evaluation scenes for the first and the top settings")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--splits", default="heldout")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    settings = [parse_setting(t) for t in args.settings.split(",")]
+    splits = args.splits.split(",")
+    if any(sp not in ("heldout", "train") for sp in splits):
+        raise SystemExit(f"--splits takes heldout and/or train, got {args.splits}")
+    run, out = Path(args.run), {"settings": settings, "validation": [], "heldout": []}
+    for setting in settings if args.validation else []:
+        row = score(run, args.config, args.overrides, setting, args.validation, VALIDATION_SEED_OFFSET, "heldout")
+        out["validation"].append({"setting": setting, **row})
+        print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}", flush=True)
+    ranked = [r["setting"] for r in sorted(out["validation"], key=lambda r: -r["teacher"]["stability"])]
+    chosen = [settings[0]] + [st for st in ranked if st != settings[0]][:args.top]
+    for split in splits:
+        for setting in chosen:
+            row = score(run, args.config, args.overrides, setting, args.heldout, 0, split)
+            out["heldout"].append({"setting": setting, "split": split, **row})
+    (run / "teacher_sampler.json").write_text(json.dumps(out, indent=2))
+    name = lambda st: ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"],
+                                                    *st.get("guidance_interval", [])))
+    print(f"{'scenes':<18}{'setting':<18}{'real':>8}" + "".join(f"{k:>19}" for k in KEYS))
+    for label, rows in (("validation", out["validation"]), ("eval", out["heldout"])):
+        for r in rows:
+            where = f"{label} {r.get('split', '')}".strip()
+            print(f"{where:<18}{name(r['setting']):<18}{r['real']['stability']:>8.1f}"
+                  + "".join(f"{r['teacher'][k]:>19.3f}" for k in KEYS))
+    return out
+
+
+if __name__ == "__main__":
+    main()
