@@ -338,7 +338,11 @@ def eval_settings(s: Setup) -> dict:
     ev, ode = s.cfg.evaluation, s.teacher_sampler()
     return {"evaluation.num_prompts": ev.num_prompts, "evaluation.horizons": list(ev.horizons),
             "evaluation.seed": ev.seed, "run.seed": s.cfg.run.seed, "ode.shift": ode.shift,
-            "ode.guidance": ode.guidance, "ode.euler_steps": ode.euler_steps}
+            "ode.guidance": ode.guidance, "ode.euler_steps": ode.euler_steps,
+            "ode.guidance_interval": list(ode.guidance_interval)}
+
+
+RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0]}  # keys settings.json gained later: what older ones meant
 
 
 def check_eval_settings(s: Setup) -> None:
@@ -351,7 +355,7 @@ def check_eval_settings(s: Setup) -> None:
         return
     then = json.loads(path.read_text())
     for key, value in now.items():
-        before = then.get(key)
+        before = then.get(key, RECORDED_LATER.get(key))
         if before != value:
             raise ConfigError(key, f"the scores in {path.parent} were made with {before}, not {value}: "
                                    "remove that directory to score again")

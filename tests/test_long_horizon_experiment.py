@@ -95,6 +95,15 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     with pytest.raises(ConfigError) as e:
         experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY, "evaluation.num_prompts=2"])
     assert e.value.key == "evaluation.num_prompts"
+    with pytest.raises(ConfigError) as e:
+        experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY,
+                         "ode.guidance_interval=[0.5,1.0]"])
+    assert e.value.key == "ode.guidance_interval"
+    settings = out / "eval" / "settings.json"  # one written before the interval was recorded: guidance everywhere
+    recorded = json.loads(settings.read_text())
+    del recorded["ode.guidance_interval"]
+    settings.write_text(json.dumps(recorded))
+    assert experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY])["table"]
 
 
 def saved_best(out: Path) -> dict:
