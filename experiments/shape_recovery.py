@@ -41,7 +41,8 @@ SHOWN_CLIPS, SHOWN_FRAME = 4, 10
 
 @torch.no_grad()
 def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma: float, sigmas: torch.Tensor,
-            guidance: float, schedule: FlowMatchSchedule) -> torch.Tensor:
+            guidance: float, schedule: FlowMatchSchedule,
+            guidance_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """x0 noised to `sigma`, then the sampler's Euler steps below sigma (`sigmas`: its whole grid, 1 -> 0)."""
     if sigma == 0:
         return x0
@@ -54,7 +55,8 @@ def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma:
         return lambda x, t: teacher(x, t, text, return_dict=False)[0]
 
     uncond_flow = flow(uncond) if uncond is not None else None
-    clean, _ = euler_ode_sample(flow(cond), uncond_flow, x, grid, guidance, schedule.num_train_timesteps)
+    clean, _ = euler_ode_sample(flow(cond), uncond_flow, x, grid, guidance, schedule.num_train_timesteps,
+                                guidance_interval=guidance_interval)
     return clean
 
 
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     for sigma in sigmas:
         if args.even_steps:  # N even levels below sigma (recover puts sigma in front)
             grid = torch.linspace(sigma, 0.0, args.even_steps + 1)[1:]
-        clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance, s.schedule)
+        clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance, s.schedule,
+                        tuple(ode.guidance_interval))
         videos = [to_uint8(v) for v in s.codec.decode(clean)]
         scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block))
                   for v, r in zip(videos, references)]

@@ -29,6 +29,9 @@ def test_recovery_from_sigma_one_is_the_sampler_and_from_zero_the_clip(recovery)
     sampled, _ = euler_ode_sample(flow(cond), flow(uncond), noise, grid, 2.0)
     torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, 1.0, grid, 2.0, schedule), sampled)
     assert torch.equal(recovery.recover(teacher, cond, uncond, x0, noise, 0.0, grid, 2.0, schedule), x0)
+    interval, _ = euler_ode_sample(flow(cond), flow(uncond), noise, grid, 2.0, guidance_interval=(0.5, 1.0))
+    torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, 1.0, grid, 2.0, schedule, (0.5, 1.0)),
+                               interval)  # the sampler's guidance interval is the eval's
     # from a level on the grid: the noised clip, then exactly the grid's remaining steps
     k = 3
     noised = (1 - grid[k]) * x0 + grid[k] * noise

@@ -20,9 +20,9 @@ LEVELS = 256  # per channel, for colour drift
 FEATURE_HIST_BINS = 4  # per channel, inside the Frechet features
 THUMB = 4  # side of the downsampled frame inside the Frechet features
 REPEAT_THUMB = 16  # side of the frame descriptor used to find repeats
+COLOUR_TOLERANCE = 60.0  # RGB distance (0-255) within which a pixel takes its nearest palette colour
 # Penalty scales of the stability score: the raw value at which a penalty saturates (or, for the
 # Frechet distance, reaches one half).
-COLOUR_TOLERANCE = 60.0  # RGB distance (0-255) within which a pixel takes its nearest palette colour
 EXPOSURE_SCALE = 0.1  # mean luma difference in [0, 1]
 COLOUR_SCALE = 0.1  # earth mover's distance of per-channel colour histograms, in [0, 1] units
 REPEAT_FLOOR = 0.8  # similarity a moving world reaches by chance between distant segments
