@@ -180,6 +180,7 @@ class DMDConfig:
     min_timestep: int = 20
     max_timestep: int = 980
     timestep_shift: float = 5.0
+    timestep_distribution: Literal["uniform", "logit_normal"] = "uniform"  # before the shift (schedule.py)
     update_ratio: int = 5  # critic steps per generator step
 
 
@@ -209,6 +210,8 @@ class TeacherPretrainConfig:
     ema_start_step: int = 0
     data_workers: int = 0  # processes rendering world clips ahead of the GPU (0: in the training loop)
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
+    timestep_distribution: Literal["uniform", "logit_normal"] = "uniform"  # logit_normal: most training near sigma 0.5
+    sprite_weight: float = 0.0  # > 0: the loss weighs latents on and around sprites 1 + this, the rest 1
     checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
     train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
     autocast: bool = False  # forward and backward in bfloat16 autocast; weights, optimizer and EMA stay float32
@@ -519,6 +522,7 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
     positive("teacher_pretrain.checkpoint_every", tp.checkpoint_every, allow_zero=True)
+    positive("teacher_pretrain.sprite_weight", tp.sprite_weight, allow_zero=True)
     gi = cfg.ode.guidance_interval
     if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
         raise ConfigError("ode.guidance_interval", f"needs two noise levels 0 <= low <= high <= 1, got {gi}")

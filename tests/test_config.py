@@ -58,6 +58,8 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.train_text_encoder=maybe", "teacher_pretrain.train_text_encoder"),
     ("teacher_pretrain.autocast=maybe", "teacher_pretrain.autocast"),
     ("teacher_pretrain.timestep_shift=0", "teacher_pretrain.timestep_shift"),
+    ("teacher_pretrain.sprite_weight=-1", "teacher_pretrain.sprite_weight"),
+    ("teacher_pretrain.timestep_distribution=normal", "teacher_pretrain.timestep_distribution"),
     ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
     ("ode.guidance_interval=[0.8,0.3]", "ode.guidance_interval"),
     ("ode.guidance_interval=[0.5]", "ode.guidance_interval"),

@@ -33,7 +33,7 @@ def _batch(text: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def _noised(x0: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig, generator: torch.Generator | None):
     t = schedule.sample_training_timesteps(x0.shape[0], cfg.min_timestep, cfg.max_timestep, cfg.timestep_shift,
-                                           generator=generator, device=x0.device)
+                                           generator=generator, device=x0.device, distribution=cfg.timestep_distribution)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return schedule.add_noise(x0, noise, t), noise, t
 
@@ -61,13 +61,20 @@ def dmd_generator_loss(x0: torch.Tensor, teacher: nn.Module, critic: nn.Module, 
 
 
 def critic_loss(x0: torch.Tensor, critic: nn.Module, cond: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Flow matching of the critic on gradient-free student samples: the critic tracks the student's distribution.
+                generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Flow matching of the critic on gradient-free student samples: the critic tracks the student's distribution
+    (and, on real clips, the teacher's pretraining). weight: per-element loss weights broadcastable to x0; the
+    loss is their weighted mean, so its scale stays that of the plain MSE.
     The metrics stay on the device (reading them waits for the GPU): the caller decides when."""
     x0 = x0.detach()
     x_t, noise, t = _noised(x0, schedule, cfg, generator)
     flow = _flow(critic, x_t, t, _batch(cond, x0.shape[0]))
-    loss = F.mse_loss(flow.float(), schedule.flow_target(x0, noise).float())
+    squared = (flow.float() - schedule.flow_target(x0, noise).float()).square()
+    if weight is None:
+        loss = squared.mean()
+    else:
+        weight = weight.float().expand_as(squared)
+        loss = (weight * squared).sum() / weight.sum()
     return loss, {"critic_loss": loss.detach(), "timestep": t.float().mean()}
 
 

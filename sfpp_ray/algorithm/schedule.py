@@ -61,13 +61,21 @@ class FlowMatchSchedule:
         return torch.tensor(steps, dtype=torch.float32)
 
     def sample_training_timesteps(self, n: int, min_t: int, max_t: int, shift: float,
-                                  generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One t per sample: uniform, shifted, clamped to [min_t, max_t] (DMD and critic). A shift above 1
-        draws more noisy timesteps, below 1 more clean ones (1: uniform)."""
+                                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                                  distribution: str = "uniform") -> torch.Tensor:
+        """One t per sample: drawn from `distribution`, shifted, clamped to [min_t, max_t] (DMD and critic).
+        "uniform" spends as much training at every noise level; "logit_normal" (sigma = sigmoid of a standard
+        normal, as in SD3) concentrates it around sigma 0.5, where a scene's shapes are decided. A shift above
+        1 draws more noisy timesteps, below 1 more clean ones (1: none)."""
         if shift <= 0:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
-        T = self.num_train_timesteps
-        u = torch.randint(0, T, (n,), generator=generator, device=generator.device if generator is not None else "cpu").float() / T
+        T, where = self.num_train_timesteps, generator.device if generator is not None else "cpu"
+        if distribution == "uniform":
+            u = torch.randint(0, T, (n,), generator=generator, device=where).float() / T
+        elif distribution == "logit_normal":
+            u = torch.sigmoid(torch.randn(n, generator=generator, device=where))
+        else:
+            raise ValueError(f"timestep distribution must be 'uniform' or 'logit_normal', got {distribution!r}")
         t = shift_sigma(u, shift) * T
         return t.clamp(min_t, max_t).to(device)
 

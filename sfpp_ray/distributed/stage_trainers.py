@@ -39,7 +39,7 @@ from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
 from sfpp_ray.models.text_encoder import PromptConditioned
-from sfpp_ray.world.clips import WorldClipStream, clip_latents
+from sfpp_ray.world.clips import WorldClipStream, clip_latents, sprite_loss_weight
 from sfpp_ray.world.sprites import prompt, sample_scenes
 
 PROMPT_DROPOUT = 0.1  # teacher prompts replaced by the negative prompt, so guidance has an unconditional model
@@ -138,8 +138,9 @@ def pretrain_teacher_loop(config: dict) -> None:
             print(f"[pretrain_teacher] resumed at step {done}", flush=True)
     clips = WorldClipStream(world_of(cfg), codec.video_frames(cfg.video.teacher_frames), tp.batch_size,
                             cfg.run.seed, first=done + 1, steps=tp.steps - done, rank=rank, world_size=world,
-                            prompt_dropout=PROMPT_DROPOUT)
-    noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift)
+                            prompt_dropout=PROMPT_DROPOUT, coverage=tp.sprite_weight > 0)
+    noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift,
+                                       timestep_distribution=tp.timestep_distribution)
     t0 = time.perf_counter()
     metrics, unread = {}, []  # unread: (step, loss on the device, lr) not yet read back
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
@@ -165,7 +166,10 @@ def pretrain_teacher_loop(config: dict) -> None:
                                       for p, drop in zip(batch["prompts"], batch["drop"].tolist())])
             else:
                 cond = torch.where(batch["drop"].to(device)[:, None, None], uncond, text.encode(batch["prompts"]))
-            loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step))
+            weight = None if tp.sprite_weight == 0 else sprite_loss_weight(
+                batch["coverage"].to(device, non_blocking=True), latents.shape, tp.sprite_weight)
+            loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step),
+                                  weight)
             engine.backward(loss)
             engine.step()
             if ema is not None:

@@ -10,12 +10,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sfpp_ray.models.codec import VideoCodec
 from sfpp_ray.models.text_encoder import TextEncoder
-from sfpp_ray.world.sprites import SceneSpec, WorldSpec, prompt, render, sample_scenes
+from sfpp_ray.world.sprites import SceneSpec, WorldSpec, prompt, render, render_layers, sample_scenes
 
 MAX_START_FRAME = 100_000
+SPRITE_RIM = 1  # pixels around a sprite weighted with it: a shape's corners are its edge pixels and their neighbours
 
 
 def world_latent_batch(scenes: Sequence[SceneSpec], num_video_frames: int, codec: VideoCodec, text_encoder: TextEncoder,
@@ -41,9 +43,23 @@ def clip_latents(frames: torch.Tensor, codec: VideoCodec, device: torch.device, 
     return codec.encode(video).to(device, dtype)
 
 
+def sprite_loss_weight(coverage: torch.Tensor, latent_shape: Sequence[int], sprite_weight: float) -> torch.Tensor:
+    """Per-latent loss weights (B, 1, F', h, w) from sprite coverage (B, F, H, W) in [0, 1]: 1 + sprite_weight
+    where a latent cell holds any sprite pixel or a pixel within SPRITE_RIM of one, 1 elsewhere. Sprites
+    fill a small share of each frame, so a plain mean leaves the shapes little of the loss; any codec's
+    latent grid works, as the pixel mask is max-pooled to it."""
+    if coverage.ndim != 4:
+        raise ValueError(f"coverage must be (B, F, H, W), got shape {tuple(coverage.shape)}")
+    mask = (coverage.float() > 0).float()
+    mask = F.max_pool2d(mask, 2 * SPRITE_RIM + 1, stride=1, padding=SPRITE_RIM)  # pools H, W of each frame
+    mask = F.adaptive_max_pool3d(mask[:, None], tuple(latent_shape[2:]))
+    return 1.0 + sprite_weight * mask
+
+
 class WorldClipStream(torch.utils.data.IterableDataset):
     """The batches of training steps first..first+steps-1: uint8 clips (B, F, H, W, 3), their prompts and
-    a prompt-dropout mask, each a function of (seed, rank, step) alone.
+    a prompt-dropout mask, each a function of (seed, rank, step) alone; with `coverage`, also the sprites'
+    coverage of each pixel (B, F, H, W, uint8 0-255).
 
     Rendering is the slow part of a small model's step; under a DataLoader with workers, worker w
     renders steps w, w + W, ... and the loader hands them back in step order, so the batches are the
@@ -51,19 +67,23 @@ class WorldClipStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, world: WorldSpec, num_video_frames: int, batch_size: int, seed: int, first: int, steps: int,
-                 rank: int = 0, world_size: int = 1, prompt_dropout: float = 0.0, split: str = "train"):
+                 rank: int = 0, world_size: int = 1, prompt_dropout: float = 0.0, split: str = "train",
+                 coverage: bool = False):
         self.world, self.num_video_frames, self.batch_size = world, num_video_frames, batch_size
         self.seed, self.first, self.steps, self.rank, self.world_size = seed, first, steps, rank, world_size
-        self.prompt_dropout, self.split = prompt_dropout, split
+        self.prompt_dropout, self.split, self.coverage = prompt_dropout, split, coverage
 
     def batch(self, step: int) -> dict:
         scenes = sample_scenes(self.seed * 1000 + step, self.batch_size * self.world_size, self.split,
                                self.world)[self.rank::self.world_size]
         rng = np.random.default_rng([self.seed, self.rank, step])
         start = rng.integers(0, MAX_START_FRAME, size=len(scenes))
-        frames = np.stack([render(s, int(f), self.num_video_frames) for s, f in zip(scenes, start)])
-        return {"step": step, "frames": torch.from_numpy(frames), "prompts": [prompt(s) for s in scenes],
-                "drop": torch.from_numpy(rng.random(len(scenes)) < self.prompt_dropout)}
+        frames, coverage = zip(*[render_layers(s, int(f), self.num_video_frames) for s, f in zip(scenes, start)])
+        batch = {"step": step, "frames": torch.from_numpy(np.stack(frames)), "prompts": [prompt(s) for s in scenes],
+                 "drop": torch.from_numpy(rng.random(len(scenes)) < self.prompt_dropout)}
+        if self.coverage:
+            batch["coverage"] = torch.from_numpy(np.rint(np.stack(coverage) * 255).astype(np.uint8))
+        return batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

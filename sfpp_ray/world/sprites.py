@@ -234,12 +234,19 @@ def _signed_distance(shape: str, radius: float, dx: np.ndarray, dy: np.ndarray) 
 
 def render(scene: SceneSpec, start_frame: int, num_frames: int) -> np.ndarray:
     """Frames [start_frame, start_frame + num_frames) as uint8 (F, H, W, 3); pure function of its arguments."""
+    return render_layers(scene, start_frame, num_frames)[0]
+
+
+def render_layers(scene: SceneSpec, start_frame: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """render's frames and the sprites' coverage (F, H, W), float32 in [0, 1]: the share of each pixel that
+    a sprite covers (the most over sprites), so a loss can single out the pixels that carry the shapes."""
     if num_frames <= 0 or start_frame < 0:
         raise ValueError(f"need start_frame >= 0 and num_frames > 0, got {start_frame}, {num_frames}")
     w = scene.world
     base = background(scene)
     centres = positions(scene, start_frame, num_frames)
     video = np.empty((num_frames, w.height, w.width, 3), dtype=np.uint8)
+    coverage = np.zeros((num_frames, w.height, w.width), dtype=np.float32)
     colours = [np.array(PALETTE[s.colour], dtype=np.float32) for s in scene.sprites]
     for f in range(num_frames):
         canvas = base.copy()
@@ -253,8 +260,9 @@ def render(scene: SceneSpec, start_frame: int, num_frames: int) -> np.ndarray:
             alpha = np.clip(0.5 - d, 0.0, 1.0) if w.antialias else (d <= 0).astype(np.float32)
             patch = canvas[y0:y1, x0:x1]
             patch += alpha[..., None] * (colour - patch)
+            np.maximum(coverage[f, y0:y1, x0:x1], alpha, out=coverage[f, y0:y1, x0:x1])
         video[f] = np.clip(np.rint(canvas), 0, 255)
-    return video
+    return video, coverage
 
 
 def stream(scene: SceneSpec, chunk: int, start_frame: int = 0) -> Iterator[np.ndarray]:

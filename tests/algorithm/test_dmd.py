@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
+from sfpp_ray.algorithm.dmd import EMA, _noised, critic_loss, dmd_generator_loss, is_generator_step
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.algorithm.schedule import euler_ode_sample
 from sfpp_ray.config import DMDConfig, ScheduleConfig
@@ -172,3 +172,33 @@ def test_training_timesteps_follow_the_shift_on_both_sides_of_one(schedule, shif
     assert (shifted.mean() < uniform.mean() - 100) if shift < 1 else (shifted.mean() > uniform.mean() + 100)
     with pytest.raises(ValueError, match="shift"):
         draw(0.0)
+
+
+def test_weighted_critic_loss_is_the_weighted_mean_of_the_squared_errors(teacher, schedule):
+    seed, cfg = int(torch.randint(0, 2**31, ())), DMDConfig()
+    x0, text = torch.randn(2, 12, 3, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        x_t, noise, t = _noised(x0, schedule, cfg, torch.Generator().manual_seed(seed))
+        squared = (teacher(x_t, t, text, return_dict=False)[0] - schedule.flow_target(x0, noise)).square()
+        loss = lambda weight: critic_loss(x0, teacher, text, schedule, cfg, torch.Generator().manual_seed(seed), weight)[0]
+        torch.testing.assert_close(loss(None), squared.mean())
+        torch.testing.assert_close(loss(torch.full((2, 1, 3, 8, 8), 3.0)), squared.mean())  # the scale is kept
+        weight = torch.rand(2, 1, 3, 8, 8) * 4
+        torch.testing.assert_close(loss(weight), (weight * squared).sum() / weight.expand_as(squared).sum())
+        region = torch.zeros(2, 1, 3, 8, 8)
+        region[1, :, :, 2:5, 3:7] = 1  # all weight on one region: the mean error there
+        torch.testing.assert_close(loss(region), squared[1, :, :, 2:5, 3:7].mean())
+
+
+def test_logit_normal_timesteps_gather_around_the_middle(schedule):
+    seed = int(torch.randint(0, 2**31, ()))
+    draw = lambda s, d: schedule.sample_training_timesteps(20000, 0, 1000, s, torch.Generator().manual_seed(seed),
+                                                           distribution=d)
+    middle = lambda t: ((t >= 250) & (t <= 750)).float().mean().item()
+    uniform, logit_normal = draw(1.0, "uniform"), draw(1.0, "logit_normal")
+    assert abs(middle(uniform) - 0.5) < 0.02
+    assert abs(middle(logit_normal) - 0.728) < 0.02  # P(|z| <= logit(0.75)) for a standard normal z
+    assert abs(logit_normal.median().item() - 500) < 15 and logit_normal.min() > 0 and logit_normal.max() < 1000
+    assert draw(3.0, "logit_normal").median() > 700  # the shift applies after: 1000 * shift_sigma(0.5, 3) = 750
+    with pytest.raises(ValueError, match="distribution"):
+        draw(1.0, "normal")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from sfpp_ray.evaluation.flow import farneback_flow, luma
-from sfpp_ray.world.sprites import (HELDOUT_COMBOS, Background, SceneSpec, Sprite, WorldSpec, positions, prompt,
-                                    render, sample_scenes, stream)
+from sfpp_ray.world.sprites import (HELDOUT_COMBOS, PALETTE, Background, SceneSpec, Sprite, WorldSpec, background,
+                                    positions, prompt, render, render_layers, sample_scenes, stream)
 
 
 @pytest.fixture
@@ -71,6 +71,22 @@ def test_heldout_prompts_are_disjoint_from_train(seed):
     assert all(not combos(s) & HELDOUT_COMBOS for s in train)
     assert all(combos(s) & HELDOUT_COMBOS for s in heldout)
     assert not {prompt(s) for s in train} & {prompt(s) for s in heldout}
+
+
+def test_coverage_marks_the_sprite_pixels_and_nothing_else(seed):
+    scene = sample_scenes(seed, 1, world=WorldSpec(sprite_count=(2, 4)))[0]
+    frames, coverage = render_layers(scene, seed % 1000, 6)
+    assert np.array_equal(frames, render(scene, seed % 1000, 6)) and coverage.shape == frames.shape[:3]
+    assert 0 <= coverage.min() and coverage.max() == 1
+    bare = np.clip(np.rint(background(scene)), 0, 255).astype(np.uint8)
+    assert np.array_equal(frames[coverage == 0], np.broadcast_to(bare, frames.shape)[coverage == 0])
+    full = frames[coverage == 1]  # wholly covered pixels hold a sprite's palette colour
+    colours = np.array([PALETTE[s.colour] for s in scene.sprites])
+    assert (np.abs(full[:, None, :].astype(int) - colours[None]).max(axis=2).min(axis=1) <= 1).all()
+    # about the sprites' area, each frame (anti-aliased edges count in part)
+    area = sum(2 * s.radius * 2 * s.radius * {"circle": np.pi / 4, "square": 1, "triangle": 3 ** 0.5 / 4}[s.shape]
+               for s in scene.sprites)
+    assert (coverage.sum(axis=(1, 2)) <= area + 1).all()
 
 
 def test_render_is_fast(seed):
