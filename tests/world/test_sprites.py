@@ -80,13 +80,13 @@ def test_coverage_marks_the_sprite_pixels_and_nothing_else(seed):
     assert 0 <= coverage.min() and coverage.max() == 1
     bare = np.clip(np.rint(background(scene)), 0, 255).astype(np.uint8)
     assert np.array_equal(frames[coverage == 0], np.broadcast_to(bare, frames.shape)[coverage == 0])
-    full = frames[coverage == 1]  # wholly covered pixels hold a sprite's palette colour
-    colours = np.array([PALETTE[s.colour] for s in scene.sprites])
-    assert (np.abs(full[:, None, :].astype(int) - colours[None]).max(axis=2).min(axis=1) <= 1).all()
-    # about the sprites' area, each frame (anti-aliased edges count in part)
-    area = sum(2 * s.radius * 2 * s.radius * {"circle": np.pi / 4, "square": 1, "triangle": 3 ** 0.5 / 4}[s.shape]
-               for s in scene.sprites)
-    assert (coverage.sum(axis=(1, 2)) <= area + 1).all()
+    # the sprites' area, each frame (anti-aliased edges count in part; overlaps count once)
+    area = lambda s: 4 * s.radius ** 2 * {"circle": np.pi / 4, "square": 1, "triangle": 3 ** 0.5 / 4}[s.shape]
+    assert (coverage.sum(axis=(1, 2)) <= 1.02 * sum(area(s) for s in scene.sprites)).all()
+    lone = sample_scenes(seed + 1, 1, world=WorldSpec(sprite_count=(1, 1)))[0]
+    frames, coverage = render_layers(lone, 0, 6)  # a wholly covered pixel holds the sprite's own colour
+    assert (np.abs(frames[coverage == 1].astype(int) - PALETTE[lone.sprites[0].colour]).max(axis=1) <= 1).all()
+    assert coverage.sum(axis=(1, 2)) == pytest.approx(np.full(6, area(lone.sprites[0])), rel=0.02)
 
 
 def test_render_is_fast(seed):
