@@ -65,8 +65,8 @@ class FlowMatchSchedule:
                                   distribution: str = "uniform") -> torch.Tensor:
         """One t per sample: drawn from `distribution`, shifted, clamped to [min_t, max_t] (DMD and critic).
         "uniform" spends as much training at every noise level; "logit_normal" (sigma = sigmoid of a standard
-        normal, as in SD3) concentrates it around sigma 0.5, where a scene's shapes are decided. A shift above
-        1 draws more noisy timesteps, below 1 more clean ones (1: none)."""
+        normal, as in SD3) concentrates it around sigma 0.5. A shift above 1 draws more noisy timesteps, below 1
+        more clean ones (1: none)."""
         if shift <= 0:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
         T, where = self.num_train_timesteps, generator.device if generator is not None else "cpu"

@@ -29,8 +29,9 @@ def runs(ray_cluster, tmp_path_factory):
         f"run.output_dir={tmp_path_factory.mktemp('stages')}", "run.name=stages", f"run.stages={STAGES}",
         "rollout.num_frames=12", "rollout.cpus_per_worker=0.5", "ode.num_pairs=4", "ode.steps=4", "dmd.steps=2",
         "dmd.update_ratio=1", "grpo.steps=2", "tracking.experiment=sfpp-stages",
-        "teacher_pretrain.autocast=true",  # the interruption test below covers float32
-        # and the plain loss; this run weighs sprites and draws noise levels around the middle
+        # the interruption test below covers float32 and the plain loss; this run weighs the loss towards
+        # sprites and draws its noise levels around the middle
+        "teacher_pretrain.autocast=true",
         "teacher_pretrain.sprite_weight=3", "teacher_pretrain.timestep_distribution=logit_normal",
     ])
     first = train(cfg)

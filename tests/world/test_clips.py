@@ -1,9 +1,8 @@
 """World training clips: the batch of a step is a function of (seed, rank, step) alone, however it is rendered."""
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from sfpp_ray.world.clips import SPRITE_RIM, WorldClipStream, sprite_loss_weight
 from sfpp_ray.world.sprites import WorldSpec, prompt, render, render_layers, sample_scenes
