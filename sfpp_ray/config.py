@@ -212,7 +212,7 @@ class TeacherPretrainConfig:
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
     timestep_distribution: Literal["uniform", "logit_normal"] = "uniform"  # logit_normal: most training near sigma 0.5
     # > 0: the loss weighs latents on and around sprites 1 + this, the rest 1. The weight depends on the clean
-    # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites (docs/results.md, run 15)
+    # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites (docs/results.md, runs 15, 17)
     sprite_weight: float = 0.0
     checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
     train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
