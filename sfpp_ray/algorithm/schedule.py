@@ -103,9 +103,9 @@ def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch
     """Many-step Euler ODE with classifier-free guidance (the teacher's sampler).
 
     flow_*(x, t) return the predicted flow for timesteps t of shape (B,). Guidance applies only at
-    noise levels sigma within `guidance_interval` (low, high): where the layout is decided, not
-    where it mostly saturates colours. Returns the clean end point and, for each index in `keep_at`,
-    the state at sigmas[index] (ODE-init trajectories).
+    noise levels sigma within `guidance_interval` (low, high); the default (0, 1) guides every step.
+    Returns the clean end point and, for each index in `keep_at`, the state at sigmas[index]
+    (ODE-init trajectories).
     """
     lo, hi = guidance_interval
     x = noise.float()
