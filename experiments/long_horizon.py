@@ -35,7 +35,8 @@ import torch
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
 from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
-from sfpp_ray.algorithm.ode_init import OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss
+from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss,
+                                        saved_guides)
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
@@ -78,6 +79,11 @@ class Setup:
             return self.cfg.ode
         best = json.loads((self.out / "sampler" / DONE).read_text())["best"]
         return dataclasses.replace(self.cfg.ode, **best)
+
+    def guide(self, ode, prompts: list[str]) -> Guide | None:
+        """The autoguidance guide of the sampler `ode` with the prompts embedded by its own text encoder; None when off."""
+        built = components.build_guide(dataclasses.replace(self.cfg, ode=ode), self.device, self.dtype)
+        return None if built is None else Guide(built[0], built[1].encode(prompts))
 
     def generator(self, offset: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.cfg.run.seed * 1000 + offset)
@@ -155,10 +161,11 @@ def ode_init(s: Setup) -> dict:
     def make_shard(n: int) -> tuple[torch.Tensor, list[str]]:
         prompts = s.train_prompts(100_000 + len(store), n)
         return make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, n, g), s.timesteps,
-                                     sampler, s.schedule), prompts
+                                     sampler, s.schedule, s.guide(sampler, prompts)), prompts
 
     sampler = s.teacher_sampler()
-    print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}", flush=True)
+    print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}, "
+          f"autoguidance {sampler.autoguidance:g} ({sampler.guide})", flush=True)
     fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
     del teacher
     pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
@@ -287,6 +294,7 @@ def train_grpo(s: Setup, name: str = "sfpp_grpo") -> dict:
 
 
 SAMPLER_SWEEP = {"shift": (1.0, 3.0, 8.0), "guidance": (1.0, 2.0, 4.0)}
+AUTOGUIDANCE_SWEEP = (1.5, 2.0, 3.0)  # with each guide the teacher stage saved (teacher_pretrain.guide_steps)
 VALIDATION_SEED_OFFSET = 1  # the sampler sweep scores other held-out scenes than the evaluation
 
 
@@ -300,10 +308,11 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
     horizon = s.codec.video_frames(T)
     block = s.codec.video_frames(cfg.student.frames_per_block)
     scenes = sample_scenes(seed, ev.num_prompts, split, s.world)
+    prompts, ode = [prompt(sc) for sc in scenes], ode or s.teacher_sampler()
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
-    trajectories = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,
-                                         s.noise(T, len(scenes), g), s.timesteps, ode or s.teacher_sampler(), s.schedule)
+    trajectories = make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g),
+                                         s.timesteps, ode, s.schedule, s.guide(ode, prompts))
     samples = [to_uint8(v) for v in s.codec.decode(trajectories[:, -1])]
     rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {"real": [], "teacher": []}
@@ -316,20 +325,29 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
 
 
 def sampler_sweep(s: Setup) -> dict:
-    """The teacher's stability on validation scenes for every (shift, guidance) of SAMPLER_SWEEP."""
+    """The teacher's stability on validation scenes for every (shift, guidance) of SAMPLER_SWEEP, then, at the
+    best of those, for every autoguidance weight of AUTOGUIDANCE_SWEEP with each guide saved beside the teacher."""
     rows, t0 = [], time.perf_counter()
+
+    def score(**setting) -> None:
+        ode = dataclasses.replace(s.cfg.ode, **setting)
+        m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET)["teacher"][1]
+        rows.append({**setting, **m})
+        print(f"[sampler] {'  '.join(f'{k} {v}' for k, v in setting.items())}  stability {m['stability']:.1f}  "
+              f"colour_drift {m['colour_drift']:.3f}  count_error {m['count_error']:.3f}  frechet {m['frechet']:.3f}",
+              flush=True)
+
     for shift in SAMPLER_SWEEP["shift"]:
         for guidance in SAMPLER_SWEEP["guidance"]:
-            ode = dataclasses.replace(s.cfg.ode, shift=shift, guidance=guidance)
-            m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET)["teacher"][1]
-            rows.append({"shift": shift, "guidance": guidance, **m})
-            print(f"[sampler] shift {shift:g}  guidance {guidance:g}  stability {m['stability']:.1f}  "
-                  f"colour_drift {m['colour_drift']:.3f}  count_error {m['count_error']:.3f}  frechet {m['frechet']:.3f}",
-                  flush=True)
+            score(shift=shift, guidance=guidance)
     best = max(rows, key=lambda r: r["stability"])
-    print(f"[sampler] best: ode.shift={best['shift']:g} ode.guidance={best['guidance']:g}")
-    return mark_done(s.out / "sampler", {"rows": rows, "best": {"shift": best["shift"], "guidance": best["guidance"]},
-                                         "seconds": time.perf_counter() - t0})
+    for guide in saved_guides(s.out / "teacher"):
+        for weight in AUTOGUIDANCE_SWEEP:
+            score(shift=best["shift"], guidance=best["guidance"], autoguidance=weight, guide=str(guide))
+    best = max(rows, key=lambda r: r["stability"])
+    chosen = {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide") if k in best}
+    print(f"[sampler] best: {'  '.join(f'ode.{k}={v}' for k, v in chosen.items())}")
+    return mark_done(s.out / "sampler", {"rows": rows, "best": chosen, "seconds": time.perf_counter() - t0})
 
 
 def eval_settings(s: Setup) -> dict:
@@ -339,10 +357,11 @@ def eval_settings(s: Setup) -> dict:
     return {"evaluation.num_prompts": ev.num_prompts, "evaluation.horizons": list(ev.horizons),
             "evaluation.seed": ev.seed, "run.seed": s.cfg.run.seed, "ode.shift": ode.shift,
             "ode.guidance": ode.guidance, "ode.euler_steps": ode.euler_steps,
-            "ode.guidance_interval": list(ode.guidance_interval)}
+            "ode.guidance_interval": list(ode.guidance_interval), "ode.autoguidance": ode.autoguidance,
+            "ode.guide": ode.guide}
 
 
-RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0]}  # keys settings.json gained later: what older ones meant
+RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None}  # keys settings.json gained later: what older ones meant
 
 
 def check_eval_settings(s: Setup) -> None:

@@ -2,10 +2,12 @@
 sampler stage and the eval use: which sampler to draw with, and how far the teacher is from the world.
 
 Each setting is steps:shift:guidance[:low:high] (Euler steps, the grid's shift, guidance, and the noise
-levels where guidance applies). Every setting is scored on --validation scenes (the sampler stage's seed);
-the first setting and the --top best of them again on --heldout scenes (the eval's seed, so the first
---heldout 8 are the table's own) of each split in --splits: "heldout" scenes each hold a colour / shape
-pair the teacher never saw, "train" scenes only pairs it was trained on.
+levels where guidance applies), optionally followed by :autoguidance=w:guide=<dir> (a weaker teacher's
+directory, e.g. <run>/teacher/guide_step1000, steered away from with weight w). Every setting is scored
+on --validation scenes (the sampler stage's seed); the first setting and the --top best of them again on
+--heldout scenes (the eval's seed, so the first --heldout 8 are the table's own) of each split in
+--splits: "heldout" scenes each hold a colour / shape pair the teacher never saw, "train" scenes only
+pairs it was trained on.
 
     python experiments/teacher_sampler.py --run outputs/w11 --settings 24:8:2,24:8:4:0.3:0.8 \
         [--validation 32] [--heldout 64] [--top 3] [--splits heldout,train] [key=value ...]
@@ -31,15 +33,25 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("stability", "composition_error", "count_error", "colour_drift", "exposure_drift", "frechet")
 
 
+NAMED = {"autoguidance": float, "guide": str}  # setting pieces given as name=value
+
+
 def parse_setting(text: str) -> dict:
-    """'24:8:2' or '24:8:4:0.3:0.8' -> the ode config fields it sets."""
-    v = text.split(":")
-    if len(v) not in (3, 5):
-        raise SystemExit(f"a setting is steps:shift:guidance[:low:high], got {text!r}")
+    """'24:8:2', '24:8:4:0.3:0.8' or '24:8:2:autoguidance=2:guide=<dir>' -> the ode config fields it sets."""
+    pieces = text.split(":")
+    v = [x for x in pieces if "=" not in x]
+    named = dict(x.split("=", 1) for x in pieces if "=" in x)
+    if len(v) not in (3, 5) or set(named) - set(NAMED):
+        raise SystemExit(f"a setting is steps:shift:guidance[:low:high][:autoguidance=w:guide=dir], got {text!r}")
     setting = {"euler_steps": int(v[0]), "shift": float(v[1]), "guidance": float(v[2])}
     if len(v) == 5:
         setting["guidance_interval"] = [float(v[3]), float(v[4])]
-    return setting
+    return setting | {k: NAMED[k](x) for k, x in named.items()}
+
+
+def setting_name(st: dict) -> str:
+    numbers = ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"], *st.get("guidance_interval", [])))
+    return numbers + (f" ag {st['autoguidance']:g} {Path(st['guide']).name}" if st.get("autoguidance", 1) != 1 else "")
 
 
 def score(run: Path, config: str, overrides: list[str], setting: dict, prompts: int, seed_offset: int,
@@ -54,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="an experiments/long_horizon.py output directory with teacher/")
     p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
-    p.add_argument("--settings", required=True, help="comma-separated steps:shift:guidance[:low:high]")
+    p.add_argument("--settings", required=True,
+                   help="comma-separated steps:shift:guidance[:low:high][:autoguidance=w:guide=dir]")
     p.add_argument("--validation", type=int, default=32, help="validation scenes per setting (0: skip)")
     p.add_argument("--heldout", type=int, default=64, help="evaluation scenes for the first and the top settings")
     p.add_argument("--top", type=int, default=3)
@@ -77,13 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
             row = score(run, args.config, args.overrides, setting, args.heldout, 0, split)
             out["heldout"].append({"setting": setting, "split": split, **row})
     (run / "teacher_sampler.json").write_text(json.dumps(out, indent=2))
-    name = lambda st: ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"],
-                                                    *st.get("guidance_interval", [])))
-    print(f"{'scenes':<18}{'setting':<18}{'real':>8}" + "".join(f"{k:>19}" for k in KEYS))
+    print(f"{'scenes':<18}{'setting':<30}{'real':>8}" + "".join(f"{k:>19}" for k in KEYS))
     for label, rows in (("validation", out["validation"]), ("eval", out["heldout"])):
         for r in rows:
             where = f"{label} {r.get('split', '')}".strip()
-            print(f"{where:<18}{name(r['setting']):<18}{r['real']['stability']:>8.1f}"
+            print(f"{where:<18}{setting_name(r['setting']):<30}{r['real']['stability']:>8.1f}"
                   + "".join(f"{r['teacher'][k]:>19.3f}" for k in KEYS))
     return out
 

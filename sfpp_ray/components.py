@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
-from sfpp_ray.config import Config
+from sfpp_ray.config import Config, with_teacher
 from sfpp_ray.models.bidirectional_wan import BidirectionalWanTransformer3DModel
 from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
 from sfpp_ray.models.codec import VideoCodec, build_codec
@@ -45,6 +45,14 @@ def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
 def build_teacher(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransformer3DModel:
     """The frozen bidirectional teacher (real score)."""
     return build_critic(cfg, device, dtype).eval().requires_grad_(False)
+
+
+def build_guide(cfg: Config, device=None, dtype=None) -> tuple[BidirectionalWanTransformer3DModel, TextEncoder] | None:
+    """The weaker teacher of ode.guide for autoguidance, with the text encoder it was trained with; None when off."""
+    if cfg.ode.guide is None or cfg.ode.autoguidance == 1:
+        return None
+    guide_cfg = with_teacher(cfg, cfg.ode.guide)
+    return build_teacher(guide_cfg, device, dtype), build_text_encoder(guide_cfg, device, dtype)
 
 
 def build_critic(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransformer3DModel:

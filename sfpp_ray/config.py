@@ -167,6 +167,10 @@ class ODEConfig:
     shift: float = 8.0
     guidance: float = 6.0
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # noise levels where guidance applies
+    # > 1: each step also moves this - 1 times the teacher's flow minus a weaker guide's (autoguidance); the
+    # guide is a teacher directory, e.g. teacher/guide_step1000 that teacher_pretrain.guide_steps writes
+    autoguidance: float = 1.0
+    guide: str | None = None
     shard_size: int = 64
     steps: int = 3000
     lr: float = 2e-6
@@ -215,6 +219,9 @@ class TeacherPretrainConfig:
     # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites (docs/results.md, runs 15, 17)
     sprite_weight: float = 0.0
     checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
+    # at each of these steps the teacher as it stands (its EMA) is also saved, to teacher/guide_step<N>: a weaker
+    # model of the same data for autoguidance (ode.guide)
+    guide_steps: list[int] = field(default_factory=list)
     train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
     autocast: bool = False  # forward and backward in bfloat16 autocast; weights, optimizer and EMA stay float32
 
@@ -510,7 +517,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("codec.path", "kind wan_vae needs a local AutoencoderKLWan directory")
     for key, value in (("model.pretrained", m.pretrained), ("student.checkpoint", s.checkpoint),
                        ("text.path", cfg.text.path), ("codec.path", cfg.codec.path),
-                       ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights)):
+                       ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights),
+                       ("ode.guide", cfg.ode.guide)):
         if value is not None and not Path(value).exists():
             raise ConfigError(key, f"path {value!r} does not exist")
     tp = cfg.teacher_pretrain
@@ -525,9 +533,15 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
     positive("teacher_pretrain.checkpoint_every", tp.checkpoint_every, allow_zero=True)
     positive("teacher_pretrain.sprite_weight", tp.sprite_weight, allow_zero=True)
+    if any(not 0 < k < tp.steps for k in tp.guide_steps):
+        raise ConfigError("teacher_pretrain.guide_steps", f"each must lie in (0, teacher_pretrain.steps), got {tp.guide_steps}")
     gi = cfg.ode.guidance_interval
     if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
         raise ConfigError("ode.guidance_interval", f"needs two noise levels 0 <= low <= high <= 1, got {gi}")
+    if cfg.ode.autoguidance < 1:
+        raise ConfigError("ode.autoguidance", f"must be >= 1 (1: off), got {cfg.ode.autoguidance}")
+    if cfg.ode.autoguidance != 1 and cfg.ode.guide is None:
+        raise ConfigError("ode.guide", "ode.autoguidance needs a guide: a weaker teacher's directory")
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")

@@ -8,6 +8,7 @@ MSE against a detached target so that the optimiser sees an ordinary loss.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -109,6 +110,17 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
             p.copy_(self.shadow[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """The average in the model's parameters while the block runs (to save it), the live weights back after."""
+        live = [p.detach().clone() for p in model.parameters()]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(list(model.parameters()), live)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "start_step": self.start_step, "shadow": copy.copy(self.shadow)}

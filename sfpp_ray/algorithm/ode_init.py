@@ -11,6 +11,7 @@ import bisect
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,20 +25,49 @@ from sfpp_ray.config import ODEConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
 
+@dataclass
+class Guide:
+    """A weaker teacher the sampler steers away from (autoguidance, ode.autoguidance): an earlier checkpoint of
+    the same teacher. cond: the prompts embedded by the guide's own text encoder (one trained with the teacher
+    changes with it)."""
+
+    model: nn.Module
+    cond: torch.Tensor
+
+
+GUIDE_PREFIX = "guide_step"
+
+
+def guide_dir(teacher_dir: str | os.PathLike, step: int) -> Path:
+    """Where the teacher stage saves the teacher as it stood at `step` (teacher_pretrain.guide_steps)."""
+    return Path(teacher_dir) / f"{GUIDE_PREFIX}{step}"
+
+
+def saved_guides(teacher_dir: str | os.PathLike) -> list[Path]:
+    """The guides saved beside a teacher, earliest first."""
+    found = [p for p in Path(teacher_dir).glob(f"{GUIDE_PREFIX}*") if p.name.removeprefix(GUIDE_PREFIX).isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(GUIDE_PREFIX)))
+
+
 @torch.no_grad()
 def make_ode_trajectories(teacher: nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
-                          student_timesteps: torch.Tensor, cfg: ODEConfig, schedule: FlowMatchSchedule) -> torch.Tensor:
+                          student_timesteps: torch.Tensor, cfg: ODEConfig, schedule: FlowMatchSchedule,
+                          guide: Guide | None = None) -> torch.Tensor:
     """(B, K+1, C, F, H, W): the teacher's ODE states nearest each of the K student timesteps, then its clean end."""
     T = schedule.num_train_timesteps
     sigmas = schedule.euler_sigmas(cfg.euler_steps, cfg.shift)
     keep = nearest_indices(sigmas, student_timesteps, T)
+    if cfg.autoguidance != 1.0 and guide is None:
+        raise ValueError("ode.autoguidance needs a guide model (ode.guide)")
 
-    def flow(text: torch.Tensor):
+    def flow(model: nn.Module, text: torch.Tensor):
         text = text.expand(noise.shape[0], *text.shape[1:]) if text.shape[0] == 1 else text
-        return lambda x, t: teacher(x, t, text, return_dict=False)[0]
+        return lambda x, t: model(x, t, text, return_dict=False)[0]
 
-    clean, kept = euler_ode_sample(flow(cond), flow(uncond) if uncond is not None else None, noise, sigmas,
-                                   cfg.guidance, T, keep_at=keep, guidance_interval=tuple(cfg.guidance_interval))
+    clean, kept = euler_ode_sample(flow(teacher, cond), flow(teacher, uncond) if uncond is not None else None, noise,
+                                   sigmas, cfg.guidance, T, keep_at=keep, guidance_interval=tuple(cfg.guidance_interval),
+                                   flow_guide=None if guide is None else flow(guide.model, guide.cond),
+                                   autoguidance=cfg.autoguidance)
     return torch.stack(kept + [clean], dim=1)
 
 

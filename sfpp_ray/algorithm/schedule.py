@@ -99,11 +99,15 @@ FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch.Tensor, sigmas: torch.Tensor,
                      guidance: float, T: int = 1000, keep_at: list[int] | None = None,
-                     guidance_interval: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                     guidance_interval: tuple[float, float] = (0.0, 1.0), flow_guide: FlowFn | None = None,
+                     autoguidance: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Many-step Euler ODE with classifier-free guidance (the teacher's sampler).
 
     flow_*(x, t) return the predicted flow for timesteps t of shape (B,). Guidance applies only at
     noise levels sigma within `guidance_interval` (low, high); the default (0, 1) guides every step.
+    With `flow_guide` (a weaker model of the same data, e.g. an earlier checkpoint) and autoguidance
+    w > 1, every step also moves w - 1 times the difference between the model and the guide further
+    along (Karras et al., 2024): where the weaker model blurs, the difference points away from the blur.
     Returns the clean end point and, for each index in `keep_at`, the state at sigmas[index]
     (ODE-init trajectories).
     """
@@ -111,15 +115,18 @@ def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch
     x = noise.float()
     kept: dict[int, torch.Tensor] = {}
     keep = set(keep_at or [])
+    guided_away = flow_guide is not None and autoguidance != 1.0
     for i in range(len(sigmas) - 1):
         if i in keep:
             kept[i] = x.clone()
         sigma = float(sigmas[i])
         t = torch.full((x.shape[0],), sigma * T, device=x.device)
-        flow = flow_cond(x.to(noise.dtype), t).float()
+        cond = flow = flow_cond(x.to(noise.dtype), t).float()
         if flow_uncond is not None and guidance != 1.0 and lo <= sigma <= hi:
             un = flow_uncond(x.to(noise.dtype), t).float()
-            flow = un + guidance * (flow - un)
+            flow = un + guidance * (cond - un)
+        if guided_away:
+            flow = flow + (autoguidance - 1.0) * (cond - flow_guide(x.to(noise.dtype), t).float())
         x = x + (float(sigmas[i + 1]) - sigma) * flow
     return x.to(noise.dtype), [kept[i].to(noise.dtype) for i in (keep_at or [])]
 

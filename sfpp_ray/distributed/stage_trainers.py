@@ -30,7 +30,7 @@ import torch.distributed as dist
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss
 from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
-from sfpp_ray.algorithm.ode_init import OdePairStore, make_ode_trajectories, ode_regression_loss
+from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, guide_dir, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import Config, from_dict
@@ -175,6 +175,8 @@ def pretrain_teacher_loop(config: dict) -> None:
             if ema is not None:
                 with full_params(engine.module, zero3):
                     ema.update(engine.module, step)
+            if step in tp.guide_steps:
+                _save_guide(engine, ema, cfg, step)
             unread.append((step, loss.detach(), engine.get_lr()[0]))
             printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
@@ -192,6 +194,15 @@ def pretrain_teacher_loop(config: dict) -> None:
                                      "resumed_from": done, "seconds": time.perf_counter() - t0}, metrics, tp.steps)
 
 
+def _save_guide(engine, ema: EMA | None, cfg: Config, step: int) -> None:
+    """The teacher as it stands (its EMA, with its text encoder when trained with it): a weaker model of the
+    same data, for autoguidance (ode.guide). Training goes on with its live weights."""
+    with full_params(engine.module, cfg.trainer.zero_stage == 3):
+        if global_rank() == 0:
+            with ema.swapped_in(engine.module) if ema is not None else contextlib.nullcontext():
+                engine.module.save_pretrained(guide_dir(cfg.run_dir / "teacher", step))
+
+
 def _save_teacher_state(engine, ema: EMA | None, losses: list[float], metrics: dict, step: int) -> None:
     """Every rank writes its engine shards (weights, optimizer, LR schedule), rank 0 the step, losses and
     EMA; Ray Train keeps the directory as the stage's latest checkpoint."""
@@ -206,14 +217,17 @@ def _save_teacher_state(engine, ema: EMA | None, losses: list[float], metrics: d
 # ---------------------------------------------------------------- ODE initialisation
 
 
-def _ode_shard(teacher, cfg: Config, start: int, n: int, text, codec, schedule, timesteps, uncond, device, dtype):
-    """Pairs start..start+n: prompts and noise depend only on `start`, not on which rank makes them."""
+def _ode_shard(teacher, cfg: Config, start: int, n: int, text, codec, schedule, timesteps, uncond, device, dtype,
+               guide=None):
+    """Pairs start..start+n: prompts and noise depend only on `start`, not on which rank makes them.
+    guide: (model, text encoder) of ode.guide when autoguidance is on."""
     prompts = [prompt(s) for s in sample_scenes(cfg.run.seed * 1000 + ODE_SCENE_OFFSET + start, n, "train",
                                                 world_of(cfg))]
     g = _generator(cfg, device, ODE_SCENE_OFFSET, start)
     noise = torch.randn(components.latent_shape(cfg, codec, cfg.video.teacher_frames, n), generator=g, device=device,
                         dtype=dtype)
-    trajectories = make_ode_trajectories(teacher, text.encode(prompts), uncond, noise, timesteps, cfg.ode, schedule)
+    trajectories = make_ode_trajectories(teacher, text.encode(prompts), uncond, noise, timesteps, cfg.ode, schedule,
+                                         None if guide is None else Guide(guide[0], guide[1].encode(prompts)))
     return trajectories.cpu(), prompts
 
 
@@ -229,12 +243,12 @@ def ode_pairs(cfg: Config, text, codec, schedule, timesteps, uncond, device, dty
     if not starts:
         return store
     rank, world = global_rank(), world_size()
-    teacher = components.build_teacher(cfg, device, dtype)
+    teacher, guide = components.build_teacher(cfg, device, dtype), components.build_guide(cfg, device, dtype)
     for first in range(0, len(starts), world):
         mine = starts[first + rank] if first + rank < len(starts) else None
         shard = None if mine is None else _ode_shard(teacher, cfg, mine, min(cfg.ode.shard_size,
                                                                              cfg.ode.num_pairs - mine),
-                                                     text, codec, schedule, timesteps, uncond, device, dtype)
+                                                     text, codec, schedule, timesteps, uncond, device, dtype, guide)
         shards = [shard]
         if world > 1:
             shards = [None] * world
