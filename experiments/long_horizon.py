@@ -35,12 +35,11 @@ import torch
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
 from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
-from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss,
-                                        saved_guides)
+from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
-from sfpp_ray.config import Config, ConfigError, load_config, validate, with_teacher
+from sfpp_ray.config import Config, ConfigError, load_config, saved_guides, validate, with_teacher
 from sfpp_ray.evaluation.evaluate import evaluate, nanmean, world_of
 from sfpp_ray.evaluation.metrics import segment_metrics, summarise
 from sfpp_ray.video_io import to_uint8

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
 
 from sfpp_ray import components  # noqa: E402
+from sfpp_ray.algorithm.ode_init import Guide, teacher_flow  # noqa: E402
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule, euler_ode_sample  # noqa: E402
 from sfpp_ray.config import load_config  # noqa: E402
 from sfpp_ray.evaluation.metrics import PALETTE, SHAPES, find_sprites, segment_metrics, summarise  # noqa: E402
@@ -41,22 +42,21 @@ SHOWN_CLIPS, SHOWN_FRAME = 4, 10
 
 @torch.no_grad()
 def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma: float, sigmas: torch.Tensor,
-            guidance: float, schedule: FlowMatchSchedule,
-            guidance_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-    """x0 noised to `sigma`, then the sampler's Euler steps below sigma (`sigmas`: its whole grid, 1 -> 0)."""
+            guidance: float, schedule: FlowMatchSchedule, guidance_interval: tuple[float, float] = (0.0, 1.0),
+            guide: Guide | None = None, autoguidance: float = 1.0) -> torch.Tensor:
+    """x0 noised to `sigma`, then the sampler's Euler steps below sigma (`sigmas`: its whole grid, 1 -> 0), with the
+    sampler's guidance, its interval and its autoguidance (guide, weight) as the eval samples."""
     if sigma == 0:
         return x0
     t = torch.full((x0.shape[0],), sigma * schedule.num_train_timesteps, device=x0.device)
     x = schedule.add_noise(x0, noise, t)
     grid = torch.cat([torch.tensor([sigma]), sigmas[sigmas < sigma]])
 
-    def flow(text):
-        text = text.expand(x0.shape[0], *text.shape[1:]) if text.shape[0] == 1 else text
-        return lambda x, t: teacher(x, t, text, return_dict=False)[0]
-
-    uncond_flow = flow(uncond) if uncond is not None else None
-    clean, _ = euler_ode_sample(flow(cond), uncond_flow, x, grid, guidance, schedule.num_train_timesteps,
-                                guidance_interval=guidance_interval)
+    n = x0.shape[0]
+    clean, _ = euler_ode_sample(teacher_flow(teacher, cond, n), None if uncond is None else teacher_flow(teacher, uncond, n),
+                                x, grid, guidance, schedule.num_train_timesteps, guidance_interval=guidance_interval,
+                                flow_guide=None if guide is None else teacher_flow(guide.model, guide.cond, n),
+                                autoguidance=autoguidance)
     return clean
 
 
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     references = [render(sc, 0, 4 * frames) for sc in scenes]
     x0 = clip_latents(torch.from_numpy(real), s.codec, s.device, s.dtype)
     noise = s.noise(T, len(scenes), s.generator(4))  # as the eval draws the teacher's samples: sigma 1 is its row
-    cond = s.text.encode([prompt(sc) for sc in scenes])
+    prompts = [prompt(sc) for sc in scenes]
+    cond, guide = s.text.encode(prompts), s.guide(ode, prompts)
     grid = s.schedule.euler_sigmas(ode.euler_steps, ode.shift)
     block = s.codec.video_frames(cfg.student.frames_per_block)
     rows, shown = [], [real[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)]]
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.even_steps:  # N even levels below sigma (recover puts sigma in front)
             grid = torch.linspace(sigma, 0.0, args.even_steps + 1)[1:]
         clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance, s.schedule,
-                        tuple(ode.guidance_interval))
+                        tuple(ode.guidance_interval), guide, ode.autoguidance)
         videos = [to_uint8(v) for v in s.codec.decode(clean)]
         scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block))
                   for v, r in zip(videos, references)]

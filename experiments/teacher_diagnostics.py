@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     ode = s.teacher_sampler()
     scenes = sample_scenes(cfg.evaluation.seed, 2, "heldout", s.world)
     g = torch.Generator().manual_seed(cfg.run.seed)
-    samples = make_ode_trajectories(teacher, s.text.encode([prompt(sc) for sc in scenes]), s.uncond,
-                                    s.noise(T, len(scenes), g), s.timesteps, ode, s.schedule)[:, -1]
+    prompts = [prompt(sc) for sc in scenes]
+    samples = make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g), s.timesteps,
+                                    ode, s.schedule, s.guide(ode, prompts))[:, -1]
     rows = []
     for scene, sample in zip(scenes, s.codec.decode(samples)):
         rows += [strip(to_uint8(sample)), strip(render(scene, 500, frames))]
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     image = np.concatenate(rows, axis=0)
     cv2.imwrite(str(run / "teacher_diagnostics.png"),
                 cv2.resize(image[..., ::-1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
-    result = {"sampler": {"shift": ode.shift, "guidance": ode.guidance}, "loss_by_sigma": losses,
+    sampler = {"shift": ode.shift, "guidance": ode.guidance} | (
+        {"autoguidance": ode.autoguidance, "guide": ode.guide} if ode.autoguidance != 1 else {})
+    result = {"sampler": sampler, "loss_by_sigma": losses,
               "loss_by_prompt": prompt_use,
               "rows": ["sample, prompt 1", "real, prompt 1", "sample, prompt 2", "real, prompt 2",
                        *(f"clean prediction of real prompt-1 clip at sigma {s}" for s in SIGMAS if s > 0.1)]}

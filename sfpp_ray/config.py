@@ -425,6 +425,27 @@ def with_teacher(cfg: Config, teacher_dir: str | os.PathLike) -> Config:
     return from_dict(tree)
 
 
+GUIDE_PREFIX = "guide_step"
+
+
+def guide_dir(teacher_dir: str | os.PathLike, step: int) -> Path:
+    """Where the teacher stage saves the teacher as it stood at `step` (teacher_pretrain.guide_steps)."""
+    return Path(teacher_dir) / f"{GUIDE_PREFIX}{step}"
+
+
+def saved_guides(teacher_dir: str | os.PathLike) -> list[Path]:
+    """The guides saved beside a teacher, earliest first."""
+    found = [p for p in Path(teacher_dir).glob(f"{GUIDE_PREFIX}*") if p.name.removeprefix(GUIDE_PREFIX).isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(GUIDE_PREFIX)))
+
+
+def guide_made_by_this_run(cfg: Config) -> bool:
+    """ode.guide is a guide this run's own pretrain_teacher stage saves (teacher_pretrain.guide_steps), so it
+    need not exist yet when the config is loaded."""
+    planned = {guide_dir(cfg.run_dir / "teacher", k) for k in cfg.teacher_pretrain.guide_steps}
+    return "pretrain_teacher" in cfg.run.stages and Path(cfg.ode.guide) in planned
+
+
 def codec_latent_channels(cfg: Config) -> int | None:
     if cfg.codec.kind == "pixel_unshuffle":
         return 3 * cfg.codec.spatial_factor**2 * cfg.codec.temporal_factor
@@ -517,8 +538,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("codec.path", "kind wan_vae needs a local AutoencoderKLWan directory")
     for key, value in (("model.pretrained", m.pretrained), ("student.checkpoint", s.checkpoint),
                        ("text.path", cfg.text.path), ("codec.path", cfg.codec.path),
-                       ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights),
-                       ("ode.guide", cfg.ode.guide)):
+                       ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights)):
         if value is not None and not Path(value).exists():
             raise ConfigError(key, f"path {value!r} does not exist")
     tp = cfg.teacher_pretrain
@@ -542,6 +562,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ode.autoguidance", f"must be >= 1 (1: off), got {cfg.ode.autoguidance}")
     if cfg.ode.autoguidance != 1 and cfg.ode.guide is None:
         raise ConfigError("ode.guide", "ode.autoguidance needs a guide: a weaker teacher's directory")
+    if cfg.ode.guide is not None and not Path(cfg.ode.guide).exists() and not guide_made_by_this_run(cfg):
+        raise ConfigError("ode.guide", f"path {cfg.ode.guide!r} does not exist, and it is not a guide this run's "
+                                       "pretrain_teacher stage saves (teacher_pretrain.guide_steps)")
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sfpp_ray.config import ConfigError, load_config
+from sfpp_ray.config import ConfigError, guide_dir, load_config, saved_guides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -63,6 +63,11 @@ def test_overrides_are_typed_and_dotted():
     ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
     ("ode.guidance_interval=[0.8,0.3]", "ode.guidance_interval"),
     ("ode.guidance_interval=[0.5]", "ode.guidance_interval"),
+    ("ode.autoguidance=0.5", "ode.autoguidance"),
+    ("ode.autoguidance=2", "ode.guide"),  # on without a guide
+    ("ode.guide=/nonexistent/guide_step100", "ode.guide"),
+    ("teacher_pretrain.guide_steps=[0]", "teacher_pretrain.guide_steps"),
+    ("teacher_pretrain.guide_steps=[20]", "teacher_pretrain.guide_steps"),  # tiny.yaml trains 20 steps
     ("grpo.micro_batch=3", "grpo.micro_batch"),  # does not divide the group of 2
     ("world.sprite_count=[3,2]", "world.sprite_count"),
     ("world.size=[0.1]", "world.size"),
@@ -93,3 +98,22 @@ def test_world_section_sets_the_scenes():
     for scene in sample_scenes(int(__import__("random").randrange(2**31)), 20, world=world):
         assert 2 <= len(scene.sprites) <= 3 and scene.background.kind == "texture"
         assert all(0.2 * world.short_side <= s.radius <= 0.25 * world.short_side for s in scene.sprites)
+
+
+def test_saved_guides_are_found_in_step_order(tmp_path):
+    for step in (1000, 200, 50):
+        guide_dir(tmp_path, step).mkdir()
+    (tmp_path / "guide_stepx").mkdir()
+    (tmp_path / "text_encoder").mkdir()
+    assert saved_guides(tmp_path) == [tmp_path / "guide_step50", tmp_path / "guide_step200", tmp_path / "guide_step1000"]
+
+
+def test_a_guide_this_run_saves_need_not_exist_yet(tmp_path):
+    guide = tmp_path / "g" / "teacher" / "guide_step10"
+    made_here = [f"run.output_dir={tmp_path}", "run.name=g", "teacher_pretrain.guide_steps=[10]", "ode.autoguidance=2",
+                 f"ode.guide={guide}"]
+    assert load_config(TINY, made_here).ode.guide == str(guide)
+    for missing in ("teacher_pretrain.guide_steps=[5]", "run.stages=[ode,dmd]"):  # another step; no teacher stage
+        with pytest.raises(ConfigError) as e:
+            load_config(TINY, [*made_here, missing])
+        assert e.value.key == "ode.guide"

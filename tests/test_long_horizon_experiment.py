@@ -41,11 +41,18 @@ def test_world_latent_batch_encodes_rendered_clips_and_prompts():
 def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, ray_cluster, tmp_path, capsys):
     out = tmp_path / "run"
     stages = "teacher,sampler,ode,sf,sfpp,eval"
-    result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
+    guided = [*TOY, "teacher_pretrain.guide_steps=[2]"]  # the teacher at step 2 is saved as an autoguidance guide
+    result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
     teacher = json.loads((out / "teacher" / "stage.json").read_text())  # written by the Ray stage
     assert len(teacher["losses"]) == 3 and all(math.isfinite(v) for v in teacher["losses"])
     sweep = json.loads((out / "sampler" / "stage.json").read_text())
-    assert len(sweep["rows"]) == 9 and sweep["best"] in [{"shift": r["shift"], "guidance": r["guidance"]} for r in sweep["rows"]]
+    guide = str(out / "teacher" / "guide_step2")
+    plain = [r for r in sweep["rows"] if "guide" not in r]
+    best_plain = max(plain, key=lambda r: r["stability"])
+    assert len(plain) == 9 and [(r["shift"], r["guidance"], r["guide"], r["autoguidance"]) for r in sweep["rows"][9:]] == [
+        (best_plain["shift"], best_plain["guidance"], guide, w) for w in experiment.AUTOGUIDANCE_SWEEP]
+    best = max(sweep["rows"], key=lambda r: r["stability"])
+    assert sweep["best"] == {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide") if k in best}
     for name in ("student_ode", "sf", "sfpp"):
         record = json.loads((out / name / "stage.json").read_text())
         assert record["losses"] and all(math.isfinite(v) for vs in record["losses"].values() for v in vs)
@@ -74,9 +81,13 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
 
     # the sampler experiment: its eval rows are the eval's own, for either split
     sampler = load_experiment("teacher_sampler")
-    found = sampler.main(["--run", str(out), "--config", str(TINY), "--settings", "4:3:2,4:3:2:0.5:1", "--validation",
-                          "1", "--heldout", "1", "--top", "1", "--splits", "heldout,train", *TOY])
-    assert len(found["validation"]) == 2 and len(found["heldout"]) == 4
+    found = sampler.main(["--run", str(out), "--config", str(TINY), "--settings",
+                          f"4:3:2,4:3:2:0.5:1,4:3:2:autoguidance=2:guide={guide}", "--validation", "1", "--heldout", "1",
+                          "--top", "1", "--splits", "heldout,train", *TOY])
+    assert len(found["validation"]) == 3 and len(found["heldout"]) == 4
+    assert found["validation"][2]["setting"] == {"euler_steps": 4, "shift": 3.0, "guidance": 2.0, "autoguidance": 2.0,
+                                                 "guide": guide}
+    assert found["validation"][2]["teacher"] != found["validation"][0]["teacher"]  # the guide steers the samples
     setup = experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out)
     ode = dataclasses.replace(setup.cfg.ode, euler_steps=4, shift=3.0, guidance=2.0)
     for split, row in zip(("heldout", "train"), (found["heldout"][0], found["heldout"][2])):
@@ -86,7 +97,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert json.loads((out / "teacher_sampler.json").read_text()) == found
 
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
-    experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *TOY])
+    experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
     printed = capsys.readouterr().out
     assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf", "sfpp"))
     assert (out / "sfpp" / "stage.json").stat().st_mtime == mtime

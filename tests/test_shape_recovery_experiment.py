@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sfpp_ray import components
+from sfpp_ray.algorithm.ode_init import Guide
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule, euler_ode_sample
 from sfpp_ray.config import load_config
 
@@ -32,6 +33,13 @@ def test_recovery_from_sigma_one_is_the_sampler_and_from_zero_the_clip(recovery)
     interval, _ = euler_ode_sample(flow(cond), flow(uncond), noise, grid, 2.0, guidance_interval=(0.5, 1.0))
     torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, 1.0, grid, 2.0, schedule, (0.5, 1.0)),
                                interval)  # the sampler's guidance interval is the eval's
+    torch.manual_seed(1)
+    guide = Guide(components.build_teacher(cfg), torch.randn_like(cond))  # another model, its own prompt embedding
+    flow_g = lambda x, t: guide.model(x, t, guide.cond, return_dict=False)[0]
+    autoguided, _ = euler_ode_sample(flow(cond), flow(uncond), noise, grid, 2.0, flow_guide=flow_g, autoguidance=2.5)
+    torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, 1.0, grid, 2.0, schedule,
+                                                guide=guide, autoguidance=2.5), autoguided)  # and its autoguidance
+    assert not torch.allclose(autoguided, sampled, atol=1e-4)
     # from a level on the grid: the noised clip, then exactly the grid's remaining steps
     k = 3
     noised = (1 - grid[k]) * x0 + grid[k] * noise

@@ -35,18 +35,10 @@ class Guide:
     cond: torch.Tensor
 
 
-GUIDE_PREFIX = "guide_step"
-
-
-def guide_dir(teacher_dir: str | os.PathLike, step: int) -> Path:
-    """Where the teacher stage saves the teacher as it stood at `step` (teacher_pretrain.guide_steps)."""
-    return Path(teacher_dir) / f"{GUIDE_PREFIX}{step}"
-
-
-def saved_guides(teacher_dir: str | os.PathLike) -> list[Path]:
-    """The guides saved beside a teacher, earliest first."""
-    found = [p for p in Path(teacher_dir).glob(f"{GUIDE_PREFIX}*") if p.name.removeprefix(GUIDE_PREFIX).isdigit()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(GUIDE_PREFIX)))
+def teacher_flow(model: nn.Module, text: torch.Tensor, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """flow(x, t) of a bidirectional model under `text` (one prompt embedding is shared by the batch)."""
+    text = text.expand(batch, *text.shape[1:]) if text.shape[0] == 1 else text
+    return lambda x, t: model(x, t, text, return_dict=False)[0]
 
 
 @torch.no_grad()
@@ -61,8 +53,7 @@ def make_ode_trajectories(teacher: nn.Module, cond: torch.Tensor, uncond: torch.
         raise ValueError("ode.autoguidance needs a guide model (ode.guide)")
 
     def flow(model: nn.Module, text: torch.Tensor):
-        text = text.expand(noise.shape[0], *text.shape[1:]) if text.shape[0] == 1 else text
-        return lambda x, t: model(x, t, text, return_dict=False)[0]
+        return teacher_flow(model, text, noise.shape[0])
 
     clean, kept = euler_ode_sample(flow(teacher, cond), flow(teacher, uncond) if uncond is not None else None, noise,
                                    sigmas, cfg.guidance, T, keep_at=keep, guidance_interval=tuple(cfg.guidance_interval),

@@ -30,10 +30,10 @@ import torch.distributed as dist
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss
 from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
-from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, guide_dir, make_ode_trajectories, ode_regression_loss
+from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
-from sfpp_ray.config import Config, from_dict
+from sfpp_ray.config import Config, from_dict, guide_dir
 from sfpp_ray.distributed.trainer import STATE_FILE, deepspeed_config, full_params, global_rank, lr_factor, world_size, write_marker
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker

@@ -82,6 +82,22 @@ def test_ema_copies_then_averages():
         EMA(nn.Linear(3, 2, bias=False), 0.9).load_state_dict(ema.state_dict())
 
 
+def test_ema_swapped_in_holds_the_average_inside_and_the_live_weights_after():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(torch.randn(2, 3))
+    ema.update(model, step=1)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(ema.shadow["weight"], live["weight"])
+    with ema.swapped_in(model) as inside:
+        assert all(torch.equal(p, ema.shadow[k]) for k, p in inside.named_parameters())
+    assert all(torch.equal(p, live[k]) for k, p in model.named_parameters())
+    with pytest.raises(RuntimeError), ema.swapped_in(model):
+        raise RuntimeError("a failed save")
+    assert all(torch.equal(p, live[k]) for k, p in model.named_parameters())  # restored on failure too
+
+
 def _train_teacher_on_known_mean(teacher, text, mean, schedule, steps=60):
     """Brief flow matching on data around a per-channel mean: a teacher whose samples are recognisable."""
     opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)

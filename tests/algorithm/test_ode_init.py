@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from sfpp_ray.algorithm.ode_init import (OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_inputs,
+from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_inputs,
                                          ode_regression_loss)
 from sfpp_ray.algorithm.schedule import euler_ode_sample, nearest_indices
 from sfpp_ray.config import ODEConfig
@@ -51,6 +51,36 @@ def test_guidance_applies_only_within_its_noise_levels(teacher, schedule, ode_cf
     traj = make_ode_trajectories(teacher, cond, uncond, noise, torch.tensor([1000.0]),
                                  dataclasses.replace(ode_cfg, guidance_interval=[low, 1.0]), schedule)
     torch.testing.assert_close(traj[:, -1], interval)  # the config's interval reaches the sampler
+
+
+def test_autoguidance_extrapolates_the_teacher_away_from_its_guide(teacher, tiny, schedule, ode_cfg):
+    """Without classifier-free guidance, autoguidance w samples the flow guide + w (teacher - guide) (Karras et
+    al., 2024); a guide equal to the teacher, or w = 1, changes nothing; with CFG the term adds to the guided flow."""
+    guide = tiny.teacher(seed=1).requires_grad_(False)
+    cond, uncond, noise = torch.randn(2, 7, 32), torch.randn(1, 7, 32), torch.randn(2, 12, 6, 8, 8)
+    guide_cond = torch.randn(2, 7, 32)  # the guide's own text encoder embeds the prompts differently
+    flow_c = lambda x, t: teacher(x, t, cond, return_dict=False)[0]
+    flow_u = lambda x, t: teacher(x, t, uncond.expand(2, -1, -1), return_dict=False)[0]
+    flow_g = lambda x, t: guide(x, t, guide_cond, return_dict=False)[0]
+    sigmas = schedule.euler_sigmas(ode_cfg.euler_steps, ode_cfg.shift)
+    w = 1.0 + torch.rand(()).item() * 2
+    extrapolated = lambda x, t: flow_g(x, t) + w * (flow_c(x, t) - flow_g(x, t))
+    auto = euler_ode_sample(flow_c, None, noise, sigmas, 1.0, flow_guide=flow_g, autoguidance=w)[0]
+    torch.testing.assert_close(auto, euler_ode_sample(extrapolated, None, noise, sigmas, 1.0)[0])
+    plain = euler_ode_sample(flow_c, None, noise, sigmas, 1.0)[0]
+    assert not torch.allclose(auto, plain, atol=1e-3)
+    torch.testing.assert_close(euler_ode_sample(flow_c, None, noise, sigmas, 1.0, flow_guide=flow_c, autoguidance=w)[0],
+                               plain)
+    torch.testing.assert_close(euler_ode_sample(flow_c, None, noise, sigmas, 1.0, flow_guide=flow_g)[0], plain)
+
+    cfg_flow = lambda x, t: flow_u(x, t) + ode_cfg.guidance * (flow_c(x, t) - flow_u(x, t))
+    both = lambda x, t: cfg_flow(x, t) + (w - 1) * (flow_c(x, t) - flow_g(x, t))
+    traj = make_ode_trajectories(teacher, cond, uncond, noise, torch.tensor([1000.0]),
+                                 dataclasses.replace(ode_cfg, autoguidance=w), schedule, Guide(guide, guide_cond))
+    torch.testing.assert_close(traj[:, -1], euler_ode_sample(both, None, noise, sigmas, 1.0)[0])
+    with pytest.raises(ValueError, match="guide"):
+        make_ode_trajectories(teacher, cond, uncond, noise, torch.tensor([1000.0]),
+                              dataclasses.replace(ode_cfg, autoguidance=w), schedule)
 
 
 def test_pair_store_round_trip_and_reuse(tmp_path):

@@ -1,6 +1,7 @@
 """Every training stage on the Ray Train + DeepSpeed stack, in order, at toy size on CPU: the
 teacher's pretraining, ODE initialisation, Self-Forcing++ DMD and GRPO, then a re-run that skips them."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from sfpp_ray import components
+from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import load_config, with_teacher
 from sfpp_ray.distributed.weight_sync import state_checksum
 
@@ -25,14 +27,17 @@ def runs(ray_cluster, tmp_path_factory):
     """One run of all four stages, then the same run again."""
     from sfpp_ray.distributed.controller import train
 
+    out = tmp_path_factory.mktemp("stages")
     cfg = load_config(CONFIG, [
-        f"run.output_dir={tmp_path_factory.mktemp('stages')}", "run.name=stages", f"run.stages={STAGES}",
+        f"run.output_dir={out}", "run.name=stages", f"run.stages={STAGES}",
         "rollout.num_frames=12", "rollout.cpus_per_worker=0.5", "ode.num_pairs=4", "ode.steps=4", "dmd.steps=2",
         "dmd.update_ratio=1", "grpo.steps=2", "tracking.experiment=sfpp-stages",
         # the interruption test below covers float32 and the plain loss; this run weighs the loss towards
         # sprites and draws its noise levels around the middle
         "teacher_pretrain.autocast=true",
         "teacher_pretrain.sprite_weight=3", "teacher_pretrain.timestep_distribution=logit_normal",
+        # the teacher stage saves its step-10 EMA, and the ODE pairs steer away from it (autoguidance)
+        "teacher_pretrain.guide_steps=[10]", "ode.autoguidance=2", f"ode.guide={out / 'stages' / 'teacher' / 'guide_step10'}",
     ])
     first = train(cfg)
     grpo_checksum = state_checksum(components.build_student(cfg, checkpoint=first["student"]))
@@ -89,6 +94,33 @@ def test_ode_student_starts_from_the_teacher_and_moves_away(runs):
     assert teacher.keys() == student.keys()
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
     assert len(metric_history(first, "ode/loss")) == cfg.ode.steps
+
+
+def test_ode_pairs_steer_away_from_the_guide_the_teacher_stage_saved(runs):
+    """The guide is the teacher (and its text encoder) as it stood at step 10; the stored ODE pairs are the
+    autoguided sampler's, not the plain one's."""
+    from sfpp_ray.distributed.controller import _stage_config
+    from sfpp_ray.distributed.stage_trainers import _ode_shard
+
+    cfg, _, _, _ = runs
+    ode_cfg = _stage_config(cfg, "ode")
+    guide_cfg = with_teacher(ode_cfg, cfg.ode.guide)
+    assert guide_cfg.text.path == cfg.ode.guide  # saved with the text encoder it was trained with
+    guide, teacher = components.build_teacher(guide_cfg).state_dict(), components.build_teacher(ode_cfg).state_dict()
+    assert any(not torch.equal(guide[k], teacher[k]) for k in teacher)
+
+    text, codec, schedule = (components.build_text_encoder(ode_cfg), components.build_video_codec(ode_cfg),
+                             components.build_schedule(ode_cfg))
+    made = lambda c, guide: _ode_shard(components.build_teacher(c), c, 0, cfg.ode.num_pairs, text, codec, schedule,
+                                       schedule.student_timesteps(c.schedule), text.encode([c.text.negative_prompt]),
+                                       torch.device("cpu"), torch.float32, guide)
+    autoguided, prompts = made(ode_cfg, components.build_guide(ode_cfg))
+    plain, _ = made(dataclasses.replace(ode_cfg, ode=dataclasses.replace(ode_cfg.ode, autoguidance=1.0)), None)
+    stored = OdePairStore(cfg.run_dir / "ode_pairs")
+    assert [stored.load(i)[1] for i in range(len(stored))] == prompts
+    stored = torch.stack([stored.load(i)[0] for i in range(len(stored))])
+    torch.testing.assert_close(stored, autoguided)
+    assert not torch.allclose(stored[:, -1], plain[:, -1], atol=1e-4)
 
 
 def test_grpo_rewards_are_finite_and_the_group_replayed_in_parts_updates_the_student(runs):
