@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
@@ -9,7 +11,7 @@ from sfpp_ray.config import Config, with_teacher
 from sfpp_ray.models.bidirectional_wan import BidirectionalWanTransformer3DModel
 from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
 from sfpp_ray.models.codec import VideoCodec, build_codec
-from sfpp_ray.models.loading import build_wan_transformer, load_into, load_transformer_state_dict
+from sfpp_ray.models.loading import build_wan_transformer, load_into, load_transformer_state_dict, stored_shape
 from sfpp_ray.models.text_encoder import TextEncoder
 
 
@@ -48,10 +50,12 @@ def build_teacher(cfg: Config, device=None, dtype=None) -> BidirectionalWanTrans
 
 
 def build_guide(cfg: Config, device=None, dtype=None) -> tuple[BidirectionalWanTransformer3DModel, TextEncoder] | None:
-    """The weaker teacher of ode.guide for autoguidance, with the text encoder it was trained with; None when off."""
+    """The weaker teacher of ode.guide for autoguidance, with the text encoder it was trained with; None when off.
+    The guide keeps the shape its directory states: an earlier checkpoint of the teacher or a smaller model."""
     if cfg.ode.guide is None or cfg.ode.autoguidance == 1:
         return None
     guide_cfg = with_teacher(cfg, cfg.ode.guide)
+    guide_cfg = dataclasses.replace(guide_cfg, model=dataclasses.replace(guide_cfg.model, **stored_shape(cfg.ode.guide)))
     return build_teacher(guide_cfg, device, dtype), build_text_encoder(guide_cfg, device, dtype)
 
 

@@ -168,7 +168,8 @@ class ODEConfig:
     guidance: float = 6.0
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # noise levels where guidance applies
     # > 1: each step also moves this - 1 times the teacher's flow minus a weaker guide's (autoguidance); the
-    # guide is a teacher directory, e.g. teacher/guide_step1000 that teacher_pretrain.guide_steps writes
+    # guide is a teacher directory: teacher/guide_step1000 that teacher_pretrain.guide_steps writes, or a smaller
+    # teacher trained on the same data (built at the shape its config.json states)
     autoguidance: float = 1.0
     guide: str | None = None
     shard_size: int = 64

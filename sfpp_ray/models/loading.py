@@ -10,6 +10,7 @@ so the rest of the code sees one layout.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -297,15 +298,29 @@ def _comparable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _check_pretrained_config(path: Path, model: torch.nn.Module) -> None:
-    """A diffusers directory states its shape in config.json: compare it with the model built from ModelConfig."""
+def _stored_config(path: Path) -> dict | None:
+    """The diffusers config.json of a model directory; None for a file or an original Wan config (whose shapes
+    are checked key by key on load)."""
     if not path.is_dir():
-        return
+        return None
     config_file = _weights_directory(path) / "config.json"
     if not config_file.is_file():
-        return
+        return None
     stored = json.loads(config_file.read_text())
-    if "num_attention_heads" not in stored:  # an original Wan config; shapes are checked key by key on load
+    return stored if "num_attention_heads" in stored else None
+
+
+def stored_shape(path: str | os.PathLike) -> dict:
+    """The shape a diffusers model directory states, as ModelConfig fields ({} where it states none): a model
+    saved at another size than the configured one (a smaller autoguidance guide) is built at its own."""
+    stored = _stored_config(Path(path)) or {}
+    return {key: _comparable(stored[key]) for key in wan_transformer_kwargs(ModelConfig()) if key in stored}
+
+
+def _check_pretrained_config(path: Path, model: torch.nn.Module) -> None:
+    """A diffusers directory states its shape in config.json: compare it with the model built from ModelConfig."""
+    stored = _stored_config(path)
+    if stored is None:
         return
     diffs = [(key, _comparable(value), _comparable(stored[key])) for key, value in model.config.items()
              if not key.startswith("_") and key in stored and _comparable(value) != _comparable(stored[key])]

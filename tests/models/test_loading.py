@@ -16,6 +16,8 @@ from sfpp_ray.models.loading import (
     load_into,
     load_transformer_state_dict,
     original_to_diffusers,
+    stored_shape,
+    wan_transformer_kwargs,
 )
 
 TINY = ModelConfig(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, in_channels=12,
@@ -177,6 +179,13 @@ def test_diffusers_directory_of_another_shape_names_the_config_keys(source, tmp_
     with pytest.raises(WeightsMismatchError, match="num_layers: 3 vs 2") as err:
         build_wan_transformer(dataclasses.replace(TINY, pretrained=str(tmp_path), num_layers=3))
     assert [d[0] for d in err.value.config_diffs] == ["num_layers"]
+
+
+def test_stored_shape_is_the_directorys_own(source, tmp_path):
+    source.save_pretrained(tmp_path / "diffusers")
+    assert stored_shape(tmp_path / "diffusers") == wan_transformer_kwargs(TINY) | {"patch_size": list(TINY.patch_size)}
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    assert stored_shape(tmp_path / "weights.pt") == {}  # a file states no shape
 
 
 def test_bad_paths_and_files(tmp_path):
