@@ -324,11 +324,13 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
 
 
 def sampler_sweep(s: Setup) -> dict:
-    """The teacher's stability on validation scenes for every (shift, guidance) of SAMPLER_SWEEP, then, at the
-    best of those, for every autoguidance weight of AUTOGUIDANCE_SWEEP with each guide saved beside the teacher."""
+    """The teacher's stability on validation scenes for every (shift, guidance) of SAMPLER_SWEEP without
+    autoguidance, then, at the best of those, for every weight of AUTOGUIDANCE_SWEEP with each guide saved beside
+    the teacher and with ode.guide where the config names one (a smaller teacher, say)."""
     rows, t0 = [], time.perf_counter()
 
     def score(**setting) -> None:
+        setting = {"autoguidance": 1.0, "guide": None} | setting
         ode = dataclasses.replace(s.cfg.ode, **setting)
         m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET)["teacher"][1]
         rows.append({**setting, **m})
@@ -340,11 +342,12 @@ def sampler_sweep(s: Setup) -> dict:
         for guidance in SAMPLER_SWEEP["guidance"]:
             score(shift=shift, guidance=guidance)
     best = max(rows, key=lambda r: r["stability"])
-    for guide in saved_guides(s.out / "teacher"):
+    guides = [str(g) for g in saved_guides(s.out / "teacher")]
+    for guide in guides + ([s.cfg.ode.guide] if s.cfg.ode.guide and s.cfg.ode.guide not in guides else []):
         for weight in AUTOGUIDANCE_SWEEP:
-            score(shift=best["shift"], guidance=best["guidance"], autoguidance=weight, guide=str(guide))
+            score(shift=best["shift"], guidance=best["guidance"], autoguidance=weight, guide=guide)
     best = max(rows, key=lambda r: r["stability"])
-    chosen = {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide") if k in best}
+    chosen = {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide")}
     print(f"[sampler] best: {'  '.join(f'ode.{k}={v}' for k, v in chosen.items())}")
     return mark_done(s.out / "sampler", {"rows": rows, "best": chosen, "seconds": time.perf_counter() - t0})
 

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     image = np.concatenate(rows, axis=0)
     cv2.imwrite(str(run / "teacher_diagnostics.png"),
                 cv2.resize(image[..., ::-1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
-    sampler = {"shift": ode.shift, "guidance": ode.guidance} | (
-        {"autoguidance": ode.autoguidance, "guide": ode.guide} if ode.autoguidance != 1 else {})
+    sampler = {"shift": ode.shift, "guidance": ode.guidance, "autoguidance": ode.autoguidance, "guide": ode.guide}
     result = {"sampler": sampler, "loss_by_sigma": losses,
               "loss_by_prompt": prompt_use,
               "rows": ["sample, prompt 1", "real, prompt 1", "sample, prompt 2", "real, prompt 2",

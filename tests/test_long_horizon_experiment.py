@@ -4,6 +4,7 @@ results table holds the expected rows, losses are finite, and a second run skips
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,12 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert len(teacher["losses"]) == 3 and all(math.isfinite(v) for v in teacher["losses"])
     sweep = json.loads((out / "sampler" / "stage.json").read_text())
     guide = str(out / "teacher" / "guide_step2")
-    plain = [r for r in sweep["rows"] if "guide" not in r]
+    plain = [r for r in sweep["rows"] if r["autoguidance"] == 1 and r["guide"] is None]
     best_plain = max(plain, key=lambda r: r["stability"])
     assert len(plain) == 9 and [(r["shift"], r["guidance"], r["guide"], r["autoguidance"]) for r in sweep["rows"][9:]] == [
         (best_plain["shift"], best_plain["guidance"], guide, w) for w in experiment.AUTOGUIDANCE_SWEEP]
     best = max(sweep["rows"], key=lambda r: r["stability"])
-    assert sweep["best"] == {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide") if k in best}
+    assert sweep["best"] == {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide")}
     for name in ("student_ode", "sf", "sfpp"):
         record = json.loads((out / name / "stage.json").read_text())
         assert record["losses"] and all(math.isfinite(v) for vs in record["losses"].values() for v in vs)
@@ -115,6 +116,14 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     del recorded["ode.guidance_interval"]
     settings.write_text(json.dumps(recorded))
     assert experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY])["table"]
+
+    # a guide the config names (a smaller teacher, say) is swept after the ones saved beside the teacher
+    shutil.copytree(out / "teacher" / "guide_step2", tmp_path / "named_guide")
+    shutil.rmtree(out / "sampler")
+    experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sampler", *TOY,
+                     f"ode.guide={tmp_path / 'named_guide'}"])
+    rows = json.loads((out / "sampler" / "stage.json").read_text())["rows"]
+    assert [r["guide"] for r in rows[9:]] == [guide] * 3 + [str(tmp_path / "named_guide")] * 3
 
 
 def saved_best(out: Path) -> dict:
