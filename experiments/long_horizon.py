@@ -363,7 +363,8 @@ def eval_settings(s: Setup) -> dict:
             "ode.guide": ode.guide}
 
 
-RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None}  # keys settings.json gained later: what older ones meant
+# keys settings.json gained later: what older ones meant
+RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None}
 
 
 def check_eval_settings(s: Setup) -> None:

@@ -53,8 +53,8 @@ def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma:
     grid = torch.cat([torch.tensor([sigma]), sigmas[sigmas < sigma]])
 
     n = x0.shape[0]
-    clean, _ = euler_ode_sample(teacher_flow(teacher, cond, n), None if uncond is None else teacher_flow(teacher, uncond, n),
-                                x, grid, guidance, schedule.num_train_timesteps, guidance_interval=guidance_interval,
+    flow_uncond = None if uncond is None else teacher_flow(teacher, uncond, n)
+    clean, _ = euler_ode_sample(teacher_flow(teacher, cond, n), flow_uncond, x, grid, guidance, schedule.num_train_timesteps, guidance_interval=guidance_interval,
                                 flow_guide=None if guide is None else teacher_flow(guide.model, guide.cond, n),
                                 autoguidance=autoguidance)
     return clean

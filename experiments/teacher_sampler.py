@@ -50,7 +50,8 @@ def parse_setting(text: str) -> dict:
 
 
 def setting_name(st: dict) -> str:
-    numbers = ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"], *st.get("guidance_interval", [])))
+    numbers = ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"],
+                                          *st.get("guidance_interval", [])))
     return numbers + (f" ag {st['autoguidance']:g} {Path(st['guide']).name}" if st.get("autoguidance", 1) != 1 else "")
 
 

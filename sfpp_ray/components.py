@@ -55,7 +55,8 @@ def build_guide(cfg: Config, device=None, dtype=None) -> tuple[BidirectionalWanT
     if cfg.ode.guide is None or cfg.ode.autoguidance == 1:
         return None
     guide_cfg = with_teacher(cfg, cfg.ode.guide)
-    guide_cfg = dataclasses.replace(guide_cfg, model=dataclasses.replace(guide_cfg.model, **stored_shape(cfg.ode.guide)))
+    own_shape = dataclasses.replace(guide_cfg.model, **stored_shape(cfg.ode.guide))
+    guide_cfg = dataclasses.replace(guide_cfg, model=own_shape)
     return build_teacher(guide_cfg, device, dtype), build_text_encoder(guide_cfg, device, dtype)
 
 

@@ -50,8 +50,9 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     guide = str(out / "teacher" / "guide_step2")
     plain = [r for r in sweep["rows"] if r["autoguidance"] == 1 and r["guide"] is None]
     best_plain = max(plain, key=lambda r: r["stability"])
-    assert len(plain) == 9 and [(r["shift"], r["guidance"], r["guide"], r["autoguidance"]) for r in sweep["rows"][9:]] == [
-        (best_plain["shift"], best_plain["guidance"], guide, w) for w in experiment.AUTOGUIDANCE_SWEEP]
+    autoguided = [(r["shift"], r["guidance"], r["guide"], r["autoguidance"]) for r in sweep["rows"][9:]]
+    assert len(plain) == 9 and autoguided == [(best_plain["shift"], best_plain["guidance"], guide, w)
+                                              for w in experiment.AUTOGUIDANCE_SWEEP]
     best = max(sweep["rows"], key=lambda r: r["stability"])
     assert sweep["best"] == {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide")}
     for name in ("student_ode", "sf", "sfpp"):

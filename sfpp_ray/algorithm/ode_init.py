@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sfpp_ray.algorithm.schedule import FlowMatchSchedule, euler_ode_sample, nearest_indices
+from sfpp_ray.algorithm.schedule import FlowFn, FlowMatchSchedule, euler_ode_sample, nearest_indices
 from sfpp_ray.config import ODEConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
@@ -28,14 +28,14 @@ from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttenti
 @dataclass
 class Guide:
     """A weaker teacher the sampler steers away from (autoguidance, ode.autoguidance): an earlier checkpoint of
-    the same teacher. cond: the prompts embedded by the guide's own text encoder (one trained with the teacher
+    the same teacher, or a smaller one trained on the same data. cond: the prompts embedded by the guide's own text encoder (one trained with the teacher
     changes with it)."""
 
     model: nn.Module
     cond: torch.Tensor
 
 
-def teacher_flow(model: nn.Module, text: torch.Tensor, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def teacher_flow(model: nn.Module, text: torch.Tensor, batch: int) -> FlowFn:
     """flow(x, t) of a bidirectional model under `text` (one prompt embedding is shared by the batch)."""
     text = text.expand(batch, *text.shape[1:]) if text.shape[0] == 1 else text
     return lambda x, t: model(x, t, text, return_dict=False)[0]
@@ -52,11 +52,10 @@ def make_ode_trajectories(teacher: nn.Module, cond: torch.Tensor, uncond: torch.
     if cfg.autoguidance != 1.0 and guide is None:
         raise ValueError("ode.autoguidance needs a guide model (ode.guide)")
 
-    def flow(model: nn.Module, text: torch.Tensor):
-        return teacher_flow(model, text, noise.shape[0])
-
+    flow = lambda model, text: teacher_flow(model, text, noise.shape[0])
     clean, kept = euler_ode_sample(flow(teacher, cond), flow(teacher, uncond) if uncond is not None else None, noise,
-                                   sigmas, cfg.guidance, T, keep_at=keep, guidance_interval=tuple(cfg.guidance_interval),
+                                   sigmas, cfg.guidance, T, keep_at=keep,
+                                   guidance_interval=tuple(cfg.guidance_interval),
                                    flow_guide=None if guide is None else flow(guide.model, guide.cond),
                                    autoguidance=cfg.autoguidance)
     return torch.stack(kept + [clean], dim=1)

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_inputs,
-                                         ode_regression_loss)
+from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories,
+                                         ode_regression_inputs, ode_regression_loss)
 from sfpp_ray.algorithm.schedule import euler_ode_sample, nearest_indices
 from sfpp_ray.config import ODEConfig
 

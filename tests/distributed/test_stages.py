@@ -37,7 +37,8 @@ def runs(ray_cluster, tmp_path_factory):
         "teacher_pretrain.autocast=true",
         "teacher_pretrain.sprite_weight=3", "teacher_pretrain.timestep_distribution=logit_normal",
         # the teacher stage saves its step-10 EMA, and the ODE pairs steer away from it (autoguidance)
-        "teacher_pretrain.guide_steps=[10]", "ode.autoguidance=2", f"ode.guide={out / 'stages' / 'teacher' / 'guide_step10'}",
+        "teacher_pretrain.guide_steps=[10]", "ode.autoguidance=2",
+        f"ode.guide={out / 'stages' / 'teacher' / 'guide_step10'}",
     ])
     first = train(cfg)
     grpo_checksum = state_checksum(components.build_student(cfg, checkpoint=first["student"]))
