@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import load_config, with_teacher
+from sfpp_ray.distributed.trainer import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -158,6 +159,7 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
 
     cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=resume", "run.stages=[pretrain_teacher]",
                                "teacher_pretrain.steps=4", "teacher_pretrain.checkpoint_every=2",
+                               "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[2]",
                                "tracking.enabled=false"])
     first = train(cfg)["stages"]["pretrain_teacher"]["record"]
     teacher = cfg.run_dir / "teacher"
@@ -167,6 +169,15 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
             f"text.{k}": v for k, v in components.build_text_encoder(trained).encoder.state_dict().items()}
 
     weights = saved_weights()
+    # the guide saved at step 2 is the EMA the step-2 checkpoint holds, not the live weights it trained on with
+    state, = [torch.load(f, weights_only=False) for f in (cfg.run_dir / "ray_train").rglob(STATE_FILE)]
+    guide = load_file(teacher / "guide_step2" / "diffusion_pytorch_model.safetensors")
+    live, = [torch.load(f, weights_only=False)["module"]
+             for f in (cfg.run_dir / "ray_train").rglob("mp_rank_00_model_states.pt")]
+    assert state["step"] == 2 and guide.keys() == {k.removeprefix("denoiser.") for k in state["ema"]["shadow"]
+                                                   if k.startswith("denoiser.")}
+    assert all(torch.equal(guide[k], state["ema"]["shadow"][f"denoiser.{k}"]) for k in guide)
+    assert not all(torch.equal(guide[k], live[f"denoiser.{k}"]) for k in guide)
     shutil.rmtree(teacher)
     again = train(cfg)["stages"]["pretrain_teacher"]["record"]
     assert first["resumed_from"] == 0 and again["resumed_from"] == 2  # steps 3-4 trained again, not 1-4
