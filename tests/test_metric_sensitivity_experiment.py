@@ -1,6 +1,6 @@
 """experiments/metric_sensitivity.py: the table it prints and writes says what docs/results.md relies on,
 on fresh scenes: colour drift grows with a shift of every pixel and stays near what the shift moves,
-while the earlier binned distance jumps on shifts nobody can see."""
+while the earlier binned distance jumps on shifts nobody can see; blur raises the composition error."""
 
 import json
 import random
@@ -21,3 +21,5 @@ def test_colour_drift_follows_the_shift_and_the_binned_one_does_not(tmp_path, lo
     binned_jump = rows["+4 levels"]["binned_colour_drift"] - rows["none"]["binned_colour_drift"]
     assert binned_jump > 5 * (rows["+4 levels"]["colour_drift"] - rows["none"]["colour_drift"])
     assert rows["grey (no colour)"]["colour_drift"] > rows["+4 levels"]["colour_drift"]
+    shapes = [rows[k]["composition_error"] for k in ("none", "blur, sigma 0.5 px", "blur, sigma 1 px")]
+    assert shapes == sorted(shapes) and shapes[-1] > shapes[0]  # soft edges move the shape classes
