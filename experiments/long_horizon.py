@@ -67,6 +67,7 @@ class Setup:
         self.timesteps = self.schedule.student_timesteps(cfg.schedule)  # CPU: indexed as Python scalars
         self.uncond = self.text.encode([cfg.text.negative_prompt])
         self.world = world_of(cfg)
+        self._guides: dict[str, tuple] = {}  # ode.guide -> (model, text encoder), loaded on first use
 
     def with_teacher(self, cfg: Config | None = None) -> Config:
         """A copy of the config whose model weights (and text encoder, if trained with it) are the teacher's."""
@@ -80,9 +81,15 @@ class Setup:
         return dataclasses.replace(self.cfg.ode, **best)
 
     def guide(self, ode, prompts: list[str]) -> Guide | None:
-        """The autoguidance guide of the sampler `ode` with the prompts embedded by its own text encoder; None when off."""
-        built = components.build_guide(dataclasses.replace(self.cfg, ode=ode), self.device, self.dtype)
-        return None if built is None else Guide(built[0], built[1].encode(prompts))
+        """The autoguidance guide of the sampler `ode` with the prompts embedded by its own text encoder; None when
+        off. Each guide is loaded once (the ODE stage asks for it every shard)."""
+        if ode.guide is None or ode.autoguidance == 1:
+            return None
+        if ode.guide not in self._guides:
+            self._guides[ode.guide] = components.build_guide(dataclasses.replace(self.cfg, ode=ode), self.device,
+                                                             self.dtype)
+        model, text = self._guides[ode.guide]
+        return Guide(model, text.encode(prompts))
 
     def generator(self, offset: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.cfg.run.seed * 1000 + offset)

@@ -54,7 +54,8 @@ def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma:
 
     n = x0.shape[0]
     flow_uncond = None if uncond is None else teacher_flow(teacher, uncond, n)
-    clean, _ = euler_ode_sample(teacher_flow(teacher, cond, n), flow_uncond, x, grid, guidance, schedule.num_train_timesteps, guidance_interval=guidance_interval,
+    clean, _ = euler_ode_sample(teacher_flow(teacher, cond, n), flow_uncond, x, grid, guidance,
+                                schedule.num_train_timesteps, guidance_interval=guidance_interval,
                                 flow_guide=None if guide is None else teacher_flow(guide.model, guide.cond, n),
                                 autoguidance=autoguidance)
     return clean

@@ -28,8 +28,8 @@ from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttenti
 @dataclass
 class Guide:
     """A weaker teacher the sampler steers away from (autoguidance, ode.autoguidance): an earlier checkpoint of
-    the same teacher, or a smaller one trained on the same data. cond: the prompts embedded by the guide's own text encoder (one trained with the teacher
-    changes with it)."""
+    the same teacher, or a smaller one trained on the same data. cond: the prompts embedded by the guide's own
+    text encoder (one trained with the teacher changes with it)."""
 
     model: nn.Module
     cond: torch.Tensor
