@@ -10,7 +10,7 @@ def test_colour_drift_follows_the_shift_and_the_binned_one_does_not(tmp_path, lo
     module = load_experiment("metric_sensitivity")
     out = tmp_path / "sensitivity.json"
     seed = random.SystemRandom().randrange(2**31)
-    rows = {r["change"]: r for r in module.main(["--scenes", "3", "--size", "32", "--frames", "12",
+    rows = {r["change"]: r for r in module.main(["--scenes", "6", "--size", "32", "--frames", "12",
                                                  "--seed", str(seed), "--out", str(out)])}
     assert json.loads(out.read_text())["rows"] == list(rows.values())
     drift = [rows[k]["colour_drift"] for k in ("none", "+4 levels", "+8 levels", "+25 levels")]
@@ -21,7 +21,7 @@ def test_colour_drift_follows_the_shift_and_the_binned_one_does_not(tmp_path, lo
     binned_jump = rows["+4 levels"]["binned_colour_drift"] - rows["none"]["binned_colour_drift"]
     assert binned_jump > 5 * (rows["+4 levels"]["colour_drift"] - rows["none"]["colour_drift"])
     assert rows["grey (no colour)"]["colour_drift"] > rows["+4 levels"]["colour_drift"]
-    # Soft edges move the shape classes. Half a pixel is within the scene-to-scene spread of three
+    # Soft edges move the shape classes. Half a pixel is within the scene-to-scene spread of six
     # scenes, so only a full pixel is held to be worse than both.
     shapes = {k: rows[k]["composition_error"] for k in ("none", "blur, sigma 0.5 px", "blur, sigma 1 px")}
     assert shapes["blur, sigma 1 px"] > max(shapes["none"], shapes["blur, sigma 0.5 px"])

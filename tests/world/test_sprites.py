@@ -33,10 +33,12 @@ def test_random_access_and_stream_agree(seed):
 
 
 def test_statistics_are_stationary(seed):
+    # Statistics of one 64-frame window depend on its phase (a lone sprite grazing a wall moves less
+    # flow), so the short clip is eight windows long and the long one 12.5 times that.
     world = WorldSpec(32, 32, 16)
     scene = sample_scenes(seed, 1, world=world)[0]
-    n = 64
-    short, long = render(scene, 0, n), render(scene, 0, 100 * n)
+    n = 8 * 64
+    short, long = render(scene, 0, n), render(scene, 0, 100 * 64)
 
     def stats(video):
         q = (video // 64).astype(np.int64)
@@ -49,8 +51,8 @@ def test_statistics_are_stationary(seed):
         b, h, s = stats(clip)
         assert abs(b - b0) < 0.02
         assert 0.5 * np.abs(h - h0).sum() < 0.15
-        assert abs(s / s0 - 1) < 0.5  # flow is noisy under occlusion; the exact speeds are checked next
-    assert abs(true_speed(99 * n) / true_speed(0) - 1) < 0.05
+        assert abs(s / s0 - 1) < 0.3  # flow is noisy under occlusion; the exact speeds are checked next
+    assert abs(true_speed(len(long) - n) / true_speed(0) - 1) < 0.05
 
 
 def test_prompt_describes_the_scene():
