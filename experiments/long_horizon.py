@@ -56,11 +56,14 @@ TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frech
 class Setup:
     """What every stage shares: config, device, text encoder, codec, schedule and the negative prompt."""
 
-    def __init__(self, cfg: Config, out: Path):
+    def __init__(self, cfg: Config, out: Path, teacher: Path | None = None):
+        """`teacher`: another teacher directory to stand in for out/teacher (a saved guide, a teacher of
+        another run); it is taken as finished."""
         self.cfg, self.out = cfg, out
+        self.teacher_dir = teacher or out / "teacher"
         self.device, self.dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
         # the teacher's own text encoder once it has one (teacher_pretrain.train_text_encoder)
-        text_cfg = self.with_teacher() if finished(out / "teacher") else cfg
+        text_cfg = self.with_teacher() if teacher or finished(self.teacher_dir) else cfg
         self.text = components.build_text_encoder(text_cfg, self.device, self.dtype)
         self.codec = components.build_video_codec(cfg, self.device, self.dtype)
         self.schedule = components.build_schedule(cfg)
@@ -71,7 +74,7 @@ class Setup:
 
     def with_teacher(self, cfg: Config | None = None) -> Config:
         """A copy of the config whose model weights (and text encoder, if trained with it) are the teacher's."""
-        return with_teacher(cfg or self.cfg, self.out / "teacher")
+        return with_teacher(cfg or self.cfg, self.teacher_dir)
 
     def teacher_sampler(self):
         """cfg.ode with the sampler stage's best shift and guidance, once that stage has run."""
@@ -349,7 +352,7 @@ def sampler_sweep(s: Setup) -> dict:
         for guidance in SAMPLER_SWEEP["guidance"]:
             score(shift=shift, guidance=guidance)
     best = max(rows, key=lambda r: r["stability"])
-    guides = [str(g) for g in saved_guides(s.out / "teacher")]
+    guides = [str(g) for g in saved_guides(s.teacher_dir)]
     for guide in guides + ([s.cfg.ode.guide] if s.cfg.ode.guide and s.cfg.ode.guide not in guides else []):
         for weight in AUTOGUIDANCE_SWEEP:
             score(shift=best["shift"], guidance=best["guidance"], autoguidance=weight, guide=guide)

@@ -10,9 +10,10 @@ on --validation scenes (the sampler stage's seed); the first setting and the --t
 pairs it was trained on.
 
     python experiments/teacher_sampler.py --run outputs/w11 --settings 24:8:2,24:8:4:0.3:0.8 \
-        [--validation 32] [--heldout 64] [--top 3] [--splits heldout,train] [key=value ...]
+        [--teacher <dir>] [--validation 32] [--heldout 64] [--top 3] [--splits heldout,train] [key=value ...]
 
-Prints a table (last) and writes teacher_sampler.json into --run. On the GPU by default (run.device=cpu
+--teacher scores another teacher directory in place of <run>/teacher: a guide saved at a step, or a teacher
+that no run of this experiment made. Prints a table (last) and writes teacher_sampler.json into --run. On the GPU by default (run.device=cpu
 to change).
 """
 
@@ -55,10 +56,10 @@ def setting_name(st: dict) -> str:
     return numbers + (f" ag {st['autoguidance']:g} {Path(st['guide']).name}" if st.get("autoguidance", 1) != 1 else "")
 
 
-def score(run: Path, config: str, overrides: list[str], setting: dict, prompts: int, seed_offset: int,
-          split: str) -> dict:
+def score(run: Path, teacher: Path | None, config: str, overrides: list[str], setting: dict, prompts: int,
+          seed_offset: int, split: str) -> dict:
     cfg = load_config(config, [*overrides, f"evaluation.num_prompts={prompts}"])
-    s = Setup(cfg, run)
+    s = Setup(cfg, run, teacher)
     rows = reference_rows(s, dataclasses.replace(cfg.ode, **setting), seed=cfg.evaluation.seed + seed_offset, split=split)
     return {label: {k: float(rows[label][1][k]) for k in KEYS} for label in ("real", "teacher")}
 
@@ -66,6 +67,7 @@ def score(run: Path, config: str, overrides: list[str], setting: dict, prompts: 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="an experiments/long_horizon.py output directory with teacher/")
+    p.add_argument("--teacher", default=None, help="a teacher directory to score instead of <run>/teacher")
     p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
     p.add_argument("--settings", required=True,
                    help="comma-separated steps:shift:guidance[:low:high][:autoguidance=w:guide=dir]")
@@ -79,16 +81,22 @@ def main(argv: list[str] | None = None) -> dict:
     splits = args.splits.split(",")
     if any(sp not in ("heldout", "train") for sp in splits):
         raise SystemExit(f"--splits takes heldout and/or train, got {args.splits}")
-    run, out = Path(args.run), {"settings": settings, "validation": [], "heldout": []}
+    run, teacher = Path(args.run), args.teacher and Path(args.teacher)
+    if not (teacher or run / "teacher").joinpath("config.json").is_file():
+        raise SystemExit(f"{teacher or run / 'teacher'} holds no teacher (no config.json): give --run a directory "
+                         "whose teacher stage finished, or --teacher a saved teacher or guide")
+    run.mkdir(parents=True, exist_ok=True)
+    out = {"settings": settings, "teacher": str(teacher or run / "teacher"), "validation": [], "heldout": []}
     for setting in settings if args.validation else []:
-        row = score(run, args.config, args.overrides, setting, args.validation, VALIDATION_SEED_OFFSET, "heldout")
+        row = score(run, teacher, args.config, args.overrides, setting, args.validation, VALIDATION_SEED_OFFSET,
+                    "heldout")
         out["validation"].append({"setting": setting, **row})
         print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}", flush=True)
     ranked = [r["setting"] for r in sorted(out["validation"], key=lambda r: -r["teacher"]["stability"])]
     chosen = [settings[0]] + [st for st in ranked if st != settings[0]][:args.top]
     for split in splits:
         for setting in chosen:
-            row = score(run, args.config, args.overrides, setting, args.heldout, 0, split)
+            row = score(run, teacher, args.config, args.overrides, setting, args.heldout, 0, split)
             out["heldout"].append({"setting": setting, "split": split, **row})
     (run / "teacher_sampler.json").write_text(json.dumps(out, indent=2))
     print(f"{'scenes':<18}{'setting':<30}{'real':>8}" + "".join(f"{k:>19}" for k in KEYS))

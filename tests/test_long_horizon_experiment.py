@@ -98,6 +98,17 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
         assert row["teacher"] == pytest.approx({k: expected["teacher"][1][k] for k in sampler.KEYS})
     assert json.loads((out / "teacher_sampler.json").read_text()) == found
 
+    # --teacher scores a saved guide in place of the run's teacher, into a directory of its own
+    other = tmp_path / "guide_scored"
+    with pytest.raises(SystemExit, match="holds no teacher"):
+        sampler.main(["--run", str(other), "--config", str(TINY), "--settings", "4:3:2", *TOY])
+    by_guide = sampler.main(["--run", str(other), "--teacher", guide, "--config", str(TINY), "--settings", "4:3:2",
+                             "--validation", "0", "--heldout", "1", *TOY])
+    expected = experiment.reference_rows(experiment.Setup(setup.cfg, other, Path(guide)), ode)["teacher"][1]
+    assert by_guide["heldout"][0]["teacher"] == pytest.approx({k: expected[k] for k in sampler.KEYS})
+    assert by_guide["heldout"][0]["teacher"] != found["heldout"][0]["teacher"]  # step 2's model, not step 3's
+    assert json.loads((other / "teacher_sampler.json").read_text())["teacher"] == guide
+
     mtime = (out / "sfpp" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
     printed = capsys.readouterr().out
