@@ -154,8 +154,8 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    ema_decay: float = 0.99
-    ema_start_step: int = 200
+    ema_decay: float = 0.99  # > 0: the saved student is the generator's moving average; 0: its last weights
+    ema_start_step: int = 200  # before it the average is a copy
     sync_every: int = 1
     checkpoint_every: int = 1
 
@@ -507,6 +507,9 @@ def validate(cfg: Config) -> None:
     if len(cfg.trainer.betas) != 2:
         raise ConfigError("trainer.betas", "needs two values")
     positive("trainer.sync_every", cfg.trainer.sync_every)
+    if not 0 <= cfg.trainer.ema_decay < 1:
+        raise ConfigError("trainer.ema_decay", f"must lie in [0, 1), got {cfg.trainer.ema_decay}")
+    positive("trainer.ema_start_step", cfg.trainer.ema_start_step, allow_zero=True)
     positive("dmd.update_ratio", cfg.dmd.update_ratio)
     positive("dmd.timestep_shift", cfg.dmd.timestep_shift)
     if not 0 <= cfg.dmd.min_timestep < cfg.dmd.max_timestep <= sch.num_train_timesteps:

@@ -53,6 +53,8 @@ def test_overrides_are_typed_and_dotted():
     ("run.stages=[dmd,ode]", "run.stages"),
     ("teacher_pretrain.warmup_steps=20", "teacher_pretrain.warmup_steps"),  # not below steps (20)
     ("teacher_pretrain.ema_decay=1.0", "teacher_pretrain.ema_decay"),
+    ("trainer.ema_decay=1.0", "trainer.ema_decay"),
+    ("trainer.ema_start_step=-1", "trainer.ema_start_step"),
     ("teacher_pretrain.lr_schedule=linear", "teacher_pretrain.lr_schedule"),
     ("teacher_pretrain.data_workers=-1", "teacher_pretrain.data_workers"),
     ("teacher_pretrain.train_text_encoder=maybe", "teacher_pretrain.train_text_encoder"),

@@ -8,6 +8,8 @@ Per step, on every rank:
   3. every `trainer.sync_every` steps the student's weights are published to the rollout workers
      (every rank takes part: ZeRO-3 gathers are collectives), and the buffer learns the version;
   4. every `trainer.checkpoint_every` steps, a checkpoint every rank writes its shards into.
+At the end the student is saved as the moving average of its weights (trainer.ema_decay > 0), as
+inference and the GRPO stage want it; the rollout workers always ran the live weights.
 Student and critic are DeepSpeed engines; the teacher is frozen and sharded with ZeRO-3 only when
 training shards with ZeRO-3 too. Rank 0 logs to MLflow.
 """
@@ -150,8 +152,10 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = frozen_teacher(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     timesteps = schedule.student_timesteps(cfg.schedule)
-    with full_params(student_engine.module, zero3):
-        ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step)
+    ema = None  # the saved student is the generator's moving average; rollouts use the live weights
+    if cfg.trainer.ema_decay > 0:
+        with full_params(student_engine.module, zero3):
+            ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step)
     sync = ObjectStoreWeightSync()
 
     step = 0
@@ -162,7 +166,8 @@ def train_loop_per_worker(config: dict) -> None:
             critic_engine.load_checkpoint(str(Path(d) / "critic"), tag="state")
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
         step = state["step"]
-        ema.load_state_dict(state["ema"])
+        if ema is not None and state["ema"] is not None:  # an average switched on at resume starts here
+            ema.load_state_dict(state["ema"])
         # Rollout workers were rebuilt from the initial weights: give them the checkpoint's.
         publish(sync, student_engine.module, step, broker, buffer, rank)
     total = config["total_steps"]
@@ -185,8 +190,9 @@ def train_loop_per_worker(config: dict) -> None:
             if is_generator_step(step, cfg.dmd.update_ratio):
                 metrics.update(generator_step(student_engine, teacher, critic_engine, batch, schedule, timesteps,
                                               cfg, generator))
-                with full_params(student_engine.module, zero3):
-                    ema.update(student_engine.module, step)
+                if ema is not None:
+                    with full_params(student_engine.module, zero3):
+                        ema.update(student_engine.module, step)
             metrics["time/step"] = time.perf_counter() - t0
             # Ray Data fetches ahead of the trainer: how many updates old the consumed rollout is.
             metrics["data/staleness"] = float(step - 1 - batch["policy_version"][0])
@@ -200,9 +206,11 @@ def train_loop_per_worker(config: dict) -> None:
             save = step % cfg.trainer.checkpoint_every == 0 or step == total
             report(metrics, step, student_engine, critic_engine, ema, feed, cfg, rank, save)
         with full_params(student_engine.module, zero3):
+            if ema is not None:
+                ema.copy_to(student_engine.module)  # training is over: the average is the published student
             if rank == 0:
                 student_engine.module.save_pretrained(cfg.run_dir / "student")
-                write_marker(cfg.run_dir / "student", {"steps": total})
+                write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None})
     finally:
         if tracker is not None:
             tracker.finish()
@@ -225,7 +233,7 @@ def _system_metrics(buffer, worker_names: list[str]) -> dict:
             "rollout/min_policy_version": min(s["policy_version"] for s in stats)}
 
 
-def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA, feed, cfg: Config, rank: int,
+def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | None, feed, cfg: Config, rank: int,
            save: bool) -> None:
     """Report on every rank (Ray Train expects it); with `save`, every rank writes its shards first."""
     reported = {k: v for k, v in metrics.items() if v is not None} | {"step": step}
@@ -237,7 +245,8 @@ def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA, fe
         critic_engine.save_checkpoint(str(Path(d) / "critic"), tag="state")
         feed_position = ray.get(feed.position.remote())
         if rank == 0:
-            torch.save({"step": step, "ema": ema.state_dict(), "feed_position": feed_position}, Path(d) / STATE_FILE)
+            torch.save({"step": step, "ema": None if ema is None else ema.state_dict(), "feed_position": feed_position},
+                       Path(d) / STATE_FILE)
         ray.train.report(reported, checkpoint=Checkpoint.from_directory(d))
     if rank == 0:
         progress = {"step": step, "feed_position": feed_position}
