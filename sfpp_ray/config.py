@@ -122,7 +122,8 @@ class RolloutConfig:
 class BufferConfig:
     max_items: int = 64
     max_bytes: int = 2 * 1024**3
-    max_staleness: int = 4  # samples older than this many policy versions are dropped
+    max_staleness: int = 4  # the buffer drops samples older than this many policy versions (windows Ray Data
+    # has already fetched ahead can be older by its prefetch depth: logged as data/staleness)
     max_reuse: int = 1  # times one rollout may be served to the trainer
 
 

@@ -87,20 +87,29 @@ def is_generator_step(step: int, update_ratio: int) -> bool:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters, kept in float32 (bf16 would swallow 1% updates)."""
+    """Exponential moving average of a model's parameters, kept in float32 (bf16 would swallow 1% updates).
 
-    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+    `partitioned`: the model's parameters are sharded by DeepSpeed ZeRO-3, and each rank averages only its
+    own partition of each (`param.ds_tensor`): no gather a step and 1/N of the memory. Its state is then
+    this rank's alone, and `copy_to` writes the partitions: gather from them afterwards to see the average
+    (`trainer.full_params(..., from_partitions=True)`)."""
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0, partitioned: bool = False):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        self.decay, self.start_step = decay, start_step
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self.decay, self.start_step, self.partitioned = decay, start_step, partitioned
+        self.shadow = {name: t.detach().float().clone() for name, t in self._tensors(model)}
+
+    def _tensors(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """What is averaged: each parameter, or under `partitioned` this rank's partition of it."""
+        return [(name, p.ds_tensor if self.partitioned else p) for name, p in model.named_parameters()]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Before start_step the average is a copy: early weights are far from where training settles.
         One fused op over all tensors rather than a kernel launch per tensor."""
-        named = list(model.named_parameters())
-        shadow, params = [self.shadow[name] for name, _ in named], [p.detach().float() for _, p in named]
+        named = self._tensors(model)
+        shadow, params = [self.shadow[name] for name, _ in named], [t.detach().float() for _, t in named]
         if step < self.start_step:
             torch._foreach_copy_(shadow, params)
         else:
@@ -108,26 +117,36 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            p.copy_(self.shadow[name])
+        for name, t in self._tensors(model):
+            t.copy_(self.shadow[name])
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
         """The average in the model's parameters while the block runs (to save it), the live weights back after."""
-        live = [p.detach().clone() for p in model.parameters()]
+        tensors = [t for _, t in self._tensors(model)]
+        live = [t.detach().clone() for t in tensors]
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(list(model.parameters()), live)
+                torch._foreach_copy_(tensors, live)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "start_step": self.start_step, "shadow": copy.copy(self.shadow)}
+        return {"decay": self.decay, "start_step": self.start_step, "partitioned": self.partitioned,
+                "shadow": copy.copy(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) ^ set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state does not match the model's parameters: {sorted(missing)[:5]}")
+        if state.get("partitioned", False) != self.partitioned:
+            kept = lambda partitioned: "per ZeRO-3 partition" if partitioned else "whole"
+            raise ValueError(f"the saved moving average was kept {kept(not self.partitioned)}, this one "
+                             f"{kept(self.partitioned)}: resume under the trainer.zero_stage it was saved with")
+        shapes = {name for name, v in state["shadow"].items() if v.shape != self.shadow[name].shape}
+        if shapes:
+            raise ValueError(f"saved moving average has other shapes ({sorted(shapes)[:3]}): resume on as many "
+                             "ranks as it was saved from")
         self.decay, self.start_step = state["decay"], state["start_step"]
         self.shadow = {name: v.to(self.shadow[name].device, torch.float32).clone() for name, v in state["shadow"].items()}

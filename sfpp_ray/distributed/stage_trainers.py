@@ -34,7 +34,8 @@ from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, make_ode_trajectori
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import Config, from_dict, guide_dir
-from sfpp_ray.distributed.trainer import STATE_FILE, deepspeed_config, full_params, global_rank, lr_factor, world_size, write_marker
+from sfpp_ray.distributed.trainer import (STATE_FILE, deepspeed_config, full_params, global_rank, load_ema, lr_factor,
+                                         save_ema, world_size, write_marker)
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
@@ -92,7 +93,7 @@ def _step_done(tracker: Tracker | None, metrics: dict[str, float], step: int, de
 def _finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: int) -> None:
     """Rank 0 writes the model to run_dir/name and then its marker (ZeRO-3 gathers on every rank);
     every rank reports the last step's metrics."""
-    with full_params(engine.module, cfg.trainer.zero_stage == 3):
+    with full_params(engine.module, cfg.trainer.zero_stage == 3, from_partitions=True):  # the EMA may be in them
         if global_rank() == 0:
             engine.module.save_pretrained(cfg.run_dir / name)
             write_marker(cfg.run_dir / name, record)
@@ -118,10 +119,7 @@ def pretrain_teacher_loop(config: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
     zero3 = cfg.trainer.zero_stage == 3
-    ema = None
-    if tp.ema_decay > 0:
-        with full_params(engine.module, zero3):
-            ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step)
+    ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step, partitioned=zero3) if tp.ema_decay > 0 else None
     codec = components.build_video_codec(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     uncond = None if tp.train_text_encoder else text.encode([cfg.text.negative_prompt])
@@ -131,9 +129,8 @@ def pretrain_teacher_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / "teacher"), tag="state")
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            load_ema(ema, Path(d), rank, state["ema"])
         done, losses = state["step"], state["losses"]
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
         if rank == 0:
             print(f"[pretrain_teacher] resumed at step {done}", flush=True)
     clips = WorldClipStream(world_of(cfg), codec.video_frames(cfg.video.teacher_frames), tp.batch_size,
@@ -173,8 +170,7 @@ def pretrain_teacher_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             if ema is not None:
-                with full_params(engine.module, zero3):
-                    ema.update(engine.module, step)
+                ema.update(engine.module, step)
             if step in tp.guide_steps:
                 _save_guide(engine, ema, cfg, step)
             unread.append((step, loss.detach(), engine.get_lr()[0]))
@@ -188,8 +184,7 @@ def pretrain_teacher_loop(config: dict) -> None:
             if checkpointing:
                 _save_teacher_state(engine, ema, losses, metrics, step)
     if ema is not None:
-        with full_params(engine.module, zero3):
-            ema.copy_to(engine.module)  # the average is the published teacher
+        ema.copy_to(engine.module)  # the average is the published teacher
     _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses, "ema": tp.ema_decay > 0,
                                      "resumed_from": done, "seconds": time.perf_counter() - t0}, metrics, tp.steps)
 
@@ -197,9 +192,9 @@ def pretrain_teacher_loop(config: dict) -> None:
 def _save_guide(engine, ema: EMA | None, cfg: Config, step: int) -> None:
     """The teacher as it stands (its EMA, with its text encoder when trained with it): a weaker model of the
     same data, for autoguidance (ode.guide). Training goes on with its live weights."""
-    with full_params(engine.module, cfg.trainer.zero_stage == 3):
-        if global_rank() == 0:
-            with ema.swapped_in(engine.module) if ema is not None else contextlib.nullcontext():
+    with ema.swapped_in(engine.module) if ema is not None else contextlib.nullcontext():
+        with full_params(engine.module, cfg.trainer.zero_stage == 3, from_partitions=True):
+            if global_rank() == 0:
                 engine.module.save_pretrained(guide_dir(cfg.run_dir / "teacher", step))
 
 
@@ -208,9 +203,9 @@ def _save_teacher_state(engine, ema: EMA | None, losses: list[float], metrics: d
     EMA; Ray Train keeps the directory as the stage's latest checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(str(Path(d) / "teacher"), tag="state")
+        whole_ema = save_ema(ema, Path(d), global_rank())
         if global_rank() == 0:
-            torch.save({"step": step, "losses": losses, "ema": None if ema is None else ema.state_dict()},
-                       Path(d) / STATE_FILE)
+            torch.save({"step": step, "losses": losses, "ema": whole_ema}, Path(d) / STATE_FILE)
         ray.train.report(metrics | {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

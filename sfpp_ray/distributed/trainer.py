@@ -28,6 +28,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from ray.train import Checkpoint
 
 from sfpp_ray import components
@@ -38,6 +39,7 @@ from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.tracking import Tracker
 
 STATE_FILE = "trainer_state.pt"
+EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a ZeRO-3 rank's partitions of the moving average
 PROGRESS_FILE = "trainer_progress.json"  # in the run dir: the controller's view of the last checkpoint
 STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
 
@@ -82,11 +84,36 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def full_params(module: torch.nn.Module, zero3: bool):
-    """All of a module's parameters, gathered under ZeRO-3 (a collective: every rank enters)."""
+def full_params(module: torch.nn.Module, zero3: bool, from_partitions: bool = False):
+    """All of a module's parameters, gathered under ZeRO-3 (a collective: every rank enters).
+    from_partitions: gather every parameter from its partitions, also those ZeRO-3 holds whole at the moment
+    (small ones it keeps on every rank, or any still gathered since a forward), which a gather would
+    otherwise take as they stand: needed after writing the partitions themselves (EMA.copy_to)."""
     if not zero3:
         return contextlib.nullcontext()
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    params = list(module.parameters())
+    if from_partitions:
+        whole = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if whole:
+            whole[0].partition(param_list=whole)  # drops the whole copies; the partitions stay
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def save_ema(ema: EMA | None, directory: Path, rank: int) -> dict | None:
+    """Into a checkpoint: each rank writes its own partitions of a ZeRO-3 average; a whole average is
+    returned for rank 0's state file."""
+    if ema is not None and ema.partitioned:
+        torch.save(ema.state_dict(), directory / EMA_SHARD_FILE.format(rank=rank))
+        return None
+    return None if ema is None else ema.state_dict()
+
+
+def load_ema(ema: EMA | None, directory: Path, rank: int, whole: dict | None) -> None:
+    """From a checkpoint, as save_ema wrote it; an average the checkpoint lacks starts from the weights."""
+    shard = directory / EMA_SHARD_FILE.format(rank=rank)
+    saved = torch.load(shard, weights_only=False) if shard.is_file() else whole
+    if ema is not None and saved is not None:
+        ema.load_state_dict(saved)
 
 
 def frozen_teacher(cfg: Config, device, dtype):
@@ -154,8 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     timesteps = schedule.student_timesteps(cfg.schedule)
     ema = None  # the saved student is the generator's moving average; rollouts use the live weights
     if cfg.trainer.ema_decay > 0:
-        with full_params(student_engine.module, zero3):
-            ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step)
+        ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step, partitioned=zero3)
     sync = ObjectStoreWeightSync()
 
     step = 0
@@ -165,9 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
             student_engine.load_checkpoint(str(Path(d) / "student"), tag="state")
             critic_engine.load_checkpoint(str(Path(d) / "critic"), tag="state")
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            load_ema(ema, Path(d), rank, state["ema"])
         step = state["step"]
-        if ema is not None and state["ema"] is not None:  # an average switched on at resume starts here
-            ema.load_state_dict(state["ema"])
         # Rollout workers were rebuilt from the initial weights: give them the checkpoint's.
         publish(sync, student_engine.module, step, broker, buffer, rank)
     total = config["total_steps"]
@@ -191,8 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(generator_step(student_engine, teacher, critic_engine, batch, schedule, timesteps,
                                               cfg, generator))
                 if ema is not None:
-                    with full_params(student_engine.module, zero3):
-                        ema.update(student_engine.module, step)
+                    ema.update(student_engine.module, step)
             metrics["time/step"] = time.perf_counter() - t0
             # Ray Data fetches ahead of the trainer: how many updates old the consumed rollout is.
             metrics["data/staleness"] = float(step - 1 - batch["policy_version"][0])
@@ -205,9 +229,9 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics(metrics, step)
             save = step % cfg.trainer.checkpoint_every == 0 or step == total
             report(metrics, step, student_engine, critic_engine, ema, feed, cfg, rank, save)
-        with full_params(student_engine.module, zero3):
-            if ema is not None:
-                ema.copy_to(student_engine.module)  # training is over: the average is the published student
+        if ema is not None:
+            ema.copy_to(student_engine.module)  # training is over: the average is the saved student
+        with full_params(student_engine.module, zero3, from_partitions=True):
             if rank == 0:
                 student_engine.module.save_pretrained(cfg.run_dir / "student")
                 write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None})
@@ -244,9 +268,9 @@ def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | N
         student_engine.save_checkpoint(str(Path(d) / "student"), tag="state")
         critic_engine.save_checkpoint(str(Path(d) / "critic"), tag="state")
         feed_position = ray.get(feed.position.remote())
+        whole_ema = save_ema(ema, Path(d), rank)
         if rank == 0:
-            torch.save({"step": step, "ema": None if ema is None else ema.state_dict(), "feed_position": feed_position},
-                       Path(d) / STATE_FILE)
+            torch.save({"step": step, "ema": whole_ema, "feed_position": feed_position}, Path(d) / STATE_FILE)
         ray.train.report(reported, checkpoint=Checkpoint.from_directory(d))
     if rank == 0:
         progress = {"step": step, "feed_position": feed_position}

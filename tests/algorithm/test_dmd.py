@@ -98,6 +98,42 @@ def test_ema_swapped_in_holds_the_average_inside_and_the_live_weights_after():
     assert all(torch.equal(p, live[k]) for k, p in model.named_parameters())  # restored on failure too
 
 
+def _partition(model: nn.Module, rank: int, ranks: int) -> None:
+    """Each parameter's `ds_tensor` as ZeRO-3 lays it out: rank r holds a flat slice of the padded parameter."""
+    for p in model.parameters():
+        n = -(-p.numel() // ranks)
+        p.ds_tensor = torch.nn.functional.pad(p.detach().flatten(), (0, n * ranks - p.numel()))[rank * n:(rank + 1) * n].clone()
+
+
+def test_partitioned_ema_averages_each_rank_slice_as_the_whole_average_would():
+    ranks, model = 2, nn.Linear(5, 3)  # 15 and 3 values: the last slice of each is padded
+    whole = EMA(model, decay=0.8, start_step=2)
+    parts = []
+    for r in range(ranks):
+        _partition(model, r, ranks)
+        parts.append(EMA(model, decay=0.8, start_step=2, partitioned=True))
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        whole.update(model, step)
+        for r, ema in enumerate(parts):
+            _partition(model, r, ranks)
+            ema.update(model, step)
+    for name, p in model.named_parameters():
+        joined = torch.cat([ema.shadow[name] for ema in parts])[:p.numel()].view_as(p)
+        torch.testing.assert_close(joined, whole.shadow[name])
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    parts[1].copy_to(model)  # writes rank 1's slices only; the gathered parameters are left alone
+    assert all(torch.equal(p, live[k]) for k, p in model.named_parameters())
+    assert all(torch.equal(p.ds_tensor, parts[1].shadow[k]) for k, p in model.named_parameters())
+    with pytest.raises(ValueError, match="zero_stage"):
+        EMA(model, 0.8).load_state_dict(parts[0].state_dict())
+    _partition(model, 0, 1)  # one rank: slices the size of the whole parameter
+    with pytest.raises(ValueError, match="as many ranks"):
+        EMA(model, 0.8, partitioned=True).load_state_dict(parts[0].state_dict())
+
+
 def _train_teacher_on_known_mean(teacher, text, mean, schedule, steps=60):
     """Brief flow matching on data around a per-channel mean: a teacher whose samples are recognisable."""
     opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)

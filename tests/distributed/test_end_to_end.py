@@ -15,20 +15,20 @@ from sfpp_ray.distributed.weight_sync import state_checksum
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
-def tiny(tmp_path: Path, name: str, steps: int, zero_stage: int = 2, ema_decay: float = 0.99):
+def tiny(tmp_path: Path, name: str, steps: int, zero_stage: int = 2):
     """Strictly on-policy (max_staleness 0): a publish refuses every older pending sample, so each
     worker moves to the new weights at once instead of waiting for buffer room."""
     return load_config(CONFIG, [
         f"run.name={name}", f"run.output_dir={tmp_path}", "run.stages=[dmd]",
         "rollout.num_frames=12", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5",
         "trainer.num_workers=2", f"trainer.zero_stage={zero_stage}", "trainer.checkpoint_every=1", "buffer.max_staleness=0",
-        f"dmd.steps={steps}", "dmd.update_ratio=1", "tracking.experiment=sfpp-e2e", f"trainer.ema_decay={ema_decay}",
+        f"dmd.steps={steps}", "dmd.update_ratio=1", "tracking.experiment=sfpp-e2e",
     ])
 
 
-def check_weight_sync(summary: dict, first_version: int, last_version: int, ema: bool = True) -> None:
+def check_weight_sync(summary: dict, first_version: int, last_version: int, saved_average) -> None:
     """Versions advance with each sync, and after every sync a worker's weights are the trainers'. The run
-    saved the moving average its last checkpoint holds, or with `ema` off the last published policy."""
+    saved the moving average its last checkpoint holds, not the last published policy."""
     published = dict(summary["published"])
     assert sorted(published) == list(range(first_version, last_version + 1))
     applied = [a for stats in summary["rollout"] for a in stats["applied"]]
@@ -38,15 +38,9 @@ def check_weight_sync(summary: dict, first_version: int, last_version: int, ema:
         assert versions == sorted(set(versions))
         for version, checksum in stats["applied"]:
             assert checksum == published[version]
-    if not ema:
-        assert summary["student_checksum"] == published[last_version]
-        return
-    states = [torch.load(d / STATE_FILE, weights_only=False) for d in Path(summary["checkpoints"]).glob("checkpoint_*/")]
-    (shadow,) = [state["ema"]["shadow"] for state in states if state["step"] == last_version]
-    average = components.build_student(summary["cfg"])
-    with torch.no_grad():
-        for name, p in average.named_parameters():
-            p.copy_(shadow[name])
+    (last,) = [d for d in Path(summary["checkpoints"]).glob("checkpoint_*/")
+               if torch.load(d / STATE_FILE, weights_only=False)["step"] == last_version]
+    average = saved_average(last, components.build_student(summary["cfg"]))
     assert summary["student_checksum"] == state_checksum(average) != published[last_version]
 
 
@@ -66,18 +60,18 @@ def zero2_runs(ray_cluster, tmp_path_factory):
     return run(tiny(out, "z2", steps=2)), run(tiny(out, "z2", steps=3))
 
 
-def test_zero2_trains_and_syncs_weights(zero2_runs):
+def test_zero2_trains_and_syncs_weights(zero2_runs, saved_average):
     first, _ = zero2_runs
     assert first["steps"] == (0, 2) and first["metrics"]["step"] == 2
     assert sum(s["samples"] for s in first["rollout"]) >= 2
-    check_weight_sync(first, 1, 2)
+    check_weight_sync(first, 1, 2, saved_average)
 
 
-def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs):
+def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs, saved_average):
     first, second = zero2_runs
     assert second["steps"] == (2, 3) and second["metrics"]["step"] == 3
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    check_weight_sync(second, 2, 3)
+    check_weight_sync(second, 2, 3, saved_average)
     # Version 2 is republished on resume from the checkpoint: the very weights the first run ended with
     # (it saved their moving average as the student, and the resumed run averages on from there).
     assert dict(second["published"])[2] == dict(first["published"])[2] != first["student_checksum"]
@@ -97,10 +91,10 @@ def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path):
-    summary = run(tiny(tmp_path, "z3", steps=2, zero_stage=3, ema_decay=0))
+def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path, saved_average):
+    summary = run(tiny(tmp_path, "z3", steps=2, zero_stage=3))
     assert summary["metrics"]["step"] == 2
-    check_weight_sync(summary, 1, 2, ema=False)
+    check_weight_sync(summary, 1, 2, saved_average)  # each rank averaged its own partitions; together they are the student
 
 
 def test_load_prompts_keeps_good_lines_and_says_why(tmp_path, capsys):

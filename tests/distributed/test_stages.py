@@ -17,6 +17,7 @@ from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import load_config, with_teacher
 from sfpp_ray.distributed.trainer import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
+from sfpp_ray.models.text_encoder import PromptConditioned
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 STAGES = ["pretrain_teacher", "ode", "dmd", "grpo"]
@@ -152,15 +153,17 @@ def test_teacher_learning_rate_warms_up_then_decays_to_a_tenth():
     assert [lr_factor(i, steps, 0, "constant") for i in range(steps)] == [1.0] * steps
 
 
-def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster, tmp_path, saved_average, zero_stage):
     """A run stopped after its step-2 checkpoint (marker and weights gone) resumes there and ends where an
-    uninterrupted run ends: the same losses for every step and the same weights."""
+    uninterrupted run ends: the same losses for every step and the same weights. Under ZeRO-3 the moving
+    average is kept per partition and saved by each rank."""
     from sfpp_ray.distributed.controller import train
 
     cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=resume", "run.stages=[pretrain_teacher]",
                                "teacher_pretrain.steps=4", "teacher_pretrain.checkpoint_every=2",
                                "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[2]",
-                               "tracking.enabled=false"])
+                               f"trainer.zero_stage={zero_stage}", "tracking.enabled=false"])
     first = train(cfg)["stages"]["pretrain_teacher"]["record"]
     teacher = cfg.run_dir / "teacher"
     def saved_weights():  # the teacher's and the text encoder's trained with it
@@ -170,14 +173,15 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
 
     weights = saved_weights()
     # the guide saved at step 2 is the EMA the step-2 checkpoint holds, not the live weights it trained on with
-    state, = [torch.load(f, weights_only=False) for f in (cfg.run_dir / "ray_train").rglob(STATE_FILE)]
+    checkpoint, = [f.parent for f in (cfg.run_dir / "ray_train").rglob(STATE_FILE)]
+    assert torch.load(checkpoint / STATE_FILE, weights_only=False)["step"] == 2
+    trained = PromptConditioned(components.build_critic(cfg), components.build_text_encoder(cfg))
+    average = saved_average(checkpoint, trained).denoiser.state_dict()
     guide = load_file(teacher / "guide_step2" / "diffusion_pytorch_model.safetensors")
-    live, = [torch.load(f, weights_only=False)["module"]
-             for f in (cfg.run_dir / "ray_train").rglob("mp_rank_00_model_states.pt")]
-    assert state["step"] == 2 and guide.keys() == {k.removeprefix("denoiser.") for k in state["ema"]["shadow"]
-                                                   if k.startswith("denoiser.")}
-    assert all(torch.equal(guide[k], state["ema"]["shadow"][f"denoiser.{k}"]) for k in guide)
-    assert not all(torch.equal(guide[k], live[f"denoiser.{k}"]) for k in guide)
+    assert guide.keys() == average.keys() and all(torch.equal(guide[k], average[k]) for k in guide)
+    if zero_stage < 3:  # ZeRO-3's model states hold no whole live weights to compare with
+        live, = [torch.load(f, weights_only=False)["module"] for f in checkpoint.rglob("mp_rank_00_model_states.pt")]
+        assert not all(torch.equal(guide[k], live[f"denoiser.{k}"]) for k in guide)
     shutil.rmtree(teacher)
     again = train(cfg)["stages"]["pretrain_teacher"]["record"]
     assert first["resumed_from"] == 0 and again["resumed_from"] == 2  # steps 3-4 trained again, not 1-4
