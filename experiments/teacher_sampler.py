@@ -13,8 +13,8 @@ pairs it was trained on.
         [--teacher <dir>] [--validation 32] [--heldout 64] [--top 3] [--splits heldout,train] [key=value ...]
 
 --teacher scores another teacher directory in place of <run>/teacher: a guide saved at a step, or a teacher
-that no run of this experiment made. Prints a table (last) and writes teacher_sampler.json into --run. On the GPU by default (run.device=cpu
-to change).
+that no run of this experiment made. Prints a table (last) and writes teacher_sampler.json into --run. On the
+GPU by default (run.device=cpu to change).
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def _partition(model: nn.Module, rank: int, ranks: int) -> None:
     """Each parameter's `ds_tensor` as ZeRO-3 lays it out: rank r holds a flat slice of the padded parameter."""
     for p in model.parameters():
         n = -(-p.numel() // ranks)
-        p.ds_tensor = torch.nn.functional.pad(p.detach().flatten(), (0, n * ranks - p.numel()))[rank * n:(rank + 1) * n].clone()
+        padded = torch.nn.functional.pad(p.detach().flatten(), (0, n * ranks - p.numel()))
+        p.ds_tensor = padded[rank * n:(rank + 1) * n].clone()
 
 
 def test_partitioned_ema_averages_each_rank_slice_as_the_whole_average_would():

@@ -94,7 +94,7 @@ def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
 def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path, saved_average):
     summary = run(tiny(tmp_path, "z3", steps=2, zero_stage=3))
     assert summary["metrics"]["step"] == 2
-    check_weight_sync(summary, 1, 2, saved_average)  # each rank averaged its own partitions; together they are the student
+    check_weight_sync(summary, 1, 2, saved_average)  # each rank averaged its partitions; together: the student
 
 
 def test_load_prompts_keeps_good_lines_and_says_why(tmp_path, capsys):
