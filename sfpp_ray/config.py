@@ -122,8 +122,8 @@ class RolloutConfig:
 class BufferConfig:
     max_items: int = 64
     max_bytes: int = 2 * 1024**3
-    max_staleness: int = 4  # the buffer drops samples older than this many policy versions (windows Ray Data
-    # has already fetched ahead can be older by its prefetch depth: logged as data/staleness)
+    max_staleness: int = 4  # the buffer drops samples older than this many policy versions, and the trainer makes
+    # again any window Ray Data fetched ahead that has grown older than that while it waited (data/replaced_stale)
     max_reuse: int = 1  # times one rollout may be served to the trainer
 
 
@@ -461,6 +461,7 @@ def validate(cfg: Config) -> None:
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
+    positive("run.seed", cfg.run.seed, allow_zero=True)  # seeds hash (seed, row) pairs, which must be >= 0
     m, s, sch = cfg.model, cfg.student, cfg.schedule
     if len(m.patch_size) != 3:
         raise ConfigError("model.patch_size", f"needs 3 entries (t, h, w), got {m.patch_size}")

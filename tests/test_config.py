@@ -39,6 +39,7 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.lr=1e-4x", "teacher_pretrain.lr"),
     ("trainer.num_workers=1e2", "trainer.num_workers"),  # an exponent makes no integer
     ("run.device=tpu", "run.device"),
+    ("run.seed=-1", "run.seed"),
     ("data.window_frames=27", "data.window_frames"),  # longer than rollout.num_frames (24)
     ("rollout.num_frames=25", "rollout.num_frames"),  # not divisible by the block size
     ("student.sink_frames=6", "student.sink_frames"),  # sink >= window

@@ -156,10 +156,12 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
     print(f"run {cfg.run.name!r}: steps {start_step + 1}..{total}, {len(workers)} rollout workers, "
           f"{cfg.trainer.num_workers} trainer workers")
 
-    dataset = build_dataset(cfg, buffer, (total - start_step) * cfg.trainer.num_workers, seed=cfg.run.seed + start_step)
+    data_seed = cfg.run.seed + start_step
+    dataset = build_dataset(cfg, buffer, (total - start_step) * cfg.trainer.num_workers, seed=data_seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total},
+        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total,
+                           "data_seed": data_seed},
         scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train")),
         datasets={"train": dataset},

@@ -6,8 +6,9 @@ One row is one training step of one trainer worker. The rows are only a count: F
 replaces each with a rollout taken from the buffer, so the dataset streams as fast as the
 rollout workers fill the buffer (it waits when the buffer is empty). The window sampling and
 re-noising are per-row numpy/torch work that Ray Data runs beside the trainers, keeping the
-trainer's step to the forward and backward passes. Only numeric columns, so
-`iter_torch_batches` can stack every column.
+trainer's step to the forward and backward passes. Rows fetched ahead can outlive
+buffer.max_staleness while they wait; the trainer swaps such a row for `fresh_row`.
+Only numeric columns, so `iter_torch_batches` can stack every column.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class FetchRollouts:
 
 
 def _row_generator(seed: int, row_id: int) -> torch.Generator:
-    """Per-row randomness fixed by (seed, row), so a transform's result does not depend on batching."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + int(row_id))
+    """Per-row randomness fixed by (seed, row), so a transform's result does not depend on batching. The
+    pair is hashed: a CPU generator keeps only 32 bits of its seed, and row ids run past 2**32."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(row_id)]).generate_state(1)[0]))
 
 
 def sample_windows(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -100,6 +102,14 @@ def _map(ds: ray.data.Dataset, fn, cfg: Config, kwargs: dict) -> ray.data.Datase
         return ds.map_batches(_Transform, fn_constructor_args=(fn,), fn_constructor_kwargs=kwargs,
                               compute=ray.data.ActorPoolStrategy(size=cfg.data.num_actors), batch_size=1)
     return ds.map_batches(fn, fn_kwargs=kwargs, compute=ray.data.TaskPoolStrategy(), batch_size=1)
+
+
+def fresh_row(buffer, cfg: Config, seed: int, row_id: int) -> dict[str, np.ndarray]:
+    """One row made now, as the dataset makes its rows: what the trainer trains on instead of a row that
+    went stale while Ray Data held it ahead (the buffer serves nothing past buffer.max_staleness)."""
+    kwargs = {"cfg": cfg.to_dict(), "seed": seed}
+    batch = FetchRollouts(buffer)({"id": np.array([row_id], dtype=np.int64)})
+    return add_backward_noise(sample_windows(batch, **kwargs), **kwargs)
 
 
 def build_dataset(cfg: Config, buffer, num_rows: int, seed: int) -> ray.data.Dataset:

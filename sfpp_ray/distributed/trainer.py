@@ -35,11 +35,13 @@ from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
 from sfpp_ray.algorithm.rollout import prefill, rollout
 from sfpp_ray.config import Config, from_dict
+from sfpp_ray.distributed.data_pipeline import fresh_row
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.tracking import Tracker
 
 STATE_FILE = "trainer_state.pt"
 EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a ZeRO-3 rank's partitions of the moving average
+REPLACEMENT_ROWS = 1 << 40  # row ids of the rows made in place of stale ones: past any dataset's, one range a rank
 PROGRESS_FILE = "trainer_progress.json"  # in the run dir: the controller's view of the last checkpoint
 STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
 
@@ -161,7 +163,8 @@ def _grad_norm(engine) -> float | None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. config: {"cfg": Config dict, "actors": names, "mlflow_run_id", "total_steps"}."""
+    """Ray Train entry point. config: {"cfg": Config dict, "actors": names, "mlflow_run_id", "total_steps",
+    "data_seed": the dataset's seed, for rows made in place of stale ones}."""
     cfg = from_dict(config["cfg"])
     names = config["actors"]
     buffer, broker = ray.get_actor(names["buffer"]), ray.get_actor(names["broker"])
@@ -198,6 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
     total = config["total_steps"]
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank + 7919 * step)
 
+    published = step  # the version the buffer measures staleness against (rollouts start from version 0)
+    replaced = 0
     tracker = None
     if rank == 0:
         tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
@@ -210,6 +215,10 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             step += 1
             t0 = time.perf_counter()
+            while published - int(batch["policy_version"][0]) > cfg.buffer.max_staleness:
+                row = fresh_row(buffer, cfg, config["data_seed"], REPLACEMENT_ROWS * (rank + 1) + replaced)
+                batch = {k: torch.as_tensor(v, device=device) for k, v in row.items()}
+                replaced += 1
             batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
             metrics = critic_step(critic_engine, batch, schedule, cfg, generator)
             if is_generator_step(step, cfg.dmd.update_ratio):
@@ -218,11 +227,14 @@ def train_loop_per_worker(config: dict) -> None:
                 if ema is not None:
                     ema.update(student_engine.module, step)
             metrics["time/step"] = time.perf_counter() - t0
-            # Ray Data fetches ahead of the trainer: how many updates old the consumed rollout is.
+            # How many updates old the consumed rollout is, and how many rows that Ray Data fetched ahead
+            # outlived buffer.max_staleness and were made again.
             metrics["data/staleness"] = float(step - 1 - batch["policy_version"][0])
+            metrics["data/replaced_stale"] = float(replaced)
             if step % cfg.trainer.sync_every == 0 or step == total:
                 t1 = time.perf_counter()
                 publish(sync, student_engine.module, step, broker, buffer, rank)
+                published = step
                 metrics["time/sync"] = time.perf_counter() - t1
             if rank == 0:
                 metrics.update(_system_metrics(buffer, names["rollout_workers"]))

@@ -87,6 +87,11 @@ def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
     assert {"rollout/fps", "buffer/fill", "time/step", "time/sync"} <= set(run.data.metrics)
     assert run.data.metrics["rollout/fps"] > 0
+    # On-policy (max_staleness 0, a sync every step): whatever Ray Data fetched ahead, every window trained on
+    # came from the weights of the step before; older rows were made again.
+    staleness = client.get_metric_history(run.info.run_id, "data/staleness")
+    assert [m.step for m in staleness] == [1, 2, 3] and {m.value for m in staleness} == {0.0}
+    assert "data/replaced_stale" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id, "videos")] == ["videos/eval.mp4"]
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
