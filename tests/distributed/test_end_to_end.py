@@ -15,14 +15,14 @@ from sfpp_ray.distributed.weight_sync import state_checksum
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
-def tiny(tmp_path: Path, name: str, steps: int, zero_stage: int = 2):
+def tiny(tmp_path: Path, name: str, steps: int, zero_stage: int = 2, *overrides: str):
     """Strictly on-policy (max_staleness 0): a publish refuses every older pending sample, so each
     worker moves to the new weights at once instead of waiting for buffer room."""
     return load_config(CONFIG, [
         f"run.name={name}", f"run.output_dir={tmp_path}", "run.stages=[dmd]",
         "rollout.num_frames=12", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5",
         "trainer.num_workers=2", f"trainer.zero_stage={zero_stage}", "trainer.checkpoint_every=1", "buffer.max_staleness=0",
-        f"dmd.steps={steps}", "dmd.update_ratio=1", "tracking.experiment=sfpp-e2e",
+        f"dmd.steps={steps}", "dmd.update_ratio=1", "tracking.experiment=sfpp-e2e", *overrides,
     ])
 
 
@@ -100,6 +100,12 @@ def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path, saved_average):
     summary = run(tiny(tmp_path, "z3", steps=2, zero_stage=3))
     assert summary["metrics"]["step"] == 2
     check_weight_sync(summary, 1, 2, saved_average)  # each rank averaged its partitions; together: the student
+
+
+def test_without_a_moving_average_the_saved_student_is_the_last_published(ray_cluster, tmp_path):
+    summary = run(tiny(tmp_path, "no_ema", 2, 2, "trainer.ema_decay=0"))
+    assert summary["metrics"]["step"] == 2
+    assert summary["student_checksum"] == dict(summary["published"])[2] != dict(summary["published"])[1]
 
 
 def test_load_prompts_keeps_good_lines_and_says_why(tmp_path, capsys):
