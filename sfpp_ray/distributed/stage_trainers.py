@@ -35,7 +35,7 @@ from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import Config, from_dict, guide_dir
 from sfpp_ray.distributed.trainer import (STATE_FILE, deepspeed_config, full_params, global_rank, load_ema, lr_factor,
-                                         save_ema, world_size, write_marker)
+                                         optimizer_step, save_ema, world_size, write_marker)
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
@@ -168,7 +168,7 @@ def pretrain_teacher_loop(config: dict) -> None:
             loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step),
                                   weight)
             engine.backward(loss)
-            engine.step()
+            optimizer_step(engine, cfg)
             if ema is not None:
                 ema.update(engine.module, step)
             if step in tp.guide_steps:
@@ -278,7 +278,7 @@ def ode_loop(config: dict) -> None:
             loss = ode_regression_loss(engine.module, trajectories, timesteps, text.encode([p[1] for p in pairs]),
                                        schedule, g)
             engine.backward(loss)
-            engine.step()
+            optimizer_step(engine, cfg)
             metrics = _step_done(tracker, {"ode/loss": loss.item()}, step, device)
             losses.append(metrics["ode/loss"])
     _finish(engine, cfg, "student_ode", {"steps": cfg.ode.steps, "losses": losses, "pairs": len(store)}, metrics,
@@ -306,7 +306,7 @@ def grpo_loop(config: dict) -> None:
 
     def accumulate(loss: torch.Tensor, weight: float) -> None:  # the engine divides by `parts` itself
         engine.backward(loss)
-        engine.step()  # updates the weights after the last part only
+        optimizer_step(engine, cfg)  # updates the weights after the last part only
 
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for step in range(1, gp.steps + 1):

@@ -62,9 +62,25 @@ def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None, a
         "zero_optimization": {"stage": t.zero_stage},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas or t.betas),
                                                    "weight_decay": t.weight_decay, "torch_adam": True}},
-        "gradient_clipping": t.grad_clip,
+        # Under ZeRO-0 with float32 weights DeepSpeed clips with a routine that copies two numbers from the host
+        # to the device each step, which waits for the GPU to finish the step; `optimizer_step` clips there instead.
+        "gradient_clipping": 0.0 if trainer_clips(cfg) else t.grad_clip,
         "bf16": {"enabled": t.bf16},
     }
+
+
+def trainer_clips(cfg: Config) -> bool:
+    """The trainer, not DeepSpeed, clips the gradients: ZeRO-0 without DeepSpeed's bf16 optimizer."""
+    return cfg.trainer.zero_stage == 0 and not cfg.trainer.bf16 and cfg.trainer.grad_clip > 0
+
+
+def optimizer_step(engine, cfg: Config) -> None:
+    """engine.step(), with the gradients clipped to trainer.grad_clip first where DeepSpeed does not (see
+    deepspeed_config): torch's clipping keeps the norm and the factor on the device. Under ZeRO-0 the
+    gradients are whole and already averaged over ranks after the backward of a boundary micro-batch."""
+    if trainer_clips(cfg) and engine.is_gradient_accumulation_boundary():
+        torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.trainer.grad_clip, foreach=True)
+    engine.step()
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
@@ -145,7 +161,7 @@ def generator_step(student_engine, teacher, critic, batch: dict, schedule, times
                  generator=generator).latents
     loss, info = dmd_generator_loss(x0, teacher, critic, batch["text"], batch["uncond"], schedule, cfg.dmd, generator)
     student_engine.backward(loss)
-    student_engine.step()
+    optimizer_step(student_engine, cfg)
     return {"loss/generator": loss.item(), "dmd/grad_norm": info["dmd_grad_norm"],
             "grad_norm/generator": _grad_norm(student_engine)}
 
@@ -153,7 +169,7 @@ def generator_step(student_engine, teacher, critic, batch: dict, schedule, times
 def critic_step(critic_engine, batch: dict, schedule, cfg: Config, generator: torch.Generator) -> dict:
     loss, _ = critic_loss(batch["window"], critic_engine, batch["text"], schedule, cfg.dmd, generator)
     critic_engine.backward(loss)
-    critic_engine.step()
+    optimizer_step(critic_engine, cfg)
     return {"loss/critic": loss.item(), "grad_norm/critic": _grad_norm(critic_engine)}
 
 

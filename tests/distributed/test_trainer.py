@@ -9,23 +9,25 @@ import torch.distributed as dist
 
 from sfpp_ray import components
 from sfpp_ray.config import load_config
-from sfpp_ray.distributed.trainer import deepspeed_config
+from sfpp_ray.distributed.trainer import deepspeed_config, optimizer_step, trainer_clips
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
-@pytest.fixture
-def single_rank(monkeypatch):
-    """A one-rank gloo group in this process, as Ray Train sets one up on each worker."""
+@pytest.fixture(scope="module")
+def single_rank():
+    """A one-rank gloo group in this process, as Ray Train sets one up on each worker; one for the module, as
+    DeepSpeed keeps its groups once made."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
+            monkeypatch.setenv(key, value)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_autocast_engine_computes_in_bf16_and_keeps_float32_weights(single_rank):
@@ -45,3 +47,31 @@ def test_autocast_engine_computes_in_bf16_and_keeps_float32_weights(single_rank)
         assert seen == [computed_in]
         assert all(p.dtype == p.grad.dtype == torch.float32 for p in engine.module.parameters() if p.grad is not None)
         assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_clips_under_zero0_as_deepspeed_would(single_rank, accumulation):
+    """Under ZeRO-0 the trainer clips (deepspeed_config leaves DeepSpeed's clipping off): the weights after a few
+    clipped updates are those DeepSpeed's own clipping gives, also over accumulated micro-batches, and clipping
+    was at work (without it they differ)."""
+    import deepspeed
+
+    cfg = load_config(CONFIG, ["trainer.zero_stage=0", "trainer.grad_clip=0.01"])
+    assert trainer_clips(cfg) and deepspeed_config(cfg, 1e-3)["gradient_clipping"] == 0
+    seed = int(torch.randint(1 << 30, ()))
+    batches = [(torch.randn(2, cfg.model.in_channels, 3, 8, 8), torch.rand(2) * 1000,
+                torch.randn(2, 5, cfg.model.text_dim)) for _ in range(3 * accumulation)]
+    weights = {}
+    for clipping in ("trainer", "deepspeed", "none"):
+        torch.manual_seed(seed)
+        config = deepspeed_config(cfg, 1e-2) | {"gradient_accumulation_steps": accumulation}
+        if clipping == "deepspeed":
+            config["gradient_clipping"] = cfg.trainer.grad_clip
+        engine, *_ = deepspeed.initialize(model=components.build_critic(cfg), config=config)
+        for x, t, text in batches:
+            engine.backward(engine(x, t, text, return_dict=False)[0].square().mean())
+            optimizer_step(engine, cfg) if clipping == "trainer" else engine.step()
+        assert engine.global_steps == 3
+        weights[clipping] = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+    torch.testing.assert_close(weights["trainer"], weights["deepspeed"])
+    assert not torch.allclose(weights["trainer"], weights["none"], atol=1e-4)
