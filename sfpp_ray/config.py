@@ -122,8 +122,8 @@ class RolloutConfig:
 class BufferConfig:
     max_items: int = 64
     max_bytes: int = 2 * 1024**3
-    max_staleness: int = 4  # the buffer drops samples older than this many policy versions, and the trainer makes
-    # again any window Ray Data fetched ahead that has grown older than that while it waited (data/replaced_stale)
+    max_staleness: int = 4  # the buffer drops samples older than this many policy versions, and the trainer replaces
+    # any window Ray Data fetched ahead that grew older than that while it waited (data/replaced_stale)
     max_reuse: int = 1  # times one rollout may be served to the trainer
 
 

@@ -1,6 +1,8 @@
 """Trainer role: Self-Forcing++ DMD on rollout windows, one Ray Train worker per rank.
 
 Per step, on every rank:
+  0. a window that grew older than buffer.max_staleness while Ray Data held it is replaced by one made
+     from the buffer now (data_pipeline.fresh_row);
   1. critic step: flow matching on the window's clean latents (the critic tracks the student);
   2. every `dmd.update_ratio` steps, generator step: the student's cache is prefilled with the
      rollout's own frames before the window, the backward-noised window is re-generated with
