@@ -53,7 +53,10 @@ def parse_setting(text: str) -> dict:
 def setting_name(st: dict) -> str:
     numbers = ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"],
                                           *st.get("guidance_interval", [])))
-    return numbers + (f" ag {st['autoguidance']:g} {Path(st['guide']).name}" if st.get("autoguidance", 1) != 1 else "")
+    if st.get("autoguidance", 1) == 1:
+        return numbers
+    guide = Path(st["guide"])  # a saved guide by its step; another run's teacher by that run's folder
+    return numbers + f" ag {st['autoguidance']:g} " + (guide.name if guide.name != "teacher" else guide.parent.name)
 
 
 def score(run: Path, teacher: Path | None, config: str, overrides: list[str], setting: dict, prompts: int,
