@@ -76,13 +76,16 @@ def trainer_clips(cfg: Config) -> bool:
     return cfg.trainer.zero_stage == 0 and not cfg.trainer.bf16 and cfg.trainer.grad_clip > 0
 
 
-def optimizer_step(engine, cfg: Config) -> None:
+def optimizer_step(engine, cfg: Config) -> torch.Tensor | None:
     """engine.step(), with the gradients clipped to trainer.grad_clip first where DeepSpeed does not (see
     deepspeed_config): torch's clipping keeps the norm and the factor on the device. Under ZeRO-0 the
-    gradients are whole and already averaged over ranks after the backward of a boundary micro-batch."""
+    gradients are whole and already averaged over ranks after the backward of a boundary micro-batch.
+    Returns the gradients' norm before clipping, on the device, where the trainer clipped; else None."""
+    norm = None
     if trainer_clips(cfg) and engine.is_gradient_accumulation_boundary():
-        torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.trainer.grad_clip, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.trainer.grad_clip, foreach=True)
     engine.step()
+    return norm
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
@@ -163,20 +166,21 @@ def generator_step(student_engine, teacher, critic, batch: dict, schedule, times
                  generator=generator).latents
     loss, info = dmd_generator_loss(x0, teacher, critic, batch["text"], batch["uncond"], schedule, cfg.dmd, generator)
     student_engine.backward(loss)
-    optimizer_step(student_engine, cfg)
+    norm = optimizer_step(student_engine, cfg)
     return {"loss/generator": loss.item(), "dmd/grad_norm": info["dmd_grad_norm"],
-            "grad_norm/generator": _grad_norm(student_engine)}
+            "grad_norm/generator": _grad_norm(student_engine, norm)}
 
 
 def critic_step(critic_engine, batch: dict, schedule, cfg: Config, generator: torch.Generator) -> dict:
     loss, _ = critic_loss(batch["window"], critic_engine, batch["text"], schedule, cfg.dmd, generator)
     critic_engine.backward(loss)
-    optimizer_step(critic_engine, cfg)
-    return {"loss/critic": loss.item(), "grad_norm/critic": _grad_norm(critic_engine)}
+    norm = optimizer_step(critic_engine, cfg)
+    return {"loss/critic": loss.item(), "grad_norm/critic": _grad_norm(critic_engine, norm)}
 
 
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
+def _grad_norm(engine, clipped_by_trainer: torch.Tensor | None) -> float | None:
+    """The update's gradient norm before clipping: the trainer's under ZeRO-0, else what DeepSpeed kept."""
+    norm = clipped_by_trainer if clipped_by_trainer is not None else engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 
 

@@ -68,9 +68,18 @@ def test_trainer_clips_under_zero0_as_deepspeed_would(single_rank, accumulation)
         if clipping == "deepspeed":
             config["gradient_clipping"] = cfg.trainer.grad_clip
         engine, *_ = deepspeed.initialize(model=components.build_critic(cfg), config=config)
-        for x, t, text in batches:
+        for i, (x, t, text) in enumerate(batches):
             engine.backward(engine(x, t, text, return_dict=False)[0].square().mean())
-            optimizer_step(engine, cfg) if clipping == "trainer" else engine.step()
+            if clipping != "trainer":
+                engine.step()
+                continue
+            boundary = (i + 1) % accumulation == 0
+            grads = [p.grad.clone() for p in engine.module.parameters() if p.grad is not None] if boundary else []
+            norm = optimizer_step(engine, cfg)
+            if boundary:  # the norm of the accumulated gradients, before clipping
+                torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+            else:
+                assert norm is None
         assert engine.global_steps == 3
         weights[clipping] = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
     torch.testing.assert_close(weights["trainer"], weights["deepspeed"])
