@@ -237,10 +237,11 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             step += 1
             t0 = time.perf_counter()
-            while published - int(batch["policy_version"][0]) > cfg.buffer.max_staleness:
+            version = int(batch["policy_version"][0])  # the weights the rollout was made with
+            while published - version > cfg.buffer.max_staleness:
                 row = fresh_row(buffer, cfg, config["data_seed"], REPLACEMENT_ROWS * (rank + 1) + replaced)
                 batch = {k: torch.as_tensor(v, device=device) for k, v in row.items()}
-                replaced += 1
+                version, replaced = int(row["policy_version"][0]), replaced + 1
             batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
             metrics = critic_step(critic_engine, batch, schedule, cfg, generator)
             if is_generator_step(step, cfg.dmd.update_ratio):
@@ -251,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["time/step"] = time.perf_counter() - t0
             # How many updates old the consumed rollout is, and how many rows that Ray Data fetched ahead
             # outlived buffer.max_staleness and were made again.
-            metrics["data/staleness"] = float(step - 1 - batch["policy_version"][0])
+            metrics["data/staleness"] = float(step - 1 - version)
             metrics["data/replaced_stale"] = float(replaced)
             if step % cfg.trainer.sync_every == 0 or step == total:
                 t1 = time.perf_counter()
