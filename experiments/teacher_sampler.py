@@ -13,8 +13,8 @@ pairs it was trained on.
         [--teacher <dir>] [--validation 32] [--heldout 64] [--top 3] [--splits heldout,train] [key=value ...]
 
 --teacher scores another teacher directory in place of <run>/teacher: a guide saved at a step, or a teacher
-that no run of this experiment made. Prints a table (last) and writes teacher_sampler.json into --run. On the
-GPU by default (run.device=cpu to change).
+that no run of this experiment made. Prints a table (last) and writes teacher_sampler.json into --run, again
+after every scored row. On the GPU by default (run.device=cpu to change).
 """
 
 from __future__ import annotations
@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "whose teacher stage finished, or --teacher a saved teacher or guide")
     run.mkdir(parents=True, exist_ok=True)
     out = {"settings": settings, "teacher": str(teacher or run / "teacher"), "validation": [], "heldout": []}
+    written = run / "teacher_sampler.json"  # rewritten after every row: a run cut short keeps what it scored
     for setting in settings if args.validation else []:
         row = score(run, teacher, args.config, args.overrides, setting, args.validation, VALIDATION_SEED_OFFSET,
                     "heldout")
         out["validation"].append({"setting": setting, **row})
+        written.write_text(json.dumps(out, indent=2))
         print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}", flush=True)
     ranked = [r["setting"] for r in sorted(out["validation"], key=lambda r: -r["teacher"]["stability"])]
     chosen = [settings[0]] + [st for st in ranked if st != settings[0]][:args.top]
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
         for setting in chosen:
             row = score(run, teacher, args.config, args.overrides, setting, args.heldout, 0, split)
             out["heldout"].append({"setting": setting, "split": split, **row})
-    (run / "teacher_sampler.json").write_text(json.dumps(out, indent=2))
+            written.write_text(json.dumps(out, indent=2))
+            print(f"[eval {split}] {setting}  stability {row['teacher']['stability']:.1f} "
+                  f"(real {row['real']['stability']:.1f})", flush=True)
     print(f"{'scenes':<18}{'setting':<30}{'real':>8}" + "".join(f"{k:>19}" for k in KEYS))
     for label, rows in (("validation", out["validation"]), ("eval", out["heldout"])):
         for r in rows:

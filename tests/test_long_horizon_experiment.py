@@ -154,3 +154,23 @@ def test_variant_configs_follow_the_comparison(experiment):
     assert experiment.default_variants(gpu) == ["sf", "sfpp", "sfpp_nobn", "sfpp_w9", "sfpp_w15", "sfpp_grpo"]
     with pytest.raises(ValueError):
         experiment.variant_config(cfg, "sfpp_w4")  # not a whole number of blocks
+
+
+def test_teacher_sampler_keeps_the_rows_scored_before_a_run_is_cut_short(load_experiment, monkeypatch, tmp_path):
+    sampler = load_experiment("teacher_sampler")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{}")
+    scored = []
+
+    def score(run, teacher, config, overrides, setting, prompts, seed_offset, split):
+        if len(scored) == 2:
+            raise KeyboardInterrupt  # the run is stopped while scoring the third row
+        scored.append({k: float(torch.rand(())) for k in sampler.KEYS})
+        return {"real": {k: 1.0 for k in sampler.KEYS}, "teacher": scored[-1]}
+
+    monkeypatch.setattr(sampler, "score", score)
+    with pytest.raises(KeyboardInterrupt):
+        sampler.main(["--run", str(tmp_path), "--settings", "4:3:2,4:8:2,4:1:1", "--validation", "1", "--top", "1"])
+    kept = json.loads((tmp_path / "teacher_sampler.json").read_text())
+    assert [r["teacher"] for r in kept["validation"]] == scored and kept["heldout"] == []
+    assert [r["setting"]["shift"] for r in kept["validation"]] == [3.0, 8.0]

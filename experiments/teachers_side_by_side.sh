@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Teacher recipes compared on one GPU: each recipe's teacher stage runs at the same time as the others' (two
+# or three stages share a GPU at about twice the throughput of one after another, docs/results.md), then
+# experiments/teacher_sampler.py scores each teacher's samples against real clips under the same sampler
+# settings, on validation scenes and the first and best settings again on held-out ones.
+#
+#     bash experiments/teachers_side_by_side.sh outputs/pair "teacher_pretrain.steps=5000" \
+#         "teacher_pretrain.steps=5000 teacher_pretrain.timestep_shift=0.33"
+#
+# Each quoted argument is one recipe's key=value overrides; recipe i writes under <out>/recipe<i>, its logs under
+# <out>/logs. Environment: SETTINGS (sampler settings), VALIDATION, HELDOUT and TOP (scene counts and how many
+# best settings go on to the held-out scenes), WORKERS (data workers per recipe), CONFIG (the config file, by
+# default configs/world_gpu.yaml), EXTRA (keys for every command).
+set -u
+root=${1:?usage: teachers_side_by_side.sh <output dir> "<recipe 1 keys>" ["<recipe 2 keys>" ...]}
+shift
+[ $# -ge 1 ] || { echo "give at least one recipe (a quoted list of key=value overrides)"; exit 2; }
+logs=$root/logs
+mkdir -p "$logs"
+config=${CONFIG:-configs/world_gpu.yaml}
+common="teacher_pretrain.autocast=true trainer.zero_stage=0 teacher_pretrain.checkpoint_every=0 ${EXTRA:-}"
+pids=()
+i=0
+for recipe in "$@"; do
+    i=$((i + 1))
+    echo "recipe$i: $recipe" | tee -a "$logs/recipes.txt"
+    # shellcheck disable=SC2086  # the recipe is a list of keys
+    python3 experiments/long_horizon.py --config "$config" --out "$root/recipe$i" --stages teacher \
+        teacher_pretrain.data_workers="${WORKERS:-6}" $common $recipe > "$logs/teacher$i.txt" 2>&1 &
+    pids+=($!)
+done
+failed=0
+for n in "${!pids[@]}"; do
+    wait "${pids[$n]}" || { echo "recipe$((n + 1))'s teacher stage failed: $logs/teacher$((n + 1)).txt"; failed=1; }
+done
+i=0
+for recipe in "$@"; do
+    i=$((i + 1))
+    [ -f "$root/recipe$i/teacher/config.json" ] || continue
+    # shellcheck disable=SC2086
+    python3 experiments/teacher_sampler.py --config "$config" --run "$root/recipe$i" --settings "${SETTINGS:-24:8:2,24:3:2,24:1:2,24:8:4}" \
+        --validation "${VALIDATION:-32}" --heldout "${HELDOUT:-64}" --top "${TOP:-1}" $common $recipe \
+        2>&1 | grep -av "Loading weights" | tee "$logs/sampler$i.txt"
+done
+exit $failed
