@@ -35,7 +35,8 @@ import torch
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
 from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
-from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, fill_ode_store, make_ode_trajectories, ode_regression_loss
+from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories,
+                                         ode_regression_loss, teacher_samples)
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
@@ -320,9 +321,9 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
     prompts, ode = [prompt(sc) for sc in scenes], ode or s.teacher_sampler()
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
-    trajectories = make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g),
-                                         s.timesteps, ode, s.schedule, s.guide(ode, prompts))
-    samples = [to_uint8(v) for v in s.codec.decode(trajectories[:, -1])]
+    clean = teacher_samples(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g), ode, s.schedule,
+                            s.guide(ode, prompts), g)
+    samples = [to_uint8(v) for v in s.codec.decode(clean)]
     rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {"real": [], "teacher": []}
     for scene, sample in zip(scenes, samples):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
 
 from sfpp_ray import components  # noqa: E402
-from sfpp_ray.algorithm.ode_init import make_ode_trajectories  # noqa: E402
+from sfpp_ray.algorithm.ode_init import teacher_samples  # noqa: E402
 from sfpp_ray.config import load_config  # noqa: E402
 from sfpp_ray.video_io import to_uint8  # noqa: E402
 from sfpp_ray.world.clips import world_latent_batch  # noqa: E402
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     scenes = sample_scenes(cfg.evaluation.seed, 2, "heldout", s.world)
     g = torch.Generator().manual_seed(cfg.run.seed)
     prompts = [prompt(sc) for sc in scenes]
-    samples = make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g), s.timesteps,
-                                    ode, s.schedule, s.guide(ode, prompts))[:, -1]
+    samples = teacher_samples(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g), ode, s.schedule,
+                              s.guide(ode, prompts), g)
     rows = []
     for scene, sample in zip(scenes, s.codec.decode(samples)):
         rows += [strip(to_uint8(sample)), strip(render(scene, 500, frames))]

@@ -3,7 +3,8 @@ sampler stage and the eval use: which sampler to draw with, and how far the teac
 
 Each setting is steps:shift:guidance[:low:high] (Euler steps, the grid's shift, guidance, and the noise
 levels where guidance applies), optionally followed by :autoguidance=w:guide=<dir> (a weaker teacher's
-directory, e.g. <run>/teacher/guide_step1000, steered away from with weight w). Every setting is scored
+directory, e.g. <run>/teacher/guide_step1000, steered away from with weight w) and :eta=e (the share of each
+step's noise drawn fresh, ode.eta; 0 is the deterministic ODE). Every setting is scored
 on --validation scenes (the sampler stage's seed); the first setting and the --top best of them again on
 --heldout scenes (the eval's seed, so the first --heldout 8 are the table's own) of each split in
 --splits: "heldout" scenes each hold a colour / shape pair the teacher never saw, "train" scenes only
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("stability", "composition_error", "count_error", "colour_drift", "exposure_drift", "frechet")
 
 
-NAMED = {"autoguidance": float, "guide": str}  # setting pieces given as name=value
+NAMED = {"autoguidance": float, "guide": str, "eta": float}  # setting pieces given as name=value
 
 
 def parse_setting(text: str) -> dict:
@@ -43,8 +44,11 @@ def parse_setting(text: str) -> dict:
     v = [x for x in pieces if "=" not in x]
     named = dict(x.split("=", 1) for x in pieces if "=" in x)
     if len(v) not in (3, 5) or set(named) - set(NAMED):
-        raise SystemExit(f"a setting is steps:shift:guidance[:low:high][:autoguidance=w:guide=dir], got {text!r}")
+        raise SystemExit(f"a setting is steps:shift:guidance[:low:high][:autoguidance=w:guide=dir][:eta=e], "
+                         f"got {text!r}")
     setting = {"euler_steps": int(v[0]), "shift": float(v[1]), "guidance": float(v[2])}
+    if not 0 <= float(named.get("eta", 0)) <= 1:
+        raise SystemExit(f"eta is in [0, 1] (0: the deterministic ODE), got {text!r}")
     if len(v) == 5:
         setting["guidance_interval"] = [float(v[3]), float(v[4])]
     return setting | {k: NAMED[k](x) for k, x in named.items()}
@@ -53,6 +57,8 @@ def parse_setting(text: str) -> dict:
 def setting_name(st: dict) -> str:
     numbers = ":".join(f"{v:g}" for v in (st["euler_steps"], st["shift"], st["guidance"],
                                           *st.get("guidance_interval", [])))
+    if st.get("eta", 0):
+        numbers += f" eta {st['eta']:g}"
     if st.get("autoguidance", 1) == 1:
         return numbers
     guide = Path(st["guide"])  # a saved guide by its step; another run's teacher by that run's folder
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher", default=None, help="a teacher directory to score instead of <run>/teacher")
     p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
     p.add_argument("--settings", required=True,
-                   help="comma-separated steps:shift:guidance[:low:high][:autoguidance=w:guide=dir]")
+                   help="comma-separated steps:shift:guidance[:low:high][:autoguidance=w:guide=dir][:eta=e]")
     p.add_argument("--validation", type=int, default=32, help="validation scenes per setting (0: skip)")
     p.add_argument("--heldout", type=int, default=64, help="evaluation scenes for the first and the top settings")
     p.add_argument("--top", type=int, default=3)

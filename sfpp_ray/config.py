@@ -173,6 +173,9 @@ class ODEConfig:
     # teacher trained on the same data (built at the shape its config.json states)
     autoguidance: float = 1.0
     guide: str | None = None
+    # > 0: the teacher's own samples (evaluation, sampler sweeps) draw this share of each step's noise fresh
+    # (DDIM's eta, schedule.euler_ode_sample); ODE pairs are paths of the deterministic sampler and ignore it
+    eta: float = 0.0
     shard_size: int = 64
     steps: int = 3000
     lr: float = 2e-6
@@ -564,6 +567,8 @@ def validate(cfg: Config) -> None:
     gi = cfg.ode.guidance_interval
     if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
         raise ConfigError("ode.guidance_interval", f"needs two noise levels 0 <= low <= high <= 1, got {gi}")
+    if not 0 <= cfg.ode.eta <= 1:
+        raise ConfigError("ode.eta", f"must be in [0, 1] (0: the deterministic ODE), got {cfg.ode.eta}")
     if cfg.ode.autoguidance < 1:
         raise ConfigError("ode.autoguidance", f"must be >= 1 (1: off), got {cfg.ode.autoguidance}")
     if cfg.ode.autoguidance != 1 and cfg.ode.guide is None:

@@ -66,6 +66,8 @@ def test_overrides_are_typed_and_dotted():
     ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
     ("ode.guidance_interval=[0.8,0.3]", "ode.guidance_interval"),
     ("ode.guidance_interval=[0.5]", "ode.guidance_interval"),
+    ("ode.eta=1.5", "ode.eta"),
+    ("ode.eta=-0.1", "ode.eta"),
     ("ode.autoguidance=0.5", "ode.autoguidance"),
     ("ode.autoguidance=2", "ode.guide"),  # on without a guide
     ("ode.guide=/nonexistent/guide_step100", "ode.guide"),

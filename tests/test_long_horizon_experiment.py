@@ -84,12 +84,16 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     # the sampler experiment: its eval rows are the eval's own, for either split
     sampler = load_experiment("teacher_sampler")
     found = sampler.main(["--run", str(out), "--config", str(TINY), "--settings",
-                          f"4:3:2,4:3:2:0.5:1,4:3:2:autoguidance=2:guide={guide}", "--validation", "1", "--heldout", "1",
-                          "--top", "1", "--splits", "heldout,train", *TOY])
-    assert len(found["validation"]) == 3 and len(found["heldout"]) == 4
+                          f"4:3:2,4:3:2:0.5:1,4:3:2:autoguidance=2:guide={guide},4:3:2:eta=0.5", "--validation", "1",
+                          "--heldout", "1", "--top", "1", "--splits", "heldout,train", *TOY])
+    assert len(found["validation"]) == 4 and len(found["heldout"]) == 4
     assert found["validation"][2]["setting"] == {"euler_steps": 4, "shift": 3.0, "guidance": 2.0, "autoguidance": 2.0,
                                                  "guide": guide}
     assert found["validation"][2]["teacher"] != found["validation"][0]["teacher"]  # the guide steers the samples
+    assert found["validation"][3]["setting"]["eta"] == 0.5
+    assert found["validation"][3]["teacher"] != found["validation"][0]["teacher"]  # fresh noise changes them
+    with pytest.raises(SystemExit, match="eta"):
+        sampler.parse_setting("4:3:2:eta=2")
     setup = experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out)
     ode = dataclasses.replace(setup.cfg.ode, euler_steps=4, shift=3.0, guidance=2.0)
     for split, row in zip(("heldout", "train"), (found["heldout"][0], found["heldout"][2])):

@@ -42,23 +42,36 @@ def teacher_flow(model: nn.Module, text: torch.Tensor, batch: int) -> FlowFn:
 
 
 @torch.no_grad()
+def _teacher_sample(teacher: nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
+                    cfg: ODEConfig, schedule: FlowMatchSchedule, guide: Guide | None, keep: list[int] | None = None,
+                    eta: float = 0.0, generator: torch.Generator | None = None):
+    if cfg.autoguidance != 1.0 and guide is None:
+        raise ValueError("ode.autoguidance needs a guide model (ode.guide)")
+    flow = lambda model, text: teacher_flow(model, text, noise.shape[0])
+    return euler_ode_sample(flow(teacher, cond), flow(teacher, uncond) if uncond is not None else None, noise,
+                            schedule.euler_sigmas(cfg.euler_steps, cfg.shift), cfg.guidance,
+                            schedule.num_train_timesteps, keep_at=keep, guidance_interval=tuple(cfg.guidance_interval),
+                            flow_guide=None if guide is None else flow(guide.model, guide.cond),
+                            autoguidance=cfg.autoguidance, eta=eta, generator=generator)
+
+
 def make_ode_trajectories(teacher: nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
                           student_timesteps: torch.Tensor, cfg: ODEConfig, schedule: FlowMatchSchedule,
                           guide: Guide | None = None) -> torch.Tensor:
-    """(B, K+1, C, F, H, W): the teacher's ODE states nearest each of the K student timesteps, then its clean end."""
-    T = schedule.num_train_timesteps
-    sigmas = schedule.euler_sigmas(cfg.euler_steps, cfg.shift)
-    keep = nearest_indices(sigmas, student_timesteps, T)
-    if cfg.autoguidance != 1.0 and guide is None:
-        raise ValueError("ode.autoguidance needs a guide model (ode.guide)")
-
-    flow = lambda model, text: teacher_flow(model, text, noise.shape[0])
-    clean, kept = euler_ode_sample(flow(teacher, cond), flow(teacher, uncond) if uncond is not None else None, noise,
-                                   sigmas, cfg.guidance, T, keep_at=keep,
-                                   guidance_interval=tuple(cfg.guidance_interval),
-                                   flow_guide=None if guide is None else flow(guide.model, guide.cond),
-                                   autoguidance=cfg.autoguidance)
+    """(B, K+1, C, F, H, W): the teacher's ODE states nearest each of the K student timesteps, then its clean end.
+    Always the deterministic ODE (ode.eta is for samples only): a pair's input must determine its answer."""
+    keep = nearest_indices(schedule.euler_sigmas(cfg.euler_steps, cfg.shift), student_timesteps,
+                           schedule.num_train_timesteps)
+    clean, kept = _teacher_sample(teacher, cond, uncond, noise, cfg, schedule, guide, keep)
     return torch.stack(kept + [clean], dim=1)
+
+
+def teacher_samples(teacher: nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
+                    cfg: ODEConfig, schedule: FlowMatchSchedule, guide: Guide | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, C, F, H, W): the teacher's clean samples from `noise` under the sampler `cfg`, ode.eta included
+    (its fresh noise drawn with `generator`)."""
+    return _teacher_sample(teacher, cond, uncond, noise, cfg, schedule, guide, eta=cfg.eta, generator=generator)[0]
 
 
 class OdePairStore:

@@ -6,6 +6,7 @@ x_t = (1 - sigma) x0 + sigma eps, and the network predicts the flow eps - x0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,7 +101,8 @@ FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch.Tensor, sigmas: torch.Tensor,
                      guidance: float, T: int = 1000, keep_at: list[int] | None = None,
                      guidance_interval: tuple[float, float] = (0.0, 1.0), flow_guide: FlowFn | None = None,
-                     autoguidance: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                     autoguidance: float = 1.0, eta: float = 0.0,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Many-step Euler ODE with classifier-free guidance (the teacher's sampler).
 
     flow_*(x, t) return the predicted flow for timesteps t of shape (B,). Guidance applies only at
@@ -110,6 +112,12 @@ def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch
     along (Karras et al., 2024): where the weaker model blurs, the difference points away from the blur.
     Returns the clean end point and, for each index in `keep_at`, the state at sigmas[index]
     (ODE-init trajectories).
+
+    eta > 0 makes it stochastic, DDIM's eta for x = (1 - sigma) x0 + sigma noise: from the clean and noise
+    predictions x0 and e, x' = (1 - sigma') x0 + sqrt(sigma'^2 - s^2) e + s z with fresh noise z (drawn
+    with `generator`) of scale s = eta * (the ancestral sampler's step noise, the forward process's
+    posterior deviation). eta = 1 is ancestral sampling, whose small-step limit is the reverse SDE; fresh
+    noise lets later steps undo errors of an imperfect model. eta = 0 is the Euler step itself.
     """
     lo, hi = guidance_interval
     x = noise.float()
@@ -127,7 +135,15 @@ def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch
             flow = un + guidance * (cond - un)
         if guided_away:
             flow = flow + (autoguidance - 1.0) * (cond - flow_guide(x.to(noise.dtype), t).float())
-        x = x + (float(sigmas[i + 1]) - sigma) * flow
+        nxt = float(sigmas[i + 1])
+        if eta == 0 or nxt == 0:
+            x = x + (nxt - sigma) * flow
+        else:
+            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            x0, e = x - sigma * flow, x + (1 - sigma) * flow
+            kept = (1 - sigma) * nxt / ((1 - nxt) * sigma)  # the signal-to-noise ratios' root ratio, < 1
+            s = eta * nxt * math.sqrt(1 - kept**2)
+            x = (1 - nxt) * x0 + math.sqrt(nxt**2 - s**2) * e + s * fresh
     return x.to(noise.dtype), [kept[i].to(noise.dtype) for i in (keep_at or [])]
 
 

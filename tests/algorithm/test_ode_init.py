@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories,
-                                         ode_regression_inputs, ode_regression_loss)
+                                         ode_regression_inputs, ode_regression_loss, teacher_samples)
 from sfpp_ray.algorithm.schedule import euler_ode_sample, nearest_indices
 from sfpp_ray.config import ODEConfig
 
@@ -81,6 +81,47 @@ def test_autoguidance_extrapolates_the_teacher_away_from_its_guide(teacher, tiny
     with pytest.raises(ValueError, match="guide"):
         make_ode_trajectories(teacher, cond, uncond, noise, torch.tensor([1000.0]),
                               dataclasses.replace(ode_cfg, autoguidance=w), schedule)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_stochastic_sampler_keeps_the_datas_distribution(schedule, eta):
+    """With the exact flow of Gaussian data every eta samples that Gaussian, as the steps grow (eta = 1 is
+    ancestral sampling); a wrong share of fresh noise would widen or narrow it."""
+    mu, s0 = torch.rand(()).item() - 0.5, 0.2 + 0.4 * torch.rand(()).item()
+
+    def exact_flow(x, t):  # E[noise | x] - E[x0 | x] for x = (1 - sigma) x0 + sigma noise, x0 ~ N(mu, s0^2)
+        sigma = float(t[0]) / 1000
+        r = (x - (1 - sigma) * mu) / ((1 - sigma) ** 2 * s0**2 + sigma**2)
+        return sigma * r - mu - (1 - sigma) * s0**2 * r
+
+    noise = torch.randn(50_000)
+    x = euler_ode_sample(exact_flow, None, noise, schedule.euler_sigmas(1000, 1.0), 1.0, eta=eta,
+                         generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))[0]
+    assert abs(x.mean().item() - mu) < 0.015 and abs(x.std().item() / s0 - 1) < 0.03
+    few = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, eta=eta,
+                           generator=torch.Generator().manual_seed(1))[0]
+    again = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, eta=eta,
+                             generator=torch.Generator().manual_seed(1))[0]
+    other = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, eta=eta,
+                             generator=torch.Generator().manual_seed(2))[0]
+    assert torch.equal(few, again) and torch.equal(few, other) == (eta == 0)  # fresh noise only with eta > 0
+
+
+def test_teacher_samples_use_eta_and_ode_pairs_never_do(teacher, schedule, timesteps, ode_cfg):
+    cond, uncond, noise = torch.randn(2, 7, 32), torch.randn(1, 7, 32), torch.randn(2, 12, 6, 8, 8)
+    stochastic = dataclasses.replace(ode_cfg, eta=0.5)
+    pairs = make_ode_trajectories(teacher, cond, uncond, noise, timesteps, ode_cfg, schedule)
+    torch.testing.assert_close(make_ode_trajectories(teacher, cond, uncond, noise, timesteps, stochastic, schedule),
+                               pairs)
+    torch.testing.assert_close(teacher_samples(teacher, cond, uncond, noise, ode_cfg, schedule), pairs[:, -1])
+    sampled = teacher_samples(teacher, cond, uncond, noise, stochastic, schedule,
+                              generator=torch.Generator().manual_seed(3))
+    expected = euler_ode_sample(lambda x, t: teacher(x, t, cond, return_dict=False)[0],
+                                lambda x, t: teacher(x, t, uncond.expand(2, -1, -1), return_dict=False)[0], noise,
+                                schedule.euler_sigmas(ode_cfg.euler_steps, ode_cfg.shift), ode_cfg.guidance, eta=0.5,
+                                generator=torch.Generator().manual_seed(3))[0]
+    torch.testing.assert_close(sampled, expected)
+    assert not torch.allclose(sampled, pairs[:, -1], atol=1e-3)
 
 
 def test_pair_store_round_trip_and_reuse(tmp_path):
