@@ -8,8 +8,8 @@ shape shares say what it draws instead.
     python experiments/shape_recovery.py --run outputs/w11 [--prompts 8] [--sigmas 0,0.2,0.4,0.6,0.8,1] [key=value ...]
 
 Prints a table (last), writes shape_recovery.json and shape_recovery.png (frame 10 of the first clips:
-real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N). On the CPU by
-default (run.device=cuda to change).
+real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N, ..._eta<e>.* with
+ode.eta=e: the stochastic sampler). On the CPU by default (run.device=cuda to change).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ SHOWN_CLIPS, SHOWN_FRAME = 4, 10
 @torch.no_grad()
 def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma: float, sigmas: torch.Tensor,
             guidance: float, schedule: FlowMatchSchedule, guidance_interval: tuple[float, float] = (0.0, 1.0),
-            guide: Guide | None = None, autoguidance: float = 1.0) -> torch.Tensor:
+            guide: Guide | None = None, autoguidance: float = 1.0, eta: float = 0.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """x0 noised to `sigma`, then the sampler's Euler steps below sigma (`sigmas`: its whole grid, 1 -> 0), with the
-    sampler's guidance, its interval and its autoguidance (guide, weight) as the eval samples."""
+    sampler's guidance, its interval, its autoguidance (guide, weight) and its eta as the eval samples."""
     if sigma == 0:
         return x0
     t = torch.full((x0.shape[0],), sigma * schedule.num_train_timesteps, device=x0.device)
@@ -57,7 +58,7 @@ def recover(teacher, cond, uncond, x0: torch.Tensor, noise: torch.Tensor, sigma:
     clean, _ = euler_ode_sample(teacher_flow(teacher, cond, n), flow_uncond, x, grid, guidance,
                                 schedule.num_train_timesteps, guidance_interval=guidance_interval,
                                 flow_guide=None if guide is None else teacher_flow(guide.model, guide.cond, n),
-                                autoguidance=autoguidance)
+                                autoguidance=autoguidance, eta=eta, generator=generator)
     return clean
 
 
@@ -85,9 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--sigmas must lie in [0, 1], got {args.sigmas}")
     if args.even_steps < 0:
         raise SystemExit(f"--even-steps must be >= 0, got {args.even_steps}")
-    name = "shape_recovery" + (f"_even{args.even_steps}" if args.even_steps else "")
     run = Path(args.run)
     cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
+    name = ("shape_recovery" + (f"_even{args.even_steps}" if args.even_steps else "")
+            + (f"_eta{cfg.ode.eta:g}" if cfg.ode.eta else ""))
     s = Setup(cfg, run)
     teacher = components.build_teacher(s.with_teacher(), s.device, s.dtype)
     ode, T = s.teacher_sampler(), cfg.video.teacher_frames
@@ -97,17 +99,20 @@ def main(argv: list[str] | None = None) -> dict:
     real = np.stack([render(sc, int(rng.integers(4 * frames, 100 * frames)), frames) for sc in scenes])
     references = [render(sc, 0, 4 * frames) for sc in scenes]
     x0 = clip_latents(torch.from_numpy(real), s.codec, s.device, s.dtype)
-    noise = s.noise(T, len(scenes), s.generator(4))  # as the eval draws the teacher's samples: sigma 1 is its row
+    g = s.generator(4)
+    noise = s.noise(T, len(scenes), g)  # as the eval draws the teacher's samples: sigma 1 is its row
+    after_noise = g.get_state()  # every level's fresh noise (ode.eta > 0) starts where the eval's does
     prompts = [prompt(sc) for sc in scenes]
     cond, guide = s.text.encode(prompts), s.guide(ode, prompts)
     grid = s.schedule.euler_sigmas(ode.euler_steps, ode.shift)
     block = s.codec.video_frames(cfg.student.frames_per_block)
     rows, shown = [], [real[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)]]
     for sigma in sigmas:
+        g.set_state(after_noise)
         if args.even_steps:  # N even levels below sigma (recover puts sigma in front)
             grid = torch.linspace(sigma, 0.0, args.even_steps + 1)[1:]
         clean = recover(teacher, cond, s.uncond, x0, noise, sigma, grid, ode.guidance, s.schedule,
-                        tuple(ode.guidance_interval), guide, ode.autoguidance)
+                        tuple(ode.guidance_interval), guide, ode.autoguidance, ode.eta, g)
         videos = [to_uint8(v) for v in s.codec.decode(clean)]
         scores = [summarise(segment_metrics(v, frames, reference=r, block_frames=block))
                   for v, r in zip(videos, references)]
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "shapes": shape_shares(videos)})
         shown.append(np.stack(videos)[:SHOWN_CLIPS, min(SHOWN_FRAME, frames - 1)])
     result = {"sampler": {"euler_steps": ode.euler_steps, "shift": ode.shift, "guidance": ode.guidance,
-                          "even_steps": args.even_steps},
+                          "eta": ode.eta, "even_steps": args.even_steps},
               "prompts": args.prompts, "real_shapes": shape_shares(list(real)), "rows": rows}
     (run / f"{name}.json").write_text(json.dumps(result, indent=2))
     image = np.concatenate([np.concatenate(list(r), axis=1) for r in shown], axis=0)

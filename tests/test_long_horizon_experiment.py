@@ -77,6 +77,13 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     for row, label in zip(found["rows"], ("real", "teacher")):
         assert {k: row[k] for k in recovery.KEYS} == pytest.approx({k: reference[label][1][k] for k in recovery.KEYS})
     assert json.loads((out / "shape_recovery.json").read_text())["rows"] == found["rows"]
+    stochastic = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5,1", *TOY,
+                                "ode.eta=0.5"])  # every level's fresh noise starts as the eval's: sigma 1 is its row
+    reference = experiment.reference_rows(experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY, "ode.eta=0.5"]),
+                                                           out))
+    assert {k: stochastic["rows"][1][k] for k in recovery.KEYS} == pytest.approx(
+        {k: reference["teacher"][1][k] for k in recovery.KEYS})
+    assert (out / "shape_recovery_eta0.5.json").is_file() and stochastic["sampler"]["eta"] == 0.5
     even = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5",
                           "--even-steps", "3", *TOY])
     assert even["rows"][0]["steps"] == 3 and (out / "shape_recovery_even3.json").is_file()

@@ -46,3 +46,9 @@ def test_recovery_from_sigma_one_is_the_sampler_and_from_zero_the_clip(recovery)
     expected, _ = euler_ode_sample(flow(cond), flow(uncond), noised, grid[k:], 2.0)
     recovered = recovery.recover(teacher, cond, uncond, x0, noise, float(grid[k]), grid, 2.0, schedule)
     torch.testing.assert_close(recovered, expected)
+    # the stochastic sampler (ode.eta) from sigma 1 is the eval's, fresh noise included
+    stochastic, _ = euler_ode_sample(flow(cond), flow(uncond), noise, grid, 2.0, eta=0.5,
+                                     generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(recovery.recover(teacher, cond, uncond, x0, noise, 1.0, grid, 2.0, schedule, eta=0.5,
+                                                generator=torch.Generator().manual_seed(7)), stochastic)
+    assert not torch.allclose(stochastic, sampled, atol=1e-4)
