@@ -32,13 +32,13 @@ from ray.data import ExecutionResources
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from sfpp_ray.config import Config, from_dict, with_teacher
+from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
 from sfpp_ray.distributed.stage_trainers import grpo_loop, ode_loop, pretrain_teacher_loop
-from sfpp_ray.distributed.trainer import PROGRESS_FILE, STAGE_MARKER, train_loop_per_worker
+from sfpp_ray.distributed.trainer import PROGRESS_FILES, STAGE_MARKER, train_loop_per_worker
 from sfpp_ray.distributed.weight_sync import WeightBroker
 from sfpp_ray.tracking import Tracker
 
@@ -50,6 +50,9 @@ def train(cfg: Config) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
     skipped, each stage's result, the evaluation video; the DMD stage's details at the top level)."""
     cfg = _absolute_paths(cfg)
+    for stage in cfg.run.stages:
+        if not _finished(cfg, stage):
+            _check_resumable(cfg, stage)
     _start_ray(_cpus_needed(cfg))
     prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
 
@@ -210,11 +213,27 @@ def _evaluation_video(cfg: Config, prompt: str, student: str) -> Path:
 
 
 def _progress(cfg: Config) -> dict:
-    """Where the last checkpoint left off (step, prompt feed position); zeros for a new run."""
-    path = cfg.run_dir / PROGRESS_FILE
+    """Where the DMD stage's last checkpoint left off (step, prompt feed position); zeros for a new run."""
+    path = cfg.run_dir / PROGRESS_FILES["dmd"]
     if not path.is_file():
         return {"step": 0, "feed_position": 0}
     return json.loads(path.read_text())
+
+
+def _check_resumable(cfg: Config, stage: str) -> None:
+    """A stage that goes on from a checkpoint needs the trainer layout that saved it: DeepSpeed's optimizer
+    shards (ZeRO and the bf16 optimizer) and a ZeRO-3 moving average are one file per rank. Fail here, naming the
+    key, rather than in every rank after the cluster has started."""
+    path = cfg.run_dir / PROGRESS_FILES.get(stage, "-")
+    if stage not in PROGRESS_FILES or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    where = (f"run {cfg.run.name!r} goes on from its {stage} checkpoint at step {saved['step']}, saved by "
+             f"{saved.get('ranks')} trainer ranks under ZeRO-{saved.get('zero_stage')}")
+    for key, value, now in (("trainer.num_workers", saved.get("ranks"), cfg.trainer.num_workers),
+                            ("trainer.zero_stage", saved.get("zero_stage"), cfg.trainer.zero_stage)):
+        if value is not None and value != now:
+            raise ConfigError(key, f"{where}: set {key}={value} to resume it (got {now}), or pick a new run.name")
 
 
 def _absolute_paths(cfg: Config) -> Config:

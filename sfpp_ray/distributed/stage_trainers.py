@@ -35,7 +35,7 @@ from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
 from sfpp_ray.config import Config, from_dict, guide_dir
 from sfpp_ray.distributed.trainer import (STATE_FILE, deepspeed_config, full_params, global_rank, load_ema, lr_factor,
-                                         optimizer_step, save_ema, world_size, write_marker)
+                                         optimizer_step, save_ema, world_size, write_marker, write_progress)
 from sfpp_ray.evaluation.evaluate import world_of
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import to_uint8
@@ -183,6 +183,8 @@ def pretrain_teacher_loop(config: dict) -> None:
                       f"{(step - done) / (time.perf_counter() - t0):.1f} steps/s", flush=True)
             if checkpointing:
                 _save_teacher_state(engine, ema, losses, metrics, step)
+                if rank == 0:
+                    write_progress(cfg, "pretrain_teacher", step)
     if ema is not None:
         ema.copy_to(engine.module)  # the average is the published teacher
     _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses, "ema": tp.ema_decay > 0,

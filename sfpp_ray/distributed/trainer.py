@@ -44,7 +44,8 @@ from sfpp_ray.tracking import Tracker
 STATE_FILE = "trainer_state.pt"
 EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a ZeRO-3 rank's partitions of the moving average
 REPLACEMENT_ROWS = 1 << 40  # row ids of the rows made in place of stale ones: past any dataset's, one range a rank
-PROGRESS_FILE = "trainer_progress.json"  # in the run dir: the controller's view of the last checkpoint
+# In the run dir, per resumable stage: the controller's view of the stage's last checkpoint
+PROGRESS_FILES = {"dmd": "trainer_progress.json", "pretrain_teacher": "teacher_progress.json"}
 STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
 
 
@@ -308,5 +309,10 @@ def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | N
             torch.save({"step": step, "ema": whole_ema, "feed_position": feed_position}, Path(d) / STATE_FILE)
         ray.train.report(reported, checkpoint=Checkpoint.from_directory(d))
     if rank == 0:
-        progress = {"step": step, "feed_position": feed_position}
-        (cfg.run_dir / PROGRESS_FILE).write_text(json.dumps(progress) + "\n")
+        write_progress(cfg, "dmd", step, feed_position=feed_position)
+
+
+def write_progress(cfg: Config, stage: str, step: int, **extra) -> None:
+    """After a stage's checkpoint, from rank 0: its step, and the ranks and ZeRO stage its shards were laid out for."""
+    progress = {"step": step, "ranks": world_size(), "zero_stage": cfg.trainer.zero_stage, **extra}
+    (cfg.run_dir / PROGRESS_FILES[stage]).write_text(json.dumps(progress) + "\n")

@@ -1,6 +1,7 @@
 """The whole Self-Forcing++ system on a local Ray cluster: rollout workers, buffer, Ray Data,
 DeepSpeed trainers, weight sync, checkpoint/resume and MLflow, at toy size on CPU."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,8 @@ def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs, saved_aver
     # Version 2 is republished on resume from the checkpoint: the very weights the first run ended with
     # (it saved their moving average as the student, and the resumed run averages on from there).
     assert dict(second["published"])[2] == dict(first["published"])[2] != first["student_checksum"]
+    progress = json.loads((Path(second["student"]).parent / "trainer_progress.json").read_text())
+    assert progress["step"] == 3 and progress["ranks"] == 2 and progress["zero_stage"] == 2
 
 
 def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):

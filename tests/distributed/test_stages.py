@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
-from sfpp_ray.config import load_config, with_teacher
+from sfpp_ray.config import ConfigError, load_config, with_teacher
 from sfpp_ray.distributed.trainer import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 from sfpp_ray.models.text_encoder import PromptConditioned
@@ -160,10 +160,11 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
     average is kept per partition and saved by each rank."""
     from sfpp_ray.distributed.controller import train
 
-    cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=resume", "run.stages=[pretrain_teacher]",
-                               "teacher_pretrain.steps=4", "teacher_pretrain.checkpoint_every=2",
-                               "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[2]",
-                               f"trainer.zero_stage={zero_stage}", "tracking.enabled=false"])
+    cfg_overrides = [f"run.output_dir={tmp_path}", "run.name=resume", "run.stages=[pretrain_teacher]",
+                     "teacher_pretrain.steps=4", "teacher_pretrain.checkpoint_every=2",
+                     "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[2]",
+                     f"trainer.zero_stage={zero_stage}", "tracking.enabled=false"]
+    cfg = load_config(CONFIG, cfg_overrides)
     first = train(cfg)["stages"]["pretrain_teacher"]["record"]
     teacher = cfg.run_dir / "teacher"
     def saved_weights():  # the teacher's and the text encoder's trained with it
@@ -183,6 +184,12 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
         live, = [torch.load(f, weights_only=False)["module"] for f in checkpoint.rglob("mp_rank_00_model_states.pt")]
         assert not all(torch.equal(guide[k], live[f"denoiser.{k}"]) for k in guide)
     shutil.rmtree(teacher)
+    # the checkpoint's shards are laid out per rank: another layout fails at once, naming its key
+    assert json.loads((cfg.run_dir / "teacher_progress.json").read_text()) == {"step": 2, "ranks": 1,
+                                                                               "zero_stage": zero_stage}
+    for key, value, saved in (("trainer.num_workers", 2, 1), ("trainer.zero_stage", 5 - zero_stage, zero_stage)):
+        with pytest.raises(ConfigError, match=rf"'{key}'.*step 2.*set {key}={saved} "):
+            train(load_config(CONFIG, [*cfg_overrides, f"{key}={value}"]))
     again = train(cfg)["stages"]["pretrain_teacher"]["record"]
     assert first["resumed_from"] == 0 and again["resumed_from"] == 2  # steps 3-4 trained again, not 1-4
     assert len(again["losses"]) == 4
