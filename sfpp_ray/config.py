@@ -229,6 +229,10 @@ class TeacherPretrainConfig:
     guide_steps: list[int] = field(default_factory=list)
     train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
     autocast: bool = False  # forward and backward in bfloat16 autocast; weights, optimizer and EMA stay float32
+    # torch.compile backend for the model as it trains ("none": eager). One stage leaves a GPU half idle on the
+    # world's small model (docs/results.md), waiting on kernel launches that inductor fuses; aot_eager traces
+    # forward and backward without making kernels (a check on a CPU)
+    compile: Literal["none", "inductor", "aot_eager"] = "none"
 
 
 @dataclass
@@ -562,6 +566,9 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
     positive("teacher_pretrain.checkpoint_every", tp.checkpoint_every, allow_zero=True)
     positive("teacher_pretrain.sprite_weight", tp.sprite_weight, allow_zero=True)
+    if tp.compile != "none" and cfg.trainer.zero_stage == 3:
+        raise ConfigError("teacher_pretrain.compile", "ZeRO-3 gathers each layer's weights in hooks that break the "
+                          "compiled trace into a graph a layer: compile with trainer.zero_stage <= 2, or set none")
     if any(not 0 < k < tp.steps for k in tp.guide_steps):
         raise ConfigError("teacher_pretrain.guide_steps", f"each must lie in (0, teacher_pretrain.steps), got {tp.guide_steps}")
     gi = cfg.ode.guidance_interval

@@ -60,6 +60,7 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.data_workers=-1", "teacher_pretrain.data_workers"),
     ("teacher_pretrain.train_text_encoder=maybe", "teacher_pretrain.train_text_encoder"),
     ("teacher_pretrain.autocast=maybe", "teacher_pretrain.autocast"),
+    ("teacher_pretrain.compile=yes", "teacher_pretrain.compile"),
     ("teacher_pretrain.timestep_shift=0", "teacher_pretrain.timestep_shift"),
     ("teacher_pretrain.sprite_weight=-1", "teacher_pretrain.sprite_weight"),
     ("teacher_pretrain.timestep_distribution=normal", "teacher_pretrain.timestep_distribution"),
@@ -86,6 +87,13 @@ def test_bad_input_names_the_key(override, key):
         load_config(TINY, [override])
     assert e.value.key == key
     assert str(e.value).startswith(f"config key '{key}'")
+
+
+def test_teacher_compiles_only_below_zero3():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["teacher_pretrain.compile=inductor", "trainer.zero_stage=3"])
+    assert e.value.key == "teacher_pretrain.compile"
+    assert load_config(TINY, ["teacher_pretrain.compile=inductor", "trainer.zero_stage=2"]).teacher_pretrain.compile == "inductor"
 
 
 def test_missing_file_is_a_clear_error():

@@ -118,6 +118,8 @@ def pretrain_teacher_loop(config: dict) -> None:
         model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS, autocast=tp.autocast),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
+    if tp.compile != "none":
+        engine.compile(backend=tp.compile)  # in place: the module's keys, saving and the EMA are unchanged
     zero3 = cfg.trainer.zero_stage == 3
     ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step, partitioned=zero3) if tp.ema_decay > 0 else None
     codec = components.build_video_codec(cfg, device, dtype)
@@ -187,8 +189,10 @@ def pretrain_teacher_loop(config: dict) -> None:
                     write_progress(cfg, "pretrain_teacher", step)
     if ema is not None:
         ema.copy_to(engine.module)  # the average is the published teacher
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # more than one: the trace broke somewhere
     _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses, "ema": tp.ema_decay > 0,
-                                     "resumed_from": done, "seconds": time.perf_counter() - t0}, metrics, tp.steps)
+                                     "resumed_from": done, "seconds": time.perf_counter() - t0,
+                                     "compiled_graphs": graphs}, metrics, tp.steps)
 
 
 def _save_guide(engine, ema: EMA | None, cfg: Config, step: int) -> None:

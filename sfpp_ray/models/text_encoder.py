@@ -253,10 +253,11 @@ class PromptConditioned(torch.nn.Module):
         self.denoiser = denoiser
         self.text_encoder = text.encoder.train().requires_grad_(True)
         self.tokenizer = text.tokenizer
+        self.pad_id = int(text.tokenizer.pad_token_id)  # read once: a tokenizer lookup would break a compiled trace
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, token_ids: torch.Tensor,
                 return_dict: bool = False):
-        context = embed_tokens(self.text_encoder, token_ids, self.tokenizer.pad_token_id).to(hidden_states.dtype)
+        context = embed_tokens(self.text_encoder, token_ids, self.pad_id).to(hidden_states.dtype)
         return self.denoiser(hidden_states, timestep, context, return_dict=return_dict)
 
     def save_pretrained(self, directory: str | Path) -> None:
