@@ -141,8 +141,8 @@ def euler_ode_sample(flow_cond: FlowFn, flow_uncond: FlowFn | None, noise: torch
         else:
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
             x0, e = x - sigma * flow, x + (1 - sigma) * flow
-            kept = (1 - sigma) * nxt / ((1 - nxt) * sigma)  # the signal-to-noise ratios' root ratio, < 1
-            s = eta * nxt * math.sqrt(1 - kept**2)
+            ratio = (1 - sigma) * nxt / ((1 - nxt) * sigma)  # the signal-to-noise ratios' root ratio, < 1
+            s = eta * nxt * math.sqrt(1 - ratio**2)
             x = (1 - nxt) * x0 + math.sqrt(nxt**2 - s**2) * e + s * fresh
     return x.to(noise.dtype), [kept[i].to(noise.dtype) for i in (keep_at or [])]
 

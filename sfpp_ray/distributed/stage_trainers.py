@@ -25,6 +25,7 @@ from pathlib import Path
 import deepspeed
 import ray.train
 import torch
+import torch._dynamo  # its counters tell how many graphs a compiled teacher became
 import torch.distributed as dist
 
 from sfpp_ray import components

@@ -105,6 +105,9 @@ def test_stochastic_sampler_keeps_the_datas_distribution(schedule, eta):
     other = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, eta=eta,
                              generator=torch.Generator().manual_seed(2))[0]
     assert torch.equal(few, again) and torch.equal(few, other) == (eta == 0)  # fresh noise only with eta > 0
+    end, states = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, keep_at=[0, 4],
+                                   eta=eta, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(end, few) and torch.equal(states[0], noise[:100])  # the states along the way as well
 
 
 def test_teacher_samples_use_eta_and_ode_pairs_never_do(teacher, schedule, timesteps, ode_cfg):
