@@ -38,7 +38,7 @@ for recipe in "$@"; do
     i=$((i + 1))
     [ -f "$root/recipe$i/teacher/config.json" ] || continue
     # shellcheck disable=SC2086
-    python3 experiments/teacher_sampler.py --config "$config" --run "$root/recipe$i" --settings "${SETTINGS:-24:8:2,24:3:2,24:1:2,24:8:4}" \
+    python3 experiments/teacher_sampler.py --config "$config" --run "$root/recipe$i" --settings "${SETTINGS:-24:8:2,24:3:2,24:1:2,24:3:2:eta=0.5,24:3:2:eta=1}" \
         --validation "${VALIDATION:-32}" --heldout "${HELDOUT:-64}" --top "${TOP:-1}" $common $recipe \
         2>&1 | grep -av "Loading weights" | tee "$logs/sampler$i.txt"
 done
