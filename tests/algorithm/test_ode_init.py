@@ -97,7 +97,7 @@ def test_stochastic_sampler_keeps_the_datas_distribution(schedule, eta):
     noise = torch.randn(50_000)
     x = euler_ode_sample(exact_flow, None, noise, schedule.euler_sigmas(1000, 1.0), 1.0, eta=eta,
                          generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))[0]
-    assert abs(x.mean().item() - mu) < 0.015 and abs(x.std().item() / s0 - 1) < 0.03
+    assert abs(x.mean().item() - mu) < 0.015 and abs(x.std().item() / s0 - 1) < 0.02  # a fixed share per step: -4%
     few = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, eta=eta,
                            generator=torch.Generator().manual_seed(1))[0]
     again = euler_ode_sample(exact_flow, None, noise[:100], schedule.euler_sigmas(8, 1.0), 1.0, eta=eta,
