@@ -35,10 +35,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        return _run(args, load_config(args.config, args.overrides))
+    except ConfigError as e:  # a bad value, on load or against what the run directory already holds
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
     if args.command == "generate":
         from sfpp_ray.generate import generate
 
