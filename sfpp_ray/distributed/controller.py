@@ -224,8 +224,7 @@ def _check_resumable(cfg: Config, stage: str) -> None:
     """A stage that goes on from a checkpoint needs the trainer layout that saved it: DeepSpeed's optimizer
     shards (ZeRO and the bf16 optimizer) and a ZeRO-3 moving average are one file per rank. Fail here, naming the
     key, rather than in every rank after the cluster has started."""
-    path = cfg.run_dir / PROGRESS_FILES.get(stage, "-")
-    if stage not in PROGRESS_FILES or not path.is_file():
+    if stage not in PROGRESS_FILES or not (path := cfg.run_dir / PROGRESS_FILES[stage]).is_file():
         return
     saved = json.loads(path.read_text())
     where = (f"run {cfg.run.name!r} goes on from its {stage} checkpoint at step {saved['step']}, saved by "
