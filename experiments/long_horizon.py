@@ -3,8 +3,9 @@
 Stages (each writes under --out and is skipped when its output exists, so an interrupted run resumes):
   teacher     flow-matching pretraining of the bidirectional teacher on T-frame world clips
   sampler     the teacher's samples scored on validation scenes for each ODE sampler setting in
-              SAMPLER_SWEEP (shift x guidance); once it has run, the ODE pairs and the teacher's
-              reference samples use its best setting instead of ode.shift and ode.guidance
+              SAMPLER_SWEEP (shift x guidance), then autoguidance and the stochastic sampler at the best;
+              once it has run, the ODE pairs and the teacher's reference samples use its best setting
+              instead of the config's (the ODE pairs stay deterministic: they ignore ode.eta)
   ode         teacher ODE pairs, then ODE initialisation of the causal student
   <variants>  DMD from the ODE student, each with its own critic:
                 sf          Self-Forcing: rollout = training window = T
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +59,11 @@ TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frech
 class Setup:
     """What every stage shares: config, device, text encoder, codec, schedule and the negative prompt."""
 
-    def __init__(self, cfg: Config, out: Path, teacher: Path | None = None):
+    def __init__(self, cfg: Config, out: Path, teacher: Path | None = None, given: Iterable[str] = ()):
         """`teacher`: another teacher directory to stand in for out/teacher (a saved guide, a teacher of
-        another run); it is taken as finished."""
-        self.cfg, self.out = cfg, out
+        another run); it is taken as finished. `given`: the keys set on the command line (given_keys), which
+        the sampler stage's choice does not override."""
+        self.cfg, self.out, self.given = cfg, out, set(given)
         self.teacher_dir = teacher or out / "teacher"
         self.device, self.dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
         # the teacher's own text encoder once it has one (teacher_pretrain.train_text_encoder)
@@ -78,11 +81,12 @@ class Setup:
         return with_teacher(cfg or self.cfg, self.teacher_dir)
 
     def teacher_sampler(self):
-        """cfg.ode with the sampler stage's best shift and guidance, once that stage has run."""
+        """cfg.ode with the sampler stage's best setting once that stage has run, but for the ode keys given on
+        the command line."""
         if not finished(self.out / "sampler"):
             return self.cfg.ode
         best = json.loads((self.out / "sampler" / DONE).read_text())["best"]
-        return dataclasses.replace(self.cfg.ode, **best)
+        return dataclasses.replace(self.cfg.ode, **{k: v for k, v in best.items() if f"ode.{k}" not in self.given})
 
     def guide(self, ode, prompts: list[str]) -> Guide | None:
         """The autoguidance guide of the sampler `ode` with the prompts embedded by its own text encoder; None when
@@ -175,7 +179,7 @@ def ode_init(s: Setup) -> dict:
 
     sampler = s.teacher_sampler()
     print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}, "
-          f"autoguidance {sampler.autoguidance:g} ({sampler.guide})", flush=True)
+          f"autoguidance {sampler.autoguidance:g} ({sampler.guide}), eta {sampler.eta:g} (samples only)", flush=True)
     fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
     del teacher
     pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
@@ -305,6 +309,7 @@ def train_grpo(s: Setup, name: str = "sfpp_grpo") -> dict:
 
 SAMPLER_SWEEP = {"shift": (1.0, 3.0, 8.0), "guidance": (1.0, 2.0, 4.0)}
 AUTOGUIDANCE_SWEEP = (1.5, 2.0, 3.0)  # with each guide the teacher stage saved (teacher_pretrain.guide_steps)
+ETA_SWEEP = (0.5,)  # the stochastic sampler (ode.eta) at the best setting; eta 1 scored below the Euler step on the GPU
 VALIDATION_SEED_OFFSET = 1  # the sampler sweep scores other held-out scenes than the evaluation
 
 
@@ -337,11 +342,12 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
 def sampler_sweep(s: Setup) -> dict:
     """The teacher's stability on validation scenes for every (shift, guidance) of SAMPLER_SWEEP without
     autoguidance, then, at the best of those, for every weight of AUTOGUIDANCE_SWEEP with each guide saved beside
-    the teacher and with ode.guide where the config names one (a smaller teacher, say)."""
+    the teacher and with ode.guide where the config names one (a smaller teacher, say), then at the best so far
+    with the stochastic sampler at each eta of ETA_SWEEP."""
     rows, t0 = [], time.perf_counter()
 
     def score(**setting) -> None:
-        setting = {"autoguidance": 1.0, "guide": None} | setting
+        setting = {"autoguidance": 1.0, "guide": None, "eta": 0.0} | setting
         ode = dataclasses.replace(s.cfg.ode, **setting)
         m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET)["teacher"][1]
         rows.append({**setting, **m})
@@ -358,7 +364,10 @@ def sampler_sweep(s: Setup) -> dict:
         for weight in AUTOGUIDANCE_SWEEP:
             score(shift=best["shift"], guidance=best["guidance"], autoguidance=weight, guide=guide)
     best = max(rows, key=lambda r: r["stability"])
-    chosen = {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide")}
+    for eta in ETA_SWEEP:
+        score(**{k: best[k] for k in ("shift", "guidance", "autoguidance", "guide")}, eta=eta)
+    best = max(rows, key=lambda r: r["stability"])
+    chosen = {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide", "eta")}
     print(f"[sampler] best: {'  '.join(f'ode.{k}={v}' for k, v in chosen.items())}")
     return mark_done(s.out / "sampler", {"rows": rows, "best": chosen, "seconds": time.perf_counter() - t0})
 
@@ -371,11 +380,11 @@ def eval_settings(s: Setup) -> dict:
             "evaluation.seed": ev.seed, "run.seed": s.cfg.run.seed, "ode.shift": ode.shift,
             "ode.guidance": ode.guidance, "ode.euler_steps": ode.euler_steps,
             "ode.guidance_interval": list(ode.guidance_interval), "ode.autoguidance": ode.autoguidance,
-            "ode.guide": ode.guide}
+            "ode.guide": ode.guide, "ode.eta": ode.eta}
 
 
 # keys settings.json gained later: what older ones meant
-RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None}
+RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None, "ode.eta": 0.0}
 
 
 def check_eval_settings(s: Setup) -> None:
@@ -436,14 +445,20 @@ def format_results(table: dict[str, dict[int, dict]]) -> str:
 # ---------------------------------------------------------------- driver
 
 
-def run(cfg: Config, out: Path, stages: list[str]) -> dict | None:
-    """Runs the requested stages in order, skipping finished ones; returns the results when eval ran."""
+def given_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys of key=value overrides."""
+    return {o.split("=", 1)[0] for o in overrides}
+
+
+def run(cfg: Config, out: Path, stages: list[str], given: Iterable[str] = ()) -> dict | None:
+    """Runs the requested stages in order, skipping finished ones; returns the results when eval ran. `given`:
+    the keys set on the command line (Setup)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    s = Setup(cfg, out)
+    s = Setup(cfg, out, given=given)
     variants = [v for v in stages if v not in ("teacher", "sampler", "ode", "eval")]
     for v in variants:
         variant_config(cfg, v)  # a bad variant name fails before hours of training
@@ -458,7 +473,7 @@ def run(cfg: Config, out: Path, stages: list[str]) -> dict | None:
             continue
         if stage == "teacher":
             train_teacher(s)
-            s = Setup(cfg, out)  # with the teacher's text encoder
+            s = Setup(cfg, out, given=given)  # with the teacher's text encoder
         elif stage == "sampler":
             sampler_sweep(s)
         elif stage == "ode":
@@ -484,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     order = ["teacher", "sampler", "ode"]
     if [x for x in stages if x in order] != [x for x in order if x in stages]:
         raise ValueError("teacher, sampler and ode run in that order")
-    return run(cfg, Path(args.out), stages)
+    return run(cfg, Path(args.out), stages, given_keys(args.overrides))
 
 
 if __name__ == "__main__":

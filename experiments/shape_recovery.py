@@ -8,8 +8,9 @@ shape shares say what it draws instead.
     python experiments/shape_recovery.py --run outputs/w11 [--prompts 8] [--sigmas 0,0.2,0.4,0.6,0.8,1] [key=value ...]
 
 Prints a table (last), writes shape_recovery.json and shape_recovery.png (frame 10 of the first clips:
-real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N, ..._eta<e>.* with
-ode.eta=e: the stochastic sampler). On the CPU by default (run.device=cuda to change).
+real, then from each level) into --run (shape_recovery_even<N>.* with --even-steps N, ..._eta<e>.* under
+the stochastic sampler: ode.eta=e, or the sampler stage's choice). The sampler is the sampler stage's choice
+but for the ode keys given here. On the CPU by default (run.device=cuda to change).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
+from long_horizon import Setup, given_keys  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
 
 from sfpp_ray import components  # noqa: E402
 from sfpp_ray.algorithm.ode_init import Guide, teacher_flow  # noqa: E402
@@ -88,11 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--even-steps must be >= 0, got {args.even_steps}")
     run = Path(args.run)
     cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
-    name = ("shape_recovery" + (f"_even{args.even_steps}" if args.even_steps else "")
-            + (f"_eta{cfg.ode.eta:g}" if cfg.ode.eta else ""))
-    s = Setup(cfg, run)
+    s = Setup(cfg, run, given=given_keys(args.overrides))
     teacher = components.build_teacher(s.with_teacher(), s.device, s.dtype)
     ode, T = s.teacher_sampler(), cfg.video.teacher_frames
+    name = ("shape_recovery" + (f"_even{args.even_steps}" if args.even_steps else "")
+            + (f"_eta{ode.eta:g}" if ode.eta else ""))
     frames = s.codec.video_frames(T)
     scenes = sample_scenes(cfg.evaluation.seed, args.prompts, "heldout", s.world)
     rng = np.random.default_rng(cfg.evaluation.seed)

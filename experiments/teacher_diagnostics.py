@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_horizon import Setup  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
+from long_horizon import Setup, given_keys  # noqa: E402  (the experiment's shared set-up and its teacher sampler)
 
 from sfpp_ray import components  # noqa: E402
 from sfpp_ray.algorithm.ode_init import teacher_samples  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run)
     cfg = load_config(args.config, ["run.device=cpu", *args.overrides])
     torch.manual_seed(cfg.run.seed)
-    s = Setup(cfg, run)
+    s = Setup(cfg, run, given=given_keys(args.overrides))
     teacher = components.build_teacher(s.with_teacher())
     untrained = components.build_teacher(cfg)
     T = cfg.video.teacher_frames
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     image = np.concatenate(rows, axis=0)
     cv2.imwrite(str(run / "teacher_diagnostics.png"),
                 cv2.resize(image[..., ::-1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
-    sampler = {"shift": ode.shift, "guidance": ode.guidance, "autoguidance": ode.autoguidance, "guide": ode.guide}
+    sampler = {"shift": ode.shift, "guidance": ode.guidance, "autoguidance": ode.autoguidance, "guide": ode.guide,
+               "eta": ode.eta}
     result = {"sampler": sampler, "loss_by_sigma": losses,
               "loss_by_prompt": prompt_use,
               "rows": ["sample, prompt 1", "real, prompt 1", "sample, prompt 2", "real, prompt 2",

@@ -48,13 +48,17 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert len(teacher["losses"]) == 3 and all(math.isfinite(v) for v in teacher["losses"])
     sweep = json.loads((out / "sampler" / "stage.json").read_text())
     guide = str(out / "teacher" / "guide_step2")
-    plain = [r for r in sweep["rows"] if r["autoguidance"] == 1 and r["guide"] is None]
+    plain = [r for r in sweep["rows"] if r["autoguidance"] == 1 and r["guide"] is None and r["eta"] == 0]
     best_plain = max(plain, key=lambda r: r["stability"])
-    autoguided = [(r["shift"], r["guidance"], r["guide"], r["autoguidance"]) for r in sweep["rows"][9:]]
-    assert len(plain) == 9 and autoguided == [(best_plain["shift"], best_plain["guidance"], guide, w)
+    autoguided = [(r["shift"], r["guidance"], r["guide"], r["autoguidance"], r["eta"]) for r in sweep["rows"][9:12]]
+    assert len(plain) == 9 and autoguided == [(best_plain["shift"], best_plain["guidance"], guide, w, 0.0)
                                               for w in experiment.AUTOGUIDANCE_SWEEP]
+    deterministic = ("shift", "guidance", "autoguidance", "guide")  # the stochastic sampler from the best so far
+    best_so_far = max(sweep["rows"][:12], key=lambda r: r["stability"])
+    assert [{k: r[k] for k in (*deterministic, "eta")} for r in sweep["rows"][12:]] == [
+        {**{k: best_so_far[k] for k in deterministic}, "eta": eta} for eta in experiment.ETA_SWEEP]
     best = max(sweep["rows"], key=lambda r: r["stability"])
-    assert sweep["best"] == {k: best[k] for k in ("shift", "guidance", "autoguidance", "guide")}
+    assert sweep["best"] == {k: best[k] for k in (*deterministic, "eta")}
     for name in ("student_ode", "sf", "sfpp"):
         record = json.loads((out / name / "stage.json").read_text())
         assert record["losses"] and all(math.isfinite(v) for vs in record["losses"].values() for v in vs)
@@ -77,13 +81,15 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     for row, label in zip(found["rows"], ("real", "teacher")):
         assert {k: row[k] for k in recovery.KEYS} == pytest.approx({k: reference[label][1][k] for k in recovery.KEYS})
     assert json.loads((out / "shape_recovery.json").read_text())["rows"] == found["rows"]
+    # the command line's ode.eta wins over the sampler stage's choice (0 or ETA_SWEEP's)
+    assert 0.25 not in (0.0, *experiment.ETA_SWEEP)
     stochastic = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5,1", *TOY,
-                                "ode.eta=0.5"])  # every level's fresh noise starts as the eval's: sigma 1 is its row
-    reference = experiment.reference_rows(experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY, "ode.eta=0.5"]),
-                                                           out))
+                                "ode.eta=0.25"])  # every level's fresh noise starts as the eval's: sigma 1 is its row
+    reference = experiment.reference_rows(experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY, "ode.eta=0.25"]),
+                                                           out, given={"ode.eta"}))
     assert {k: stochastic["rows"][1][k] for k in recovery.KEYS} == pytest.approx(
         {k: reference["teacher"][1][k] for k in recovery.KEYS})
-    assert (out / "shape_recovery_eta0.5.json").is_file() and stochastic["sampler"]["eta"] == 0.5
+    assert (out / "shape_recovery_eta0.25.json").is_file() and stochastic["sampler"]["eta"] == 0.25
     even = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5",
                           "--even-steps", "3", *TOY])
     assert even["rows"][0]["steps"] == 3 and (out / "shape_recovery_even3.json").is_file()
@@ -134,11 +140,19 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
         experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY,
                          "ode.guidance_interval=[0.5,1.0]"])
     assert e.value.key == "ode.guidance_interval"
-    settings = out / "eval" / "settings.json"  # one written before the interval was recorded: guidance everywhere
+    settings = out / "eval" / "settings.json"
     recorded = json.loads(settings.read_text())
-    del recorded["ode.guidance_interval"]
-    settings.write_text(json.dumps(recorded))
-    assert experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY])["table"]
+    settings.write_text(json.dumps({**recorded, "ode.eta": recorded["ode.eta"] + 0.25}))  # another sampler's scores
+    with pytest.raises(ConfigError) as e:
+        experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY])
+    assert e.value.key == "ode.eta"
+    # one written before the interval and eta were recorded: guidance everywhere, the deterministic sampler
+    settings.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("ode.guidance_interval", "ode.eta")}))
+    if recorded["ode.eta"] == 0:
+        assert experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY])["table"]
+    else:  # the sweep chose the stochastic sampler: scores recorded as deterministic are refused
+        with pytest.raises(ConfigError, match="ode.eta"):
+            experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "eval", *TOY])
 
     # a guide the config names (a smaller teacher, say) is swept after the ones saved beside the teacher
     shutil.copytree(out / "teacher" / "guide_step2", tmp_path / "named_guide")
@@ -146,7 +160,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sampler", *TOY,
                      f"ode.guide={tmp_path / 'named_guide'}"])
     rows = json.loads((out / "sampler" / "stage.json").read_text())["rows"]
-    assert [r["guide"] for r in rows[9:]] == [guide] * 3 + [str(tmp_path / "named_guide")] * 3
+    assert [r["guide"] for r in rows[9:15]] == [guide] * 3 + [str(tmp_path / "named_guide")] * 3
 
 
 def saved_best(out: Path) -> dict:
