@@ -313,30 +313,39 @@ ETA_SWEEP = (0.5,)  # the stochastic sampler (ode.eta) at the best setting; eta 
 VALIDATION_SEED_OFFSET = 1  # the sampler sweep scores other held-out scenes than the evaluation
 
 
-def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "heldout") -> dict[str, dict]:
+def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "heldout",
+                   labels: tuple[str, ...] = ("real", "teacher")) -> dict[str, dict]:
     """Real clips and the teacher's own 1x-horizon samples (sampled with `ode`, default s.teacher_sampler()), scored
     like the students: the metrics' floor and the teacher's ceiling. `split` "train" scores new scenes made only of
-    the colour / shape pairs the teacher was trained on (held-out scenes each hold at least one pair it never saw)."""
+    the colour / shape pairs the teacher was trained on (held-out scenes each hold at least one pair it never saw).
+    `labels`: which of the two to score; the real clips' scores do not depend on the sampler, so a sweep of sampler
+    settings scores them once or not at all."""
     cfg = s.with_teacher()
     ev, T = cfg.evaluation, cfg.video.teacher_frames
     seed = ev.seed if seed is None else seed
     horizon = s.codec.video_frames(T)
     block = s.codec.video_frames(cfg.student.frames_per_block)
     scenes = sample_scenes(seed, ev.num_prompts, split, s.world)
-    prompts, ode = [prompt(sc) for sc in scenes], ode or s.teacher_sampler()
+    samples = teacher_videos(s, cfg, scenes, ode or s.teacher_sampler(), T) if "teacher" in labels else None
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[dict]] = {label: [] for label in labels}
+    for i, scene in enumerate(scenes):
+        reference = render(scene, 0, 4 * horizon)
+        start = int(rng.integers(4 * horizon, 100 * horizon))  # drawn either way: real clips do not depend on labels
+        for label in labels:
+            video = render(scene, start, horizon) if label == "real" else samples[i]
+            rows[label].append(summarise(segment_metrics(video, horizon, reference=reference, block_frames=block)))
+    return {label: {1: {k: nanmean([r[k] for r in rs]) for k in rs[0]}} for label, rs in rows.items()}
+
+
+def teacher_videos(s: Setup, cfg: Config, scenes: list, ode, T: int) -> list[np.ndarray]:
+    """The teacher's samples for `scenes` under the sampler `ode`, as uint8 videos."""
+    prompts = [prompt(sc) for sc in scenes]
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
     clean = teacher_samples(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g), ode, s.schedule,
                             s.guide(ode, prompts), g)
-    samples = [to_uint8(v) for v in s.codec.decode(clean)]
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list[dict]] = {"real": [], "teacher": []}
-    for scene, sample in zip(scenes, samples):
-        reference = render(scene, 0, 4 * horizon)
-        real = render(scene, int(rng.integers(4 * horizon, 100 * horizon)), horizon)
-        for label, video in (("real", real), ("teacher", sample)):
-            rows[label].append(summarise(segment_metrics(video, horizon, reference=reference, block_frames=block)))
-    return {label: {1: {k: nanmean([r[k] for r in rs]) for k in rs[0]}} for label, rs in rows.items()}
+    return [to_uint8(v) for v in s.codec.decode(clean)]
 
 
 def sampler_sweep(s: Setup) -> dict:
@@ -349,7 +358,7 @@ def sampler_sweep(s: Setup) -> dict:
     def score(**setting) -> None:
         setting = {"autoguidance": 1.0, "guide": None, "eta": 0.0} | setting
         ode = dataclasses.replace(s.cfg.ode, **setting)
-        m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET)["teacher"][1]
+        m = reference_rows(s, ode, seed=s.cfg.evaluation.seed + VALIDATION_SEED_OFFSET, labels=("teacher",))["teacher"][1]
         rows.append({**setting, **m})
         print(f"[sampler] {'  '.join(f'{k} {v}' for k, v in setting.items())}  stability {m['stability']:.1f}  "
               f"colour_drift {m['colour_drift']:.3f}  count_error {m['count_error']:.3f}  frechet {m['frechet']:.3f}",

@@ -66,10 +66,17 @@ def setting_name(st: dict) -> str:
 
 
 def score(run: Path, teacher: Path | None, config: str, overrides: list[str], setting: dict, prompts: int,
-          seed_offset: int, split: str) -> dict:
+          seed_offset: int, split: str, real_rows: dict) -> dict:
+    """The teacher's row under `setting` beside the real clips' row of the same scenes, which is scored once per
+    scene set and kept in `real_rows`."""
     cfg = load_config(config, [*overrides, f"evaluation.num_prompts={prompts}"])
     s = Setup(cfg, run, teacher)
-    rows = reference_rows(s, dataclasses.replace(cfg.ode, **setting), seed=cfg.evaluation.seed + seed_offset, split=split)
+    scenes = (prompts, seed_offset, split)
+    labels = ("teacher",) if scenes in real_rows else ("real", "teacher")
+    rows = reference_rows(s, dataclasses.replace(cfg.ode, **setting), seed=cfg.evaluation.seed + seed_offset,
+                          split=split, labels=labels)
+    real_rows.setdefault(scenes, rows.get("real"))
+    rows["real"] = real_rows[scenes]
     return {label: {k: float(rows[label][1][k]) for k in KEYS} for label in ("real", "teacher")}
 
 
@@ -97,9 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     out = {"settings": settings, "teacher": str(teacher or run / "teacher"), "validation": [], "heldout": []}
     written = run / "teacher_sampler.json"  # rewritten after every row: a run cut short keeps what it scored
+    real_rows: dict = {}
     for setting in settings if args.validation else []:
         row = score(run, teacher, args.config, args.overrides, setting, args.validation, VALIDATION_SEED_OFFSET,
-                    "heldout")
+                    "heldout", real_rows)
         out["validation"].append({"setting": setting, **row})
         written.write_text(json.dumps(out, indent=2))
         print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}", flush=True)
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = [settings[0]] + [st for st in ranked if st != settings[0]][:args.top]
     for split in splits:
         for setting in chosen:
-            row = score(run, teacher, args.config, args.overrides, setting, args.heldout, 0, split)
+            row = score(run, teacher, args.config, args.overrides, setting, args.heldout, 0, split, real_rows)
             out["heldout"].append({"setting": setting, "split": split, **row})
             written.write_text(json.dumps(out, indent=2))
             print(f"[eval {split}] {setting}  stability {row['teacher']['stability']:.1f} "

@@ -109,10 +109,16 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
         sampler.parse_setting("4:3:2:eta=2")
     setup = experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out)
     ode = dataclasses.replace(setup.cfg.ode, euler_steps=4, shift=3.0, guidance=2.0)
-    for split, row in zip(("heldout", "train"), (found["heldout"][0], found["heldout"][2])):
+    for split, row, top in zip(("heldout", "train"), found["heldout"][0::2], found["heldout"][1::2]):
         assert row["split"] == split and row["setting"] == {"euler_steps": 4, "shift": 3.0, "guidance": 2.0}
         expected = experiment.reference_rows(setup, ode, split=split)
         assert row["teacher"] == pytest.approx({k: expected["teacher"][1][k] for k in sampler.KEYS})
+        # the real clips are scored once per scene set: the top setting's row reuses them
+        assert row["real"] == top["real"] == pytest.approx({k: expected["real"][1][k] for k in sampler.KEYS})
+    validation_real = experiment.reference_rows(setup, ode, seed=setup.cfg.evaluation.seed + experiment.VALIDATION_SEED_OFFSET,
+                                                labels=("real",))
+    assert set(validation_real) == {"real"} and all(r["real"] == pytest.approx(
+        {k: validation_real["real"][1][k] for k in sampler.KEYS}) for r in found["validation"])
     assert json.loads((out / "teacher_sampler.json").read_text()) == found
 
     # --teacher scores a saved guide in place of the run's teacher, into a directory of its own
@@ -187,7 +193,7 @@ def test_teacher_sampler_keeps_the_rows_scored_before_a_run_is_cut_short(load_ex
     (tmp_path / "teacher" / "config.json").write_text("{}")
     scored = []
 
-    def score(run, teacher, config, overrides, setting, prompts, seed_offset, split):
+    def score(run, teacher, config, overrides, setting, prompts, seed_offset, split, real_rows):
         if len(scored) == 2:
             raise KeyboardInterrupt  # the run is stopped while scoring the third row
         scored.append({k: float(torch.rand(())) for k in sampler.KEYS})
