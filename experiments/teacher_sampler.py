@@ -65,19 +65,25 @@ def setting_name(st: dict) -> str:
     return numbers + f" ag {st['autoguidance']:g} " + (guide.name if guide.name != "teacher" else guide.parent.name)
 
 
-def score(run: Path, teacher: Path | None, config: str, overrides: list[str], setting: dict, prompts: int,
-          seed_offset: int, split: str, real_rows: dict) -> dict:
-    """The teacher's row under `setting` beside the real clips' row of the same scenes, which is scored once per
-    scene set and kept in `real_rows`."""
-    cfg = load_config(config, [*overrides, f"evaluation.num_prompts={prompts}"])
-    s = Setup(cfg, run, teacher)
-    scenes = (prompts, seed_offset, split)
-    labels = ("teacher",) if scenes in real_rows else ("real", "teacher")
-    rows = reference_rows(s, dataclasses.replace(cfg.ode, **setting), seed=cfg.evaluation.seed + seed_offset,
-                          split=split, labels=labels)
-    real_rows.setdefault(scenes, rows.get("real"))
-    rows["real"] = real_rows[scenes]
-    return {label: {k: float(rows[label][1][k]) for k in KEYS} for label in ("real", "teacher")}
+class Scorer:
+    """Scores one teacher under sampler settings beside the real clips of the same scenes. The set-up (one per scene
+    count) and the real clips' row (one per scene set) are made once: neither depends on the sampler."""
+
+    def __init__(self, run: Path, teacher: Path | None, config: str, overrides: list[str]):
+        self.run, self.teacher, self.config, self.overrides = run, teacher, config, overrides
+        self.setups: dict[int, Setup] = {}
+        self.real_rows: dict[tuple, dict] = {}
+
+    def __call__(self, setting: dict, prompts: int, seed_offset: int, split: str) -> dict:
+        if prompts not in self.setups:
+            cfg = load_config(self.config, [*self.overrides, f"evaluation.num_prompts={prompts}"])
+            self.setups[prompts] = Setup(cfg, self.run, self.teacher)
+        s, scenes = self.setups[prompts], (prompts, seed_offset, split)
+        labels = ("teacher",) if scenes in self.real_rows else ("real", "teacher")
+        rows = reference_rows(s, dataclasses.replace(s.cfg.ode, **setting), seed=s.cfg.evaluation.seed + seed_offset,
+                              split=split, labels=labels)
+        rows["real"] = self.real_rows.setdefault(scenes, rows.get("real"))
+        return {label: {k: float(rows[label][1][k]) for k in KEYS} for label in ("real", "teacher")}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,10 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     out = {"settings": settings, "teacher": str(teacher or run / "teacher"), "validation": [], "heldout": []}
     written = run / "teacher_sampler.json"  # rewritten after every row: a run cut short keeps what it scored
-    real_rows: dict = {}
+    score = Scorer(run, teacher, args.config, args.overrides)
     for setting in settings if args.validation else []:
-        row = score(run, teacher, args.config, args.overrides, setting, args.validation, VALIDATION_SEED_OFFSET,
-                    "heldout", real_rows)
+        row = score(setting, args.validation, VALIDATION_SEED_OFFSET, "heldout")
         out["validation"].append({"setting": setting, **row})
         written.write_text(json.dumps(out, indent=2))
         print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}", flush=True)
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = [settings[0]] + [st for st in ranked if st != settings[0]][:args.top]
     for split in splits:
         for setting in chosen:
-            row = score(run, teacher, args.config, args.overrides, setting, args.heldout, 0, split, real_rows)
+            row = score(setting, args.heldout, 0, split)
             out["heldout"].append({"setting": setting, "split": split, **row})
             written.write_text(json.dumps(out, indent=2))
             print(f"[eval {split}] {setting}  stability {row['teacher']['stability']:.1f} "

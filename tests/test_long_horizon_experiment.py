@@ -193,13 +193,13 @@ def test_teacher_sampler_keeps_the_rows_scored_before_a_run_is_cut_short(load_ex
     (tmp_path / "teacher" / "config.json").write_text("{}")
     scored = []
 
-    def score(run, teacher, config, overrides, setting, prompts, seed_offset, split, real_rows):
+    def score(self, setting, prompts, seed_offset, split):
         if len(scored) == 2:
             raise KeyboardInterrupt  # the run is stopped while scoring the third row
         scored.append({k: float(torch.rand(())) for k in sampler.KEYS})
         return {"real": {k: 1.0 for k in sampler.KEYS}, "teacher": scored[-1]}
 
-    monkeypatch.setattr(sampler, "score", score)
+    monkeypatch.setattr(sampler.Scorer, "__call__", score)
     with pytest.raises(KeyboardInterrupt):
         sampler.main(["--run", str(tmp_path), "--settings", "4:3:2,4:8:2,4:1:1", "--validation", "1", "--top", "1"])
     kept = json.loads((tmp_path / "teacher_sampler.json").read_text())
