@@ -86,23 +86,48 @@ def is_generator_step(step: int, update_ratio: int) -> bool:
     return step % update_ratio == 0
 
 
+def owners(model: nn.Module, ranks: int) -> dict[str, int]:
+    """Each parameter's owning rank, dealt out largest first to the least loaded rank, so that every rank
+    owns about 1/ranks of the values; the same on every rank for the same model."""
+    load, owner = [0] * ranks, {}
+    for name, p in sorted(model.named_parameters(), key=lambda named: (-named[1].numel(), named[0])):
+        owner[name] = min(range(ranks), key=lambda r: (load[r], r))
+        load[owner[name]] += p.numel()
+    return owner
+
+
 class EMA:
     """Exponential moving average of a model's parameters, kept in float32 (bf16 would swallow 1% updates).
 
-    `partitioned`: the model's parameters are sharded by DeepSpeed ZeRO-3, and each rank averages only its
-    own partition of each (`param.ds_tensor`): no gather a step and 1/N of the memory. Its state is then
-    this rank's alone, and `copy_to` writes the partitions: gather from them afterwards to see the average
-    (`trainer.full_params(..., from_partitions=True)`)."""
+    Split over ranks so that none keeps a float32 copy of the whole model:
+    - `partitioned`: the parameters are sharded by DeepSpeed ZeRO-3, and each rank averages only its own
+      partition of each (`param.ds_tensor`): no gather a step. `copy_to` writes the partitions: gather from
+      them afterwards to see the average (`trainer.full_params(..., from_partitions=True)`).
+    - `ranks` > 1 below ZeRO-3, where every rank holds every whole parameter: each rank averages the whole
+      parameters it owns (`owners`), and `copy_to` broadcasts each from its owner, a collective every rank
+      enters.
+    Either way its state is this rank's alone, and a run resumes it on as many ranks as it was saved from."""
 
-    def __init__(self, model: nn.Module, decay: float, start_step: int = 0, partitioned: bool = False):
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0, partitioned: bool = False,
+                 ranks: int = 1, rank: int = 0):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        if not 0 <= rank < ranks:
+            raise ValueError(f"EMA rank must lie in [0, {ranks}), got {rank}")
         self.decay, self.start_step, self.partitioned = decay, start_step, partitioned
+        self.ranks, self.rank = (1, 0) if partitioned else (ranks, rank)  # ZeRO-3 has split every parameter already
+        self.owners = owners(model, self.ranks)
         self.shadow = {name: t.detach().float().clone() for name, t in self._tensors(model)}
 
+    @property
+    def split(self) -> bool:
+        """Whether each rank holds only part of the average (and saves its own part)."""
+        return self.partitioned or self.ranks > 1
+
     def _tensors(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """What is averaged: each parameter, or under `partitioned` this rank's partition of it."""
-        return [(name, p.ds_tensor if self.partitioned else p) for name, p in model.named_parameters()]
+        """What this rank averages: the parameters it owns, or under `partitioned` its partition of each."""
+        return [(name, p.ds_tensor if self.partitioned else p) for name, p in model.named_parameters()
+                if self.owners[name] == self.rank]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -117,13 +142,17 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
+        """The average into the model: with `ranks` > 1 every rank must call it (each parameter comes from its owner)."""
         for name, t in self._tensors(model):
             t.copy_(self.shadow[name])
+        if self.ranks > 1:
+            for name, p in model.named_parameters():
+                torch.distributed.broadcast(p.data, src=self.owners[name])
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
         """The average in the model's parameters while the block runs (to save it), the live weights back after."""
-        tensors = [t for _, t in self._tensors(model)]
+        tensors = [p.ds_tensor if self.partitioned else p for p in model.parameters()]
         live = [t.detach().clone() for t in tensors]
         self.copy_to(model)
         try:
@@ -134,19 +163,27 @@ class EMA:
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "start_step": self.start_step, "partitioned": self.partitioned,
-                "shadow": copy.copy(self.shadow)}
+                "ranks": self.ranks, "shadow": copy.copy(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(self.shadow) ^ set(state["shadow"])
-        if missing:
-            raise KeyError(f"EMA state does not match the model's parameters: {sorted(missing)[:5]}")
+        """A state saved on as many ranks (this rank's part), or a whole average, of which this rank takes its part."""
         if state.get("partitioned", False) != self.partitioned:
             kept = lambda partitioned: "per ZeRO-3 partition" if partitioned else "whole"
             raise ValueError(f"the saved moving average was kept {kept(not self.partitioned)}, this one "
                              f"{kept(self.partitioned)}: resume under the trainer.zero_stage it was saved with")
-        shapes = {name for name, v in state["shadow"].items() if v.shape != self.shadow[name].shape}
+        shadow, saved_ranks = state["shadow"], state.get("ranks", 1)
+        whole = saved_ranks == 1 and self.ranks > 1  # a whole average: checked whole, this rank's part kept
+        if saved_ranks != self.ranks and not whole:
+            raise ValueError(f"the saved moving average was split over {saved_ranks} ranks, this one over "
+                             f"{self.ranks}: resume on as many ranks as it was saved from")
+        missing = (set(self.owners) if whole else set(self.shadow)) ^ set(shadow)
+        if missing:
+            raise KeyError(f"EMA state does not match the model's parameters: {sorted(missing)[:5]}")
+        if whole:
+            shadow = {name: v for name, v in shadow.items() if name in self.shadow}
+        shapes = {name for name, v in shadow.items() if v.shape != self.shadow[name].shape}
         if shapes:
             raise ValueError(f"saved moving average has other shapes ({sorted(shapes)[:3]}): resume on as many "
                              "ranks as it was saved from")
         self.decay, self.start_step = state["decay"], state["start_step"]
-        self.shadow = {name: v.to(self.shadow[name].device, torch.float32).clone() for name, v in state["shadow"].items()}
+        self.shadow = {name: v.to(self.shadow[name].device, torch.float32).clone() for name, v in shadow.items()}

@@ -53,7 +53,7 @@ def train(cfg: Config) -> dict:
     for stage in cfg.run.stages:
         if not _finished(cfg, stage):
             _check_resumable(cfg, stage)
-    _start_ray(_cpus_needed(cfg))
+    _start_ray(_cpus_needed(cfg, [stage for stage in cfg.run.stages if not _finished(cfg, stage)]))
     prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
 
     tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
@@ -251,9 +251,11 @@ def _data_cpus(cfg: Config) -> int:
     return 1 + (2 * cfg.data.num_actors if cfg.data.compute == "actors" else 0)
 
 
-def _cpus_needed(cfg: Config) -> float:
-    """Logical CPUs the run holds at once: rollout workers, one per trainer worker, and Ray Data."""
-    return cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.trainer.num_workers + _data_cpus(cfg)
+def _cpus_needed(cfg: Config, stages: list[str]) -> float:
+    """Logical CPUs the stages to run hold at once: one per trainer worker, and during DMD the rollout
+    workers and Ray Data besides."""
+    during_dmd = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + _data_cpus(cfg) if "dmd" in stages else 0
+    return cfg.trainer.num_workers + during_dmd
 
 
 def _start_ray(cpus_needed: float) -> None:
@@ -275,6 +277,6 @@ def _start_ray(cpus_needed: float) -> None:
             ray.init(address=address)
     available = ray.cluster_resources().get("CPU", 0)
     if available < cpus_needed:
-        raise RuntimeError(f"the run needs {cpus_needed:g} CPUs (rollout.num_workers x rollout.cpus_per_worker + "
-                           f"trainer.num_workers + data transforms) but the cluster has {available:g}; lower "
-                           "rollout.cpus_per_worker or the worker counts, or add nodes")
+        raise RuntimeError(f"the run needs {cpus_needed:g} CPUs (trainer.num_workers, and for the dmd stage "
+                           f"rollout.num_workers x rollout.cpus_per_worker and the data transforms) but the cluster "
+                           f"has {available:g}; lower rollout.cpus_per_worker or the worker counts, or add nodes")

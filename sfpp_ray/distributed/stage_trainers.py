@@ -122,7 +122,9 @@ def pretrain_teacher_loop(config: dict) -> None:
     if tp.compile != "none":
         engine.compile(backend=tp.compile)  # in place: the module's keys, saving and the EMA are unchanged
     zero3 = cfg.trainer.zero_stage == 3
-    ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step, partitioned=zero3) if tp.ema_decay > 0 else None
+    ema = None
+    if tp.ema_decay > 0:
+        ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step, partitioned=zero3, ranks=world, rank=rank)
     codec = components.build_video_codec(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     uncond = None if tp.train_text_encoder else text.encode([cfg.text.negative_prompt])

@@ -42,7 +42,7 @@ from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.tracking import Tracker
 
 STATE_FILE = "trainer_state.pt"
-EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a ZeRO-3 rank's partitions of the moving average
+EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a rank's part of the moving average (EMA.split)
 REPLACEMENT_ROWS = 1 << 40  # row ids of the rows made in place of stale ones: past any dataset's, one range a rank
 # In the run dir, per resumable stage: the controller's view of the stage's last checkpoint
 PROGRESS_FILES = {"dmd": "trainer_progress.json", "pretrain_teacher": "teacher_progress.json"}
@@ -124,9 +124,9 @@ def full_params(module: torch.nn.Module, zero3: bool, from_partitions: bool = Fa
 
 
 def save_ema(ema: EMA | None, directory: Path, rank: int) -> dict | None:
-    """Into a checkpoint: each rank writes its own partitions of a ZeRO-3 average; a whole average is
+    """Into a checkpoint: each rank writes its own part of a split average; a whole one (one rank) is
     returned for rank 0's state file."""
-    if ema is not None and ema.partitioned:
+    if ema is not None and ema.split:
         torch.save(ema.state_dict(), directory / EMA_SHARD_FILE.format(rank=rank))
         return None
     return None if ema is None else ema.state_dict()
@@ -207,7 +207,8 @@ def train_loop_per_worker(config: dict) -> None:
     timesteps = schedule.student_timesteps(cfg.schedule)
     ema = None  # the saved student is the generator's moving average; rollouts use the live weights
     if cfg.trainer.ema_decay > 0:
-        ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step, partitioned=zero3)
+        ema = EMA(student_engine.module, cfg.trainer.ema_decay, cfg.trainer.ema_start_step, partitioned=zero3,
+                  ranks=world, rank=rank)
     sync = ObjectStoreWeightSync()
 
     step = 0

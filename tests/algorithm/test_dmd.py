@@ -255,3 +255,38 @@ def test_logit_normal_timesteps_gather_around_the_middle(schedule):
     assert draw(3.0, "logit_normal").median() > 700  # the shift applies after: 1000 * shift_sigma(0.5, 3) = 750
     with pytest.raises(ValueError, match="distribution"):
         draw(1.0, "normal")
+
+
+def test_ema_split_over_ranks_averages_each_parameter_once_as_the_whole_average_would():
+    """Below ZeRO-3 each rank averages the whole parameters it owns: together they are the whole average,
+    each value kept on one rank, about 1/ranks of the values each; a whole saved average splits on load."""
+    ranks, model = 3, nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(4, 2))
+    whole = EMA(model, decay=0.7, start_step=2)
+    parts = [EMA(model, decay=0.7, start_step=2, ranks=ranks, rank=r) for r in range(ranks)]
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        for ema in (whole, *parts):
+            ema.update(model, step)
+    names = [name for ema in parts for name in ema.shadow]
+    assert sorted(names) == sorted(whole.shadow)  # each parameter on exactly one rank
+    for ema in parts:
+        assert all(torch.equal(v, whole.shadow[k]) for k, v in ema.shadow.items())
+    sizes = [sum(v.numel() for v in ema.shadow.values()) for ema in parts]
+    largest = max(p.numel() for p in model.parameters())
+    assert max(sizes) - min(sizes) <= largest and sum(sizes) == sum(p.numel() for p in model.parameters())
+    assert all(ema.split for ema in parts) and not whole.split
+
+    restored = EMA(model, decay=0.1, ranks=ranks, rank=1)
+    restored.load_state_dict(whole.state_dict())  # a whole average (one rank's checkpoint): this rank's part
+    assert restored.shadow.keys() == parts[1].shadow.keys() and restored.decay == 0.7
+    assert all(torch.equal(restored.shadow[k], parts[1].shadow[k]) for k in restored.shadow)
+    with pytest.raises(ValueError, match="split over 3 ranks, this one over 2"):
+        EMA(model, 0.7, ranks=2, rank=1).load_state_dict(parts[1].state_dict())
+    with pytest.raises(ValueError, match="as many ranks"):
+        EMA(model, 0.7).load_state_dict(parts[0].state_dict())
+    with pytest.raises(KeyError, match="does not match"):
+        EMA(nn.Linear(6, 8), 0.7, ranks=2, rank=0).load_state_dict(whole.state_dict())
+    with pytest.raises(ValueError, match="rank must lie"):
+        EMA(model, 0.7, ranks=2, rank=2)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import ConfigError, load_config, with_teacher
-from sfpp_ray.distributed.trainer import STATE_FILE
+from sfpp_ray.distributed.trainer import EMA_SHARD_FILE, STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 from sfpp_ray.models.text_encoder import PromptConditioned
 
@@ -153,17 +153,34 @@ def test_teacher_learning_rate_warms_up_then_decays_to_a_tenth():
     assert [lr_factor(i, steps, 0, "constant") for i in range(steps)] == [1.0] * steps
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster, tmp_path, saved_average, zero_stage):
+def test_a_run_asks_the_cluster_only_for_the_cpus_of_the_stages_it_runs(ray_cluster, tmp_path):
+    """Rollout workers and Ray Data hold CPUs during the dmd stage only: a teacher stage beside rollout
+    settings the 4-CPU cluster could not hold is not refused for them; a dmd stage is, before it starts,
+    naming the keys to lower."""
+    from sfpp_ray.distributed.controller import _cpus_needed, train
+
+    crowded = ["rollout.num_workers=4", "rollout.cpus_per_worker=1", "trainer.num_workers=2", "tracking.enabled=false",
+               f"run.output_dir={tmp_path}", "run.name=cpus"]
+    cfg = load_config(CONFIG, [*crowded, "run.stages=[pretrain_teacher,dmd]"])
+    assert _cpus_needed(cfg, ["pretrain_teacher", "ode"]) == 2 and _cpus_needed(cfg, ["dmd"]) >= 7
+    with pytest.raises(RuntimeError, match=r"needs \d+ CPUs .*rollout.num_workers.*has 4"):
+        train(cfg)
+    assert not (tmp_path / "cpus" / "teacher").exists()  # refused before any stage began
+
+
+@pytest.mark.parametrize("zero_stage, ranks", [(2, 2), (3, 1)])
+def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster, tmp_path, saved_average, zero_stage,
+                                                                     ranks):
     """A run stopped after its step-2 checkpoint (marker and weights gone) resumes there and ends where an
-    uninterrupted run ends: the same losses for every step and the same weights. Under ZeRO-3 the moving
-    average is kept per partition and saved by each rank."""
+    uninterrupted run ends: the same losses for every step and the same weights. The moving average is
+    split over the ranks and saved by each: under ZeRO-3 per partition, under ZeRO-2 on two ranks per
+    whole parameter."""
     from sfpp_ray.distributed.controller import train
 
     cfg_overrides = [f"run.output_dir={tmp_path}", "run.name=resume", "run.stages=[pretrain_teacher]",
                      "teacher_pretrain.steps=4", "teacher_pretrain.checkpoint_every=2",
                      "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[2]",
-                     f"trainer.zero_stage={zero_stage}", "tracking.enabled=false"]
+                     f"trainer.zero_stage={zero_stage}", f"trainer.num_workers={ranks}", "tracking.enabled=false"]
     cfg = load_config(CONFIG, cfg_overrides)
     first = train(cfg)["stages"]["pretrain_teacher"]["record"]
     teacher = cfg.run_dir / "teacher"
@@ -180,14 +197,15 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
     average = saved_average(checkpoint, trained).denoiser.state_dict()
     guide = load_file(teacher / "guide_step2" / "diffusion_pytorch_model.safetensors")
     assert guide.keys() == average.keys() and all(torch.equal(guide[k], average[k]) for k in guide)
+    assert len(list(checkpoint.glob(EMA_SHARD_FILE.format(rank="*")))) == ranks  # each rank saved its part
     if zero_stage < 3:  # ZeRO-3's model states hold no whole live weights to compare with
         live, = [torch.load(f, weights_only=False)["module"] for f in checkpoint.rglob("mp_rank_00_model_states.pt")]
         assert not all(torch.equal(guide[k], live[f"denoiser.{k}"]) for k in guide)
     shutil.rmtree(teacher)
     # the checkpoint's shards are laid out per rank: another layout fails at once, naming its key
-    assert json.loads((cfg.run_dir / "teacher_progress.json").read_text()) == {"step": 2, "ranks": 1,
+    assert json.loads((cfg.run_dir / "teacher_progress.json").read_text()) == {"step": 2, "ranks": ranks,
                                                                                "zero_stage": zero_stage}
-    for key, value, saved in (("trainer.num_workers", 2, 1), ("trainer.zero_stage", 5 - zero_stage, zero_stage)):
+    for key, value, saved in (("trainer.num_workers", 3 - ranks, ranks), ("trainer.zero_stage", 5 - zero_stage, zero_stage)):
         with pytest.raises(ConfigError, match=rf"'{key}'.*step 2.*set {key}={saved} "):
             train(load_config(CONFIG, [*cfg_overrides, f"{key}={value}"]))
     # below ZeRO-3 compiled (forward and backward traced, no kernels made on a CPU): the steps are the eager ones
