@@ -15,7 +15,7 @@ pairs it was trained on.
 
 --teacher scores another teacher directory in place of <run>/teacher: a guide saved at a step, or a teacher
 that no run of this experiment made. Prints a table (last) and writes teacher_sampler.json into --run, again
-after every scored row. On the GPU by default (run.device=cpu to change).
+after every scored row, with the seconds each row took. On the GPU by default (run.device=cpu to change).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,20 +112,25 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"settings": settings, "teacher": str(teacher or run / "teacher"), "validation": [], "heldout": []}
     written = run / "teacher_sampler.json"  # rewritten after every row: a run cut short keeps what it scored
     score = Scorer(run, teacher, args.config, args.overrides)
+    def timed(*args) -> dict:  # a row and the seconds it took (the first of a scene count includes its set-up)
+        t0 = time.perf_counter()
+        return score(*args) | {"seconds": round(time.perf_counter() - t0, 1)}
+
     for setting in settings if args.validation else []:
-        row = score(setting, args.validation, VALIDATION_SEED_OFFSET, "heldout")
+        row = timed(setting, args.validation, VALIDATION_SEED_OFFSET, "heldout")
         out["validation"].append({"setting": setting, **row})
         written.write_text(json.dumps(out, indent=2))
-        print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}", flush=True)
+        print(f"[validation] {setting}  stability {row['teacher']['stability']:.1f}  ({row['seconds']:.0f} s)",
+              flush=True)
     ranked = [r["setting"] for r in sorted(out["validation"], key=lambda r: -r["teacher"]["stability"])]
     chosen = [settings[0]] + [st for st in ranked if st != settings[0]][:args.top]
     for split in splits:
         for setting in chosen:
-            row = score(setting, args.heldout, 0, split)
+            row = timed(setting, args.heldout, 0, split)
             out["heldout"].append({"setting": setting, "split": split, **row})
             written.write_text(json.dumps(out, indent=2))
             print(f"[eval {split}] {setting}  stability {row['teacher']['stability']:.1f} "
-                  f"(real {row['real']['stability']:.1f})", flush=True)
+                  f"(real {row['real']['stability']:.1f})  ({row['seconds']:.0f} s)", flush=True)
     print(f"{'scenes':<18}{'setting':<30}{'real':>8}" + "".join(f"{k:>19}" for k in KEYS))
     for label, rows in (("validation", out["validation"]), ("eval", out["heldout"])):
         for r in rows:

@@ -204,4 +204,5 @@ def test_teacher_sampler_keeps_the_rows_scored_before_a_run_is_cut_short(load_ex
         sampler.main(["--run", str(tmp_path), "--settings", "4:3:2,4:8:2,4:1:1", "--validation", "1", "--top", "1"])
     kept = json.loads((tmp_path / "teacher_sampler.json").read_text())
     assert [r["teacher"] for r in kept["validation"]] == scored and kept["heldout"] == []
+    assert all(isinstance(r["seconds"], float) and r["seconds"] >= 0 for r in kept["validation"])  # each row timed
     assert [r["setting"]["shift"] for r in kept["validation"]] == [3.0, 8.0]
