@@ -326,7 +326,7 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
     horizon = s.codec.video_frames(T)
     block = s.codec.video_frames(cfg.student.frames_per_block)
     scenes = sample_scenes(seed, ev.num_prompts, split, s.world)
-    samples = teacher_videos(s, cfg, scenes, ode or s.teacher_sampler(), T) if "teacher" in labels else None
+    samples = teacher_videos(s, cfg, scenes, ode or s.teacher_sampler()) if "teacher" in labels else None
     rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {label: [] for label in labels}
     for i, scene in enumerate(scenes):
@@ -338,9 +338,9 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
     return {label: {1: {k: nanmean([r[k] for r in rs]) for k in rs[0]}} for label, rs in rows.items()}
 
 
-def teacher_videos(s: Setup, cfg: Config, scenes: list, ode, T: int) -> list[np.ndarray]:
-    """The teacher's samples for `scenes` under the sampler `ode`, as uint8 videos."""
-    prompts = [prompt(sc) for sc in scenes]
+def teacher_videos(s: Setup, cfg: Config, scenes: list, ode) -> list[np.ndarray]:
+    """The teacher's samples for `scenes` under the sampler `ode`, as uint8 videos of the teacher's horizon."""
+    prompts, T = [prompt(sc) for sc in scenes], cfg.video.teacher_frames
     teacher = components.build_teacher(cfg, s.device, s.dtype)
     g = s.generator(4)
     clean = teacher_samples(teacher, s.text.encode(prompts), s.uncond, s.noise(T, len(scenes), g), ode, s.schedule,

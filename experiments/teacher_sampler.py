@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"settings": settings, "teacher": str(teacher or run / "teacher"), "validation": [], "heldout": []}
     written = run / "teacher_sampler.json"  # rewritten after every row: a run cut short keeps what it scored
     score = Scorer(run, teacher, args.config, args.overrides)
-    def timed(*args) -> dict:  # a row and the seconds it took (the first of a scene count includes its set-up)
+
+    def timed(*scenes) -> dict:  # a row and the seconds it took (the first of a scene count includes its set-up)
         t0 = time.perf_counter()
-        return score(*args) | {"seconds": round(time.perf_counter() - t0, 1)}
+        return score(*scenes) | {"seconds": round(time.perf_counter() - t0, 1)}
 
     for setting in settings if args.validation else []:
         row = timed(setting, args.validation, VALIDATION_SEED_OFFSET, "heldout")
