@@ -104,6 +104,59 @@ def _finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: i
 # ---------------------------------------------------------------- teacher pretraining
 
 
+class TeacherTraining:
+    """The teacher stage's engine, moving average and step (flow matching on a batch of world clips, backward,
+    the optimizer, the average), built as the stage builds them on each rank: the stage's loop and
+    benchmarks/teacher_step.py run the same step."""
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1):
+        tp = cfg.teacher_pretrain
+        self.cfg, self.device, self.dtype, self.rank, self.world = cfg, device, dtype, rank, world
+        self.text = components.build_text_encoder(cfg, device, dtype)
+        model = components.build_critic(cfg)
+        if tp.train_text_encoder:
+            model = PromptConditioned(model, self.text)  # takes token ids; saves the encoder beside the teacher
+        self.engine, *_ = deepspeed.initialize(
+            model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS, autocast=tp.autocast),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
+        if tp.compile != "none":
+            self.engine.compile(backend=tp.compile)  # in place: the module's keys, saving and the EMA are unchanged
+        self.ema = None if tp.ema_decay <= 0 else EMA(self.engine.module, tp.ema_decay, tp.ema_start_step,
+                                                      partitioned=cfg.trainer.zero_stage == 3, ranks=world, rank=rank)
+        self.codec = components.build_video_codec(cfg, device, dtype)
+        self.schedule = components.build_schedule(cfg)
+        self.uncond = None if tp.train_text_encoder else self.text.encode([cfg.text.negative_prompt])
+        self.noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift,
+                                                timestep_distribution=tp.timestep_distribution)
+
+    def clips(self, first: int, steps: int) -> WorldClipStream:
+        """This rank's batches of steps first..first+steps-1."""
+        tp = self.cfg.teacher_pretrain
+        return WorldClipStream(world_of(self.cfg), self.codec.video_frames(self.cfg.video.teacher_frames),
+                               tp.batch_size, self.cfg.run.seed, first=first, steps=steps, rank=self.rank,
+                               world_size=self.world, prompt_dropout=PROMPT_DROPOUT, coverage=tp.sprite_weight > 0)
+
+    def step(self, batch: dict) -> torch.Tensor:
+        """One optimizer step on a batch of `clips`; the loss comes back on the device (reading it waits for the GPU)."""
+        cfg, tp, device, text = self.cfg, self.cfg.teacher_pretrain, self.device, self.text
+        latents = clip_latents(batch["frames"], self.codec, device, self.dtype)
+        if tp.train_text_encoder:  # dropped prompts become the negative prompt before tokenizing
+            cond = text.tokenize([cfg.text.negative_prompt if drop else p
+                                  for p, drop in zip(batch["prompts"], batch["drop"].tolist())])
+        else:
+            cond = torch.where(batch["drop"].to(device)[:, None, None], self.uncond, text.encode(batch["prompts"]))
+        weight = None if tp.sprite_weight == 0 else sprite_loss_weight(
+            batch["coverage"].to(device, non_blocking=True), latents.shape, tp.sprite_weight)
+        loss, _ = critic_loss(latents, self.engine, cond, self.schedule, self.noise_levels,
+                              _generator(cfg, device, self.rank, batch["step"]), weight)
+        self.engine.backward(loss)
+        optimizer_step(self.engine, cfg)
+        if self.ema is not None:
+            self.ema.update(self.engine.module, batch["step"])
+        return loss.detach()
+
+
 def pretrain_teacher_loop(config: dict) -> None:
     """Ray Train entry point. config: {"cfg": Config dict, "mlflow_run_id"}. Each rank trains on
     teacher_pretrain.batch_size clips a step, rendered ahead by teacher_pretrain.data_workers processes;
@@ -111,23 +164,8 @@ def pretrain_teacher_loop(config: dict) -> None:
     teacher_pretrain.train_text_encoder the text encoder trains with it and is saved in the teacher's directory."""
     cfg, device, dtype = _setup(config)
     tp, rank, world = cfg.teacher_pretrain, global_rank(), world_size()
-    text = components.build_text_encoder(cfg, device, dtype)
-    model = components.build_critic(cfg)
-    if tp.train_text_encoder:
-        model = PromptConditioned(model, text)  # takes token ids; saves the encoder beside the teacher
-    engine, *_ = deepspeed.initialize(
-        model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS, autocast=tp.autocast),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
-    if tp.compile != "none":
-        engine.compile(backend=tp.compile)  # in place: the module's keys, saving and the EMA are unchanged
-    zero3 = cfg.trainer.zero_stage == 3
-    ema = None
-    if tp.ema_decay > 0:
-        ema = EMA(engine.module, tp.ema_decay, tp.ema_start_step, partitioned=zero3, ranks=world, rank=rank)
-    codec = components.build_video_codec(cfg, device, dtype)
-    schedule = components.build_schedule(cfg)
-    uncond = None if tp.train_text_encoder else text.encode([cfg.text.negative_prompt])
+    training = TeacherTraining(cfg, device, dtype, rank, world)
+    engine, ema = training.engine, training.ema
     done, losses = 0, []
     checkpoint = ray.train.get_checkpoint()  # the last one of an interrupted run of this stage
     if checkpoint is not None:
@@ -138,11 +176,7 @@ def pretrain_teacher_loop(config: dict) -> None:
         done, losses = state["step"], state["losses"]
         if rank == 0:
             print(f"[pretrain_teacher] resumed at step {done}", flush=True)
-    clips = WorldClipStream(world_of(cfg), codec.video_frames(cfg.video.teacher_frames), tp.batch_size,
-                            cfg.run.seed, first=done + 1, steps=tp.steps - done, rank=rank, world_size=world,
-                            prompt_dropout=PROMPT_DROPOUT, coverage=tp.sprite_weight > 0)
-    noise_levels = dataclasses.replace(cfg.dmd, timestep_shift=tp.timestep_shift,
-                                       timestep_distribution=tp.timestep_distribution)
+    clips = training.clips(first=done + 1, steps=tp.steps - done)
     t0 = time.perf_counter()
     metrics, unread = {}, []  # unread: (step, loss on the device, lr) not yet read back
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
@@ -162,23 +196,10 @@ def pretrain_teacher_loop(config: dict) -> None:
 
         for batch in clips.loader(tp.data_workers, pin_memory=device.type == "cuda"):
             step = batch["step"]
-            latents = clip_latents(batch["frames"], codec, device, dtype)
-            if tp.train_text_encoder:  # dropped prompts become the negative prompt before tokenizing
-                cond = text.tokenize([cfg.text.negative_prompt if drop else p
-                                      for p, drop in zip(batch["prompts"], batch["drop"].tolist())])
-            else:
-                cond = torch.where(batch["drop"].to(device)[:, None, None], uncond, text.encode(batch["prompts"]))
-            weight = None if tp.sprite_weight == 0 else sprite_loss_weight(
-                batch["coverage"].to(device, non_blocking=True), latents.shape, tp.sprite_weight)
-            loss, _ = critic_loss(latents, engine, cond, schedule, noise_levels, _generator(cfg, device, rank, step),
-                                  weight)
-            engine.backward(loss)
-            optimizer_step(engine, cfg)
-            if ema is not None:
-                ema.update(engine.module, step)
+            loss = training.step(batch)
             if step in tp.guide_steps:
                 _save_guide(engine, ema, cfg, step)
-            unread.append((step, loss.detach(), engine.get_lr()[0]))
+            unread.append((step, loss, engine.get_lr()[0]))
             printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
             if printing or checkpointing or len(unread) == READ_BACK_EVERY:  # printing: also the last step
