@@ -233,6 +233,10 @@ class TeacherPretrainConfig:
     # world's small model (docs/results.md), waiting on kernel launches that inductor fuses; aot_eager traces
     # forward and backward without making kernels (a check on a CPU)
     compile: Literal["none", "inductor", "aot_eager"] = "none"
+    # torch.compile mode under inductor. reduce-overhead replays the step's kernels as CUDA graphs, one launch for
+    # hundreds: the world's small model is bound by the host's launches (docs/benchmarks.md, 1.7x for the model
+    # alone on an H200). On a CPU it compiles as default
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
 
 
 @dataclass
@@ -569,6 +573,9 @@ def validate(cfg: Config) -> None:
     if tp.compile != "none" and cfg.trainer.zero_stage == 3:
         raise ConfigError("teacher_pretrain.compile", "ZeRO-3 gathers each layer's weights in hooks that break the "
                           "compiled trace into a graph a layer: compile with trainer.zero_stage <= 2, or set none")
+    if tp.compile_mode != "default" and tp.compile != "inductor":
+        raise ConfigError("teacher_pretrain.compile_mode", f"{tp.compile_mode} is a mode of the inductor compiler: "
+                          f"set teacher_pretrain.compile=inductor (it is {tp.compile}), or compile_mode=default")
     if any(not 0 < k < tp.steps for k in tp.guide_steps):
         raise ConfigError("teacher_pretrain.guide_steps", f"each must lie in (0, teacher_pretrain.steps), got {tp.guide_steps}")
     gi = cfg.ode.guidance_interval

@@ -96,6 +96,15 @@ def test_teacher_compiles_only_below_zero3():
     assert load_config(TINY, ["teacher_pretrain.compile=inductor", "trainer.zero_stage=2"]).teacher_pretrain.compile == "inductor"
 
 
+def test_cuda_graphs_are_a_mode_of_the_inductor_compiler():
+    for backend in ("none", "aot_eager"):
+        with pytest.raises(ConfigError) as e:
+            load_config(TINY, [f"teacher_pretrain.compile={backend}", "teacher_pretrain.compile_mode=reduce-overhead"])
+        assert e.value.key == "teacher_pretrain.compile_mode"
+    cfg = load_config(TINY, ["teacher_pretrain.compile=inductor", "teacher_pretrain.compile_mode=reduce-overhead"])
+    assert cfg.teacher_pretrain.compile_mode == "reduce-overhead"
+
+
 def test_missing_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/none.yaml")

@@ -120,8 +120,9 @@ class TeacherTraining:
             model=model, config=deepspeed_config(cfg, tp.lr, betas=TEACHER_BETAS, autocast=tp.autocast),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda i: lr_factor(i, tp.steps, tp.warmup_steps, tp.lr_schedule)))
-        if tp.compile != "none":
-            self.engine.compile(backend=tp.compile)  # in place: the module's keys, saving and the EMA are unchanged
+        if tp.compile != "none":  # in place: the module's keys, saving and the EMA are unchanged
+            self.engine.compile(backend=tp.compile, compile_kwargs={"mode": tp.compile_mode})
+        self.cuda_graphs = tp.compile_mode == "reduce-overhead" and device.type == "cuda"
         self.ema = None if tp.ema_decay <= 0 else EMA(self.engine.module, tp.ema_decay, tp.ema_start_step,
                                                       partitioned=cfg.trainer.zero_stage == 3, ranks=world, rank=rank)
         self.codec = components.build_video_codec(cfg, device, dtype)
@@ -140,6 +141,8 @@ class TeacherTraining:
     def step(self, batch: dict) -> torch.Tensor:
         """One optimizer step on a batch of `clips`; the loss comes back on the device (reading it waits for the GPU)."""
         cfg, tp, device, text = self.cfg, self.cfg.teacher_pretrain, self.device, self.text
+        if self.cuda_graphs:  # a new step: the graphs may reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         latents = clip_latents(batch["frames"], self.codec, device, self.dtype)
         if tp.train_text_encoder:  # dropped prompts become the negative prompt before tokenizing
             cond = text.tokenize([cfg.text.negative_prompt if drop else p

@@ -84,3 +84,26 @@ def test_trainer_clips_under_zero0_as_deepspeed_would(single_rank, accumulation)
         weights[clipping] = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
     torch.testing.assert_close(weights["trainer"], weights["deepspeed"])
     assert not torch.allclose(weights["trainer"], weights["none"], atol=1e-4)
+
+
+def test_teacher_stage_compiles_its_model_in_the_configured_mode(single_rank, monkeypatch):
+    """teacher_pretrain.compile_mode reaches torch.compile (reduce-overhead: CUDA graphs on a GPU), and the
+    stage's step still trains the compiled teacher."""
+    from sfpp_ray.distributed.stage_trainers import TeacherTraining
+
+    modes, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: modes.append(kwargs.get("mode")) or compile(*args, **kwargs))
+    for mode in ("default", "reduce-overhead"):
+        cfg = load_config(CONFIG, ["teacher_pretrain.compile=inductor", f"teacher_pretrain.compile_mode={mode}",
+                                   "trainer.zero_stage=0", "teacher_pretrain.batch_size=2"])
+        training = TeacherTraining(cfg, torch.device("cpu"), torch.float32)
+        assert modes[-1] == mode
+    monkeypatch.setattr(torch, "compile", compile)
+    cfg = load_config(CONFIG, ["teacher_pretrain.compile=aot_eager", "trainer.zero_stage=0",
+                               "teacher_pretrain.batch_size=2", "teacher_pretrain.lr=1e-3"])
+    training = TeacherTraining(cfg, torch.device("cpu"), torch.float32)
+    before = [p.detach().clone() for p in training.engine.module.parameters()]
+    clips = training.clips(first=1, steps=2)
+    losses = [training.step(clips.batch(step)) for step in (1, 2)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, training.engine.module.parameters()))
