@@ -98,11 +98,11 @@ def one_rank_group() -> None:
 def time_stage(cfg, device, with_loader: bool, steps: int, profile: Path | None, variant: str) -> dict:
     """The stage's step (TeacherTraining) on one reused batch or on the stage's loader: seconds a step, the host's
     share of them, and with `profile` where the host's time goes and where it waits for the GPU."""
-    from sfpp_ray.distributed.stage_trainers import TeacherTraining
+    from sfpp_ray.distributed.stage_trainers import TeacherTraining, stage_dtype
 
     one_rank_group()
     torch.manual_seed(cfg.run.seed)
-    training = TeacherTraining(cfg, device, torch.float32)
+    training = TeacherTraining(cfg, device, stage_dtype(cfg))
     clips = training.clips(first=1, steps=WARMUP + steps + 2 * PROFILED)
     if with_loader:
         batches = iter(clips.loader(cfg.teacher_pretrain.data_workers, pin_memory=device.type == "cuda"))

@@ -50,10 +50,15 @@ READ_BACK_EVERY = 20  # teacher steps between reads of the loss from the GPU
 ODE_SCENE_OFFSET = 100_000  # ODE prompts are world scenes apart from the teacher's per-step scenes
 
 
+def stage_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the stages build their models and data in: bfloat16 under DeepSpeed's bf16, else run.dtype."""
+    return torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
+
+
 def _setup(config: dict) -> tuple[Config, torch.device, torch.dtype]:
     cfg = from_dict(config["cfg"])
     device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
+    dtype = stage_dtype(cfg)
     torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 runs as TF32 on GPUs
     return cfg, device, dtype
