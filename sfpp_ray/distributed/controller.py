@@ -50,10 +50,10 @@ def train(cfg: Config) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
     skipped, each stage's result, the evaluation video; the DMD stage's details at the top level)."""
     cfg = _absolute_paths(cfg)
-    for stage in cfg.run.stages:
-        if not _finished(cfg, stage):
-            _check_resumable(cfg, stage)
-    _start_ray(_cpus_needed(cfg, [stage for stage in cfg.run.stages if not _finished(cfg, stage)]))
+    pending = [stage for stage in cfg.run.stages if not _finished(cfg, stage)]
+    for stage in pending:
+        _check_resumable(cfg, stage)
+    _start_ray(_cpus_needed(cfg, pending))
     prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
 
     tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
