@@ -56,15 +56,16 @@ def write_marker(directory: Path, record: dict) -> None:
 
 
 def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None, autocast: bool = False) -> dict:
-    """AdamW under the trainer's ZeRO stage; `betas` default to trainer.betas (DMD's, without momentum).
+    """AdamW under the trainer's ZeRO stage; `betas` default to trainer.betas (DMD's, without momentum);
+    torch's fused AdamW where trainer.fused_optimizer.
     autocast: the engine runs its forward under bfloat16 autocast (weights and optimizer stay as they
     are); DeepSpeed switches off any autocast opened around the engine, so this is the only way in."""
     t = cfg.trainer
+    adamw = {"lr": lr, "betas": list(betas or t.betas), "weight_decay": t.weight_decay, "torch_adam": True}
     return ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if autocast else {}) | {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": t.zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas or t.betas),
-                                                   "weight_decay": t.weight_decay, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": adamw | ({"fused": True} if t.fused_optimizer else {})},
         # Under ZeRO-0 with float32 weights DeepSpeed clips with a routine that copies two numbers from the host
         # to the device each step, which waits for the GPU to finish the step; `optimizer_step` clips there instead.
         "gradient_clipping": 0.0 if trainer_clips(cfg) else t.grad_clip,
