@@ -237,8 +237,8 @@ class TeacherPretrainConfig:
     # forward and backward without making kernels (a check on a CPU)
     compile: Literal["none", "inductor", "aot_eager"] = "none"
     # torch.compile mode under inductor. reduce-overhead replays the step's kernels as CUDA graphs, one launch for
-    # hundreds: the world's small model is bound by the host's launches (docs/benchmarks.md, 1.7x for the model
-    # alone on an H200). On a CPU it compiles as default
+    # hundreds: the world's small model is bound by the host's launches (docs/benchmarks.md: the stage 1.97x as
+    # fast on an H200). On a CPU it compiles as default
     compile_mode: Literal["default", "reduce-overhead"] = "default"
 
 
