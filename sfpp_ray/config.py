@@ -227,6 +227,10 @@ class TeacherPretrainConfig:
     # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites (docs/results.md, runs 15, 17)
     sprite_weight: float = 0.0
     checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
+    # > 0: the stage stops at its first loss read-back (every 20 steps) past this many minutes of its training loop
+    # (the compile included) and saves the teacher as it stands, its stage record naming the step reached: a run
+    # sized too long for the time it has ends short rather than lost. Where it stops depends on the machine's pace
+    time_limit_minutes: float = 0.0
     # at each of these steps the teacher as it stands (its EMA) is also saved, to teacher/guide_step<N>: a weaker
     # model of the same data for autoguidance (ode.guide)
     guide_steps: list[int] = field(default_factory=list)
@@ -572,6 +576,7 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)
     positive("teacher_pretrain.checkpoint_every", tp.checkpoint_every, allow_zero=True)
+    positive("teacher_pretrain.time_limit_minutes", tp.time_limit_minutes, allow_zero=True)
     positive("teacher_pretrain.sprite_weight", tp.sprite_weight, allow_zero=True)
     if tp.compile != "none" and cfg.trainer.zero_stage == 3:
         raise ConfigError("teacher_pretrain.compile", "ZeRO-3 gathers each layer's weights in hooks that break the "

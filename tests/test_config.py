@@ -63,6 +63,8 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.compile=yes", "teacher_pretrain.compile"),
     ("teacher_pretrain.timestep_shift=0", "teacher_pretrain.timestep_shift"),
     ("teacher_pretrain.sprite_weight=-1", "teacher_pretrain.sprite_weight"),
+    ("teacher_pretrain.time_limit_minutes=-5", "teacher_pretrain.time_limit_minutes"),
+    ("trainer.fused_optimizer=maybe", "trainer.fused_optimizer"),
     ("teacher_pretrain.timestep_distribution=normal", "teacher_pretrain.timestep_distribution"),
     ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
     ("ode.guidance_interval=[0.8,0.3]", "ode.guidance_interval"),

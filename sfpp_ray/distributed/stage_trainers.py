@@ -186,21 +186,28 @@ def pretrain_teacher_loop(config: dict) -> None:
             print(f"[pretrain_teacher] resumed at step {done}", flush=True)
     clips = training.clips(first=done + 1, steps=tp.steps - done)
     t0 = time.perf_counter()
-    metrics, unread = {}, []  # unread: (step, loss on the device, lr) not yet read back
+    deadline = t0 + 60 * tp.time_limit_minutes if tp.time_limit_minutes > 0 else None
+    metrics, unread, step = {}, [], done  # unread: (step, loss on the device, lr) not yet read back
+    out_of_time = False
     with _rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
-        def read_back() -> dict:
-            """Reading a loss waits for the GPU to finish the step; done every few steps, the GPU's queue stays full."""
-            values = torch.stack([loss for _, loss, _ in unread]).float()
+        def read_back() -> tuple[dict, bool]:
+            """Reading a loss waits for the GPU to finish the step; done every few steps, the GPU's queue stays full.
+            Also whether any rank is past teacher_pretrain.time_limit_minutes, in the same all-reduce, so that all
+            ranks stop at the same step."""
+            late = deadline is not None and time.perf_counter() > deadline
+            values = torch.cat([torch.stack([loss for _, loss, _ in unread]).float(),
+                                torch.tensor([float(late)], device=unread[0][1].device)])
             if world > 1:
                 dist.all_reduce(values)
                 values /= world
-            for (step, _, lr), value in zip(unread, values.tolist()):
+            *values, late_share = values.tolist()
+            for (step, _, lr), value in zip(unread, values):
                 losses.append(value)
                 if tracker is not None:
                     tracker.log_metrics({"teacher/loss": value, "teacher/lr": lr}, step)
             last_lr = unread[-1][2]
             unread.clear()
-            return {"teacher/loss": losses[-1], "teacher/lr": last_lr}
+            return {"teacher/loss": losses[-1], "teacher/lr": last_lr}, late_share > 0
 
         for batch in clips.loader(tp.data_workers, pin_memory=device.type == "cuda"):
             step = batch["step"]
@@ -211,20 +218,25 @@ def pretrain_teacher_loop(config: dict) -> None:
             printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
             if printing or checkpointing or len(unread) == READ_BACK_EVERY:  # printing: also the last step
-                metrics = read_back()
-            if rank == 0 and printing:
+                metrics, out_of_time = read_back()
+            if rank == 0 and (printing or out_of_time):
                 print(f"[pretrain_teacher] step {step}/{tp.steps}  loss {metrics['teacher/loss']:.4f}  "
                       f"{(step - done) / (time.perf_counter() - t0):.1f} steps/s", flush=True)
             if checkpointing:
                 _save_teacher_state(engine, ema, losses, metrics, step)
                 if rank == 0:
                     write_progress(cfg, "pretrain_teacher", step)
+            if out_of_time and step < tp.steps:
+                if rank == 0:
+                    print(f"[pretrain_teacher] stopped at step {step} of {tp.steps}: past "
+                          f"teacher_pretrain.time_limit_minutes={tp.time_limit_minutes:g}", flush=True)
+                break
     if ema is not None:
         ema.copy_to(engine.module)  # the average is the published teacher
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # more than one: the trace broke somewhere
-    _finish(engine, cfg, "teacher", {"steps": tp.steps, "losses": losses, "ema": tp.ema_decay > 0,
-                                     "resumed_from": done, "seconds": time.perf_counter() - t0,
-                                     "compiled_graphs": graphs}, metrics, tp.steps)
+    _finish(engine, cfg, "teacher", {"steps": step, "planned_steps": tp.steps, "losses": losses,
+                                     "ema": tp.ema_decay > 0, "resumed_from": done,
+                                     "seconds": time.perf_counter() - t0, "compiled_graphs": graphs}, metrics, step)
 
 
 def _save_guide(engine, ema: EMA | None, cfg: Config, step: int) -> None:

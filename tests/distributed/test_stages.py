@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import ConfigError, load_config, with_teacher
+from sfpp_ray.distributed.stage_trainers import READ_BACK_EVERY
 from sfpp_ray.distributed.trainer import EMA_SHARD_FILE, STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 from sfpp_ray.models.text_encoder import PromptConditioned
@@ -217,6 +218,25 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
     assert again["losses"] == pytest.approx(first["losses"], rel=1e-5)
     resumed = saved_weights()
     assert all(torch.allclose(resumed[k], weights[k], rtol=1e-5, atol=1e-7) for k in weights)
+
+
+def test_teacher_pretraining_stops_at_its_time_limit_with_the_teacher_it_reached(ray_cluster, tmp_path):
+    """teacher_pretrain.time_limit_minutes: a stage planned for far more steps than its time allows stops at its
+    first loss read-back past the limit, both ranks at the same step (the flag rides the losses' all-reduce, so
+    neither waits on the other), and saves the teacher it reached; its record names that step and the plan."""
+    from sfpp_ray.distributed.controller import train
+
+    cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=limit", "run.stages=[pretrain_teacher]",
+                               "teacher_pretrain.steps=100000", "teacher_pretrain.time_limit_minutes=1e-9",
+                               "teacher_pretrain.ema_start_step=1", "trainer.num_workers=2",
+                               "trainer.zero_stage=2", "tracking.enabled=false"])
+    record = train(cfg)["stages"]["pretrain_teacher"]["record"]
+    assert (record["steps"], record["planned_steps"], len(record["losses"])) == (READ_BACK_EVERY, 100000,
+                                                                                  READ_BACK_EVERY)
+    assert all(math.isfinite(x) for x in record["losses"])
+    saved = components.build_teacher(with_teacher(cfg, cfg.run_dir / "teacher")).state_dict()
+    fresh = components.build_teacher(cfg).state_dict()
+    assert saved.keys() == fresh.keys() and any(not torch.equal(saved[k], fresh[k]) for k in fresh)
 
 
 def test_teacher_pretraining_goes_on_from_a_saved_teacher(runs, tmp_path):
