@@ -33,7 +33,7 @@ from long_horizon import VALIDATION_SEED_OFFSET, Setup, reference_rows  # noqa: 
 from sfpp_ray.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("stability", "composition_error", "count_error", "colour_drift", "exposure_drift", "frechet")
+KEYS = ("stability", "composition_error", "count_error", "colour_drift", "exposure_drift", "brightness_bias", "frechet")
 
 
 NAMED = {"autoguidance": float, "guide": str, "eta": float}  # setting pieces given as name=value

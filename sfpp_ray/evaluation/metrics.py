@@ -186,6 +186,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
     (for codecs whose first block decodes to fewer frames). Per segment:
 
     brightness, exposure_drift  mean luma, and its absolute difference from the reference's
+    brightness_bias             the same difference with its sign: over-exposure > 0, darkening < 0
     colour_drift                earth mover's distance of the R, G and B histograms to the reference's
     sprite_count, count_error   connected components of palette colours per frame, relative error
     composition_error           total-variation distance of the (colour, shape) distribution
@@ -237,6 +238,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
         m = {
             "start": s, "end": e,
             "brightness": float(stats["brightness"][s:e].mean()),
+            "brightness_bias": float(stats["brightness"][s:e].mean() - ref_brightness),
             "exposure_drift": float(abs(stats["brightness"][s:e].mean() - ref_brightness)),
             "colour_drift": colour_distance(stats["hist"][s:e].mean(0), ref_hist),
             "sprite_count": float(stats["count"][s:e].mean()),

@@ -56,6 +56,17 @@ def test_each_metric_flags_its_failure(summaries):
     assert worse("brighter", "frechet", 0.5)
 
 
+def test_brightness_bias_tells_over_exposure_from_darkening(clips, scene):
+    """Exposure drift is the size of the change; its sign says which way: a clip brightening over time and one
+    darkening over time drift by the same kind of amount, with opposite biases."""
+    reference = render(scene, 10_000, 64)
+    ramp = np.linspace(0, np.random.uniform(0.3, 0.6), len(clips["good"]))[:, None, None, None]
+    for video, sign in ((clips["good"] * (1 - ramp) + ramp, 1), (clips["good"] * (1 - ramp), -1)):
+        segments = segment_metrics(video, SEGMENT, reference=[reference])
+        assert all(m["brightness_bias"] == pytest.approx(sign * m["exposure_drift"]) for m in segments[1:])
+        assert sign * segments[-1]["brightness_bias"] > sign * segments[0]["brightness_bias"] + 0.01
+
+
 def test_colour_drift_grows_with_the_shift_not_with_bin_edges(clips, scene):
     """An invisible shift of every pixel costs what it moves; a change of colour costs far more."""
     reference = render(scene, 10_000, 64)
