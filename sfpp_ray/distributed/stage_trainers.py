@@ -228,8 +228,11 @@ def pretrain_teacher_loop(config: dict) -> None:
                     write_progress(cfg, "pretrain_teacher", step)
             if out_of_time and step < tp.steps:
                 if rank == 0:
+                    unsaved = [k for k in tp.guide_steps if k > step]
                     print(f"[pretrain_teacher] stopped at step {step} of {tp.steps}: past "
-                          f"teacher_pretrain.time_limit_minutes={tp.time_limit_minutes:g}", flush=True)
+                          f"teacher_pretrain.time_limit_minutes={tp.time_limit_minutes:g}"
+                          + (f"; the guides of steps {unsaved} (teacher_pretrain.guide_steps) were not saved"
+                             if unsaved else ""), flush=True)
                 break
     if ema is not None:
         ema.copy_to(engine.module)  # the average is the published teacher

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
-from sfpp_ray.config import ConfigError, load_config, with_teacher
+from sfpp_ray.config import ConfigError, guide_dir, load_config, with_teacher
 from sfpp_ray.distributed.stage_trainers import READ_BACK_EVERY
 from sfpp_ray.distributed.trainer import EMA_SHARD_FILE, STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
@@ -228,9 +228,10 @@ def test_teacher_pretraining_stops_at_its_time_limit_with_the_teacher_it_reached
 
     cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=limit", "run.stages=[pretrain_teacher]",
                                "teacher_pretrain.steps=100000", "teacher_pretrain.time_limit_minutes=1e-9",
-                               "teacher_pretrain.ema_start_step=1", "trainer.num_workers=2",
-                               "trainer.zero_stage=2", "tracking.enabled=false"])
+                               "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[50000]",
+                               "trainer.num_workers=2", "trainer.zero_stage=2", "tracking.enabled=false"])
     record = train(cfg)["stages"]["pretrain_teacher"]["record"]
+    assert not guide_dir(cfg.run_dir / "teacher", 50000).exists()  # not reached: named in the stop's message
     assert (record["steps"], record["planned_steps"], len(record["losses"])) == (READ_BACK_EVERY, 100000,
                                                                                   READ_BACK_EVERY)
     assert all(math.isfinite(x) for x in record["losses"])
