@@ -235,11 +235,12 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
     for i, (s, e) in enumerate(bounds):
         flow, diff, edge = stats["flow"][s:e - 1], stats["diff"][s:e - 1], boundary[s:e - 1]
         far = [j for j in range(len(bounds)) if abs(i - j) >= 2]
+        brightness = float(stats["brightness"][s:e].mean())
         m = {
             "start": s, "end": e,
-            "brightness": float(stats["brightness"][s:e].mean()),
-            "brightness_bias": float(stats["brightness"][s:e].mean() - ref_brightness),
-            "exposure_drift": float(abs(stats["brightness"][s:e].mean() - ref_brightness)),
+            "brightness": brightness,
+            "brightness_bias": brightness - float(ref_brightness),
+            "exposure_drift": abs(brightness - float(ref_brightness)),
             "colour_drift": colour_distance(stats["hist"][s:e].mean(0), ref_hist),
             "sprite_count": float(stats["count"][s:e].mean()),
             "count_error": float(abs(stats["count"][s:e].mean() - ref_count) / max(ref_count, 1.0)),

@@ -57,8 +57,8 @@ def test_each_metric_flags_its_failure(summaries):
 
 
 def test_brightness_bias_tells_over_exposure_from_darkening(clips, scene):
-    """Exposure drift is the size of the change; its sign says which way: a clip brightening over time and one
-    darkening over time drift by the same kind of amount, with opposite biases."""
+    """A clip brightening over time and one darkening over time: the bias is the exposure drift with the sign of
+    the change, and it grows with the change."""
     reference = render(scene, 10_000, 64)
     ramp = np.linspace(0, np.random.uniform(0.3, 0.6), len(clips["good"]))[:, None, None, None]
     for video, sign in ((clips["good"] * (1 - ramp) + ramp, 1), (clips["good"] * (1 - ramp), -1)):
