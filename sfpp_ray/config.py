@@ -221,6 +221,10 @@ class TeacherPretrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 10 at the last step
     ema_decay: float = 0.0  # > 0: the saved teacher is the weights' moving average (sharper samples)
     ema_start_step: int = 0
+    # further moving averages kept beside ema_decay's, each saved at the end as teacher/ema_<decay> (ema_dir), a
+    # teacher experiments/teacher_sampler.py --teacher scores: how long an average suits a diffusion model's
+    # samples is found by trying, and one run gives them all. Not checkpointed, so not with checkpoint_every
+    extra_ema_decays: list[float] = field(default_factory=list)
     data_workers: int = 0  # processes rendering world clips ahead of the GPU (0: in the training loop)
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
     timestep_distribution: Literal["uniform", "logit_normal"] = "uniform"  # logit_normal: most training near sigma 0.5
@@ -454,6 +458,11 @@ def guide_dir(teacher_dir: str | os.PathLike, step: int) -> Path:
     return Path(teacher_dir) / f"{GUIDE_PREFIX}{step}"
 
 
+def ema_dir(teacher_dir: str | os.PathLike, decay: float) -> Path:
+    """Where the teacher stage saves the moving average of `decay` (teacher_pretrain.extra_ema_decays)."""
+    return Path(teacher_dir) / f"ema_{decay:g}"
+
+
 def saved_guides(teacher_dir: str | os.PathLike) -> list[Path]:
     """The guides saved beside a teacher, earliest first."""
     found = [p for p in Path(teacher_dir).glob(f"{GUIDE_PREFIX}*") if p.name.removeprefix(GUIDE_PREFIX).isdigit()]
@@ -573,6 +582,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("teacher_pretrain.warmup_steps", f"must lie in [0, teacher_pretrain.steps), got {tp.warmup_steps}")
     if not 0 <= tp.ema_decay < 1:
         raise ConfigError("teacher_pretrain.ema_decay", f"must lie in [0, 1), got {tp.ema_decay}")
+    if any(not 0 < d < 1 for d in tp.extra_ema_decays):
+        raise ConfigError("teacher_pretrain.extra_ema_decays", f"each must lie in (0, 1), got {tp.extra_ema_decays}")
+    if tp.extra_ema_decays and tp.checkpoint_every:
+        raise ConfigError("teacher_pretrain.extra_ema_decays", "the extra averages are not checkpointed, so a resumed "
+                          "stage would lose them: leave teacher_pretrain.checkpoint_every at 0 with them")
     positive("teacher_pretrain.ema_start_step", tp.ema_start_step, allow_zero=True)
     positive("teacher_pretrain.data_workers", tp.data_workers, allow_zero=True)
     positive("teacher_pretrain.timestep_shift", tp.timestep_shift)

@@ -64,6 +64,7 @@ def test_overrides_are_typed_and_dotted():
     ("teacher_pretrain.timestep_shift=0", "teacher_pretrain.timestep_shift"),
     ("teacher_pretrain.sprite_weight=-1", "teacher_pretrain.sprite_weight"),
     ("teacher_pretrain.time_limit_minutes=-5", "teacher_pretrain.time_limit_minutes"),
+    ("teacher_pretrain.extra_ema_decays=[0.999,1.0]", "teacher_pretrain.extra_ema_decays"),
     ("trainer.fused_optimizer=maybe", "trainer.fused_optimizer"),
     ("teacher_pretrain.timestep_distribution=normal", "teacher_pretrain.timestep_distribution"),
     ("dmd.timestep_shift=-1", "dmd.timestep_shift"),
@@ -96,6 +97,13 @@ def test_teacher_compiles_only_below_zero3():
         load_config(TINY, ["teacher_pretrain.compile=inductor", "trainer.zero_stage=3"])
     assert e.value.key == "teacher_pretrain.compile"
     assert load_config(TINY, ["teacher_pretrain.compile=inductor", "trainer.zero_stage=2"]).teacher_pretrain.compile == "inductor"
+
+
+def test_extra_averages_are_refused_with_checkpoints_that_would_lose_them():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["teacher_pretrain.extra_ema_decays=[0.9999]", "teacher_pretrain.checkpoint_every=5"])
+    assert e.value.key == "teacher_pretrain.extra_ema_decays"
+    assert load_config(TINY, ["teacher_pretrain.extra_ema_decays=[0.9999]"]).teacher_pretrain.extra_ema_decays == [0.9999]
 
 
 def test_cuda_graphs_are_a_mode_of_the_inductor_compiler():

@@ -34,7 +34,7 @@ from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_
 from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, make_ode_trajectories, ode_regression_loss
 from sfpp_ray.algorithm.reward import batch_flow_rewards
 from sfpp_ray.algorithm.rollout import rollout
-from sfpp_ray.config import Config, from_dict, guide_dir
+from sfpp_ray.config import Config, ema_dir, from_dict, guide_dir
 from sfpp_ray.distributed.trainer import (STATE_FILE, deepspeed_config, full_params, global_rank, load_ema, lr_factor,
                                          optimizer_step, save_ema, world_size, write_marker, write_progress)
 from sfpp_ray.evaluation.evaluate import world_of
@@ -128,8 +128,10 @@ class TeacherTraining:
         if tp.compile != "none":  # in place: the module's keys, saving and the EMA are unchanged
             self.engine.compile(backend=tp.compile, compile_kwargs={"mode": tp.compile_mode})
         self.cuda_graphs = tp.compile_mode == "reduce-overhead" and device.type == "cuda"
-        self.ema = None if tp.ema_decay <= 0 else EMA(self.engine.module, tp.ema_decay, tp.ema_start_step,
-                                                      partitioned=cfg.trainer.zero_stage == 3, ranks=world, rank=rank)
+        average = lambda decay: EMA(self.engine.module, decay, tp.ema_start_step,
+                                    partitioned=cfg.trainer.zero_stage == 3, ranks=world, rank=rank)
+        self.ema = None if tp.ema_decay <= 0 else average(tp.ema_decay)
+        self.extra_emas = {decay: average(decay) for decay in tp.extra_ema_decays}  # saved beside the teacher
         self.codec = components.build_video_codec(cfg, device, dtype)
         self.schedule = components.build_schedule(cfg)
         self.uncond = None if tp.train_text_encoder else self.text.encode([cfg.text.negative_prompt])
@@ -160,9 +162,18 @@ class TeacherTraining:
                               _generator(cfg, device, self.rank, batch["step"]), weight)
         self.engine.backward(loss)
         optimizer_step(self.engine, cfg)
-        if self.ema is not None:
-            self.ema.update(self.engine.module, batch["step"])
+        for ema in [self.ema, *self.extra_emas.values()]:
+            if ema is not None:
+                ema.update(self.engine.module, batch["step"])
         return loss.detach()
+
+    def save_extra_emas(self) -> None:
+        """Each extra moving average as a teacher of its own, teacher/ema_<decay>; every rank takes part."""
+        for decay, ema in self.extra_emas.items():
+            with ema.swapped_in(self.engine.module), full_params(self.engine.module, self.cfg.trainer.zero_stage == 3,
+                                                                 from_partitions=True):
+                if self.rank == 0:
+                    self.engine.module.save_pretrained(ema_dir(self.cfg.run_dir / "teacher", decay))
 
 
 def pretrain_teacher_loop(config: dict) -> None:
@@ -234,11 +245,12 @@ def pretrain_teacher_loop(config: dict) -> None:
                           + (f"; the guides of steps {unsaved} (teacher_pretrain.guide_steps) were not saved"
                              if unsaved else ""), flush=True)
                 break
+    training.save_extra_emas()
     if ema is not None:
         ema.copy_to(engine.module)  # the average is the published teacher
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # more than one: the trace broke somewhere
     _finish(engine, cfg, "teacher", {"steps": step, "planned_steps": tp.steps, "losses": losses,
-                                     "ema": tp.ema_decay > 0, "resumed_from": done,
+                                     "ema": tp.ema_decay > 0, "extra_emas": tp.extra_ema_decays, "resumed_from": done,
                                      "seconds": time.perf_counter() - t0, "compiled_graphs": graphs}, metrics, step)
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
-from sfpp_ray.config import ConfigError, guide_dir, load_config, with_teacher
+from sfpp_ray.config import ConfigError, ema_dir, guide_dir, load_config, with_teacher
 from sfpp_ray.distributed.stage_trainers import READ_BACK_EVERY
 from sfpp_ray.distributed.trainer import EMA_SHARD_FILE, STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
@@ -238,6 +238,26 @@ def test_teacher_pretraining_stops_at_its_time_limit_with_the_teacher_it_reached
     saved = components.build_teacher(with_teacher(cfg, cfg.run_dir / "teacher")).state_dict()
     fresh = components.build_teacher(cfg).state_dict()
     assert saved.keys() == fresh.keys() and any(not torch.equal(saved[k], fresh[k]) for k in fresh)
+
+
+def test_extra_moving_averages_are_saved_beside_the_teacher(ray_cluster, tmp_path):
+    """teacher_pretrain.extra_ema_decays: each further average is saved as a teacher of its own. One of the main
+    average's decay saves the published teacher's weights exactly (the same trajectory averaged the same way, split
+    over two ranks); another decay saves other weights; both load as teachers."""
+    from sfpp_ray.distributed.controller import train
+
+    cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=averages", "run.stages=[pretrain_teacher]",
+                               "teacher_pretrain.steps=6", "teacher_pretrain.ema_decay=0.9",
+                               "teacher_pretrain.ema_start_step=1", "teacher_pretrain.extra_ema_decays=[0.9,0.5]",
+                               "trainer.num_workers=2", "trainer.zero_stage=2", "tracking.enabled=false"])
+    record = train(cfg)["stages"]["pretrain_teacher"]["record"]
+    assert record["extra_emas"] == [0.9, 0.5]
+    teacher = cfg.run_dir / "teacher"
+    weights = lambda d: components.build_teacher(with_teacher(cfg, d)).state_dict()
+    main, same, other = weights(teacher), weights(ema_dir(teacher, 0.9)), weights(ema_dir(teacher, 0.5))
+    assert main.keys() == same.keys() == other.keys()
+    assert all(torch.equal(main[k], same[k]) for k in main)
+    assert any(not torch.equal(main[k], other[k]) for k in main)
 
 
 def test_teacher_pretraining_goes_on_from_a_saved_teacher(runs, tmp_path):
