@@ -132,6 +132,7 @@ class TeacherTraining:
                                     partitioned=cfg.trainer.zero_stage == 3, ranks=world, rank=rank)
         self.ema = None if tp.ema_decay <= 0 else average(tp.ema_decay)
         self.extra_emas = {decay: average(decay) for decay in tp.extra_ema_decays}  # saved beside the teacher
+        self.averages = [e for e in (self.ema, *self.extra_emas.values()) if e is not None]  # updated each step
         self.codec = components.build_video_codec(cfg, device, dtype)
         self.schedule = components.build_schedule(cfg)
         self.uncond = None if tp.train_text_encoder else self.text.encode([cfg.text.negative_prompt])
@@ -162,18 +163,9 @@ class TeacherTraining:
                               _generator(cfg, device, self.rank, batch["step"]), weight)
         self.engine.backward(loss)
         optimizer_step(self.engine, cfg)
-        for ema in [self.ema, *self.extra_emas.values()]:
-            if ema is not None:
-                ema.update(self.engine.module, batch["step"])
+        for average in self.averages:
+            average.update(self.engine.module, batch["step"])
         return loss.detach()
-
-    def save_extra_emas(self) -> None:
-        """Each extra moving average as a teacher of its own, teacher/ema_<decay>; every rank takes part."""
-        for decay, ema in self.extra_emas.items():
-            with ema.swapped_in(self.engine.module), full_params(self.engine.module, self.cfg.trainer.zero_stage == 3,
-                                                                 from_partitions=True):
-                if self.rank == 0:
-                    self.engine.module.save_pretrained(ema_dir(self.cfg.run_dir / "teacher", decay))
 
 
 def pretrain_teacher_loop(config: dict) -> None:
@@ -223,8 +215,8 @@ def pretrain_teacher_loop(config: dict) -> None:
         for batch in clips.loader(tp.data_workers, pin_memory=device.type == "cuda"):
             step = batch["step"]
             loss = training.step(batch)
-            if step in tp.guide_steps:
-                _save_guide(engine, ema, cfg, step)
+            if step in tp.guide_steps:  # a weaker model of the same data
+                _save_average(engine, ema, cfg, guide_dir(cfg.run_dir / "teacher", step))
             unread.append((step, loss, engine.get_lr()[0]))
             printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
@@ -245,7 +237,8 @@ def pretrain_teacher_loop(config: dict) -> None:
                           + (f"; the guides of steps {unsaved} (teacher_pretrain.guide_steps) were not saved"
                              if unsaved else ""), flush=True)
                 break
-    training.save_extra_emas()
+    for decay, average in training.extra_emas.items():
+        _save_average(engine, average, cfg, ema_dir(cfg.run_dir / "teacher", decay))
     if ema is not None:
         ema.copy_to(engine.module)  # the average is the published teacher
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # more than one: the trace broke somewhere
@@ -254,13 +247,14 @@ def pretrain_teacher_loop(config: dict) -> None:
                                      "seconds": time.perf_counter() - t0, "compiled_graphs": graphs}, metrics, step)
 
 
-def _save_guide(engine, ema: EMA | None, cfg: Config, step: int) -> None:
-    """The teacher as it stands (its EMA, with its text encoder when trained with it): a weaker model of the
-    same data, for autoguidance (ode.guide). Training goes on with its live weights."""
+def _save_average(engine, ema: EMA | None, cfg: Config, directory: Path) -> None:
+    """The teacher as a moving average has it (the live weights where there is none), with its text encoder when
+    trained with it, saved to `directory`: a guide for autoguidance (ode.guide) or an extra average. Every rank
+    takes part; training goes on with its live weights."""
     with ema.swapped_in(engine.module) if ema is not None else contextlib.nullcontext():
         with full_params(engine.module, cfg.trainer.zero_stage == 3, from_partitions=True):
             if global_rank() == 0:
-                engine.module.save_pretrained(guide_dir(cfg.run_dir / "teacher", step))
+                engine.module.save_pretrained(directory)
 
 
 def _save_teacher_state(engine, ema: EMA | None, losses: list[float], metrics: dict, step: int) -> None:
