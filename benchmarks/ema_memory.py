@@ -12,13 +12,13 @@ Prints a table (last) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
-import yaml
 
 from sfpp_ray.algorithm.dmd import EMA
-from sfpp_ray.config import ModelConfig, _build
+from sfpp_ray.config import load_section
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel
 from sfpp_ray.models.loading import build_wan_transformer
 
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ranks", default="1,2,4,8,16", help="comma-separated rank counts")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
-    with open(args.config) as f:
-        model = _build(ModelConfig, yaml.safe_load(f)["model"] | {"pretrained": None}, "model")
+    model = dataclasses.replace(load_section(args.config, "model"), pretrained=None)
     with torch.device("meta"):
         student = build_wan_transformer(model, cls=CausalWanTransformer3DModel)
     params = sum(t.numel() for t in student.parameters())

@@ -172,16 +172,17 @@ def ode_init(s: Setup) -> dict:
     store = OdePairStore(s.out / "ode_pairs", meta={"timesteps": s.timesteps.tolist(),
                                                     "shape": list(components.latent_shape(cfg, s.codec, T))})
 
+    sampler = s.teacher_sampler()
+
     def make_shard(n: int) -> tuple[torch.Tensor, list[str]]:
         prompts = s.train_prompts(100_000 + len(store), n)
         return make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, n, g), s.timesteps,
                                      sampler, s.schedule, s.guide(sampler, prompts)), prompts
 
-    sampler = s.teacher_sampler()
     print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}, "
           f"autoguidance {sampler.autoguidance:g} ({sampler.guide}), eta {sampler.eta:g} (samples only)", flush=True)
     fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
-    del teacher
+    teacher = None  # its memory back before the student trains (make_shard, which holds the name, is done)
     pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
     trajectories = torch.stack([p[0] for p in pairs]).to(s.device, s.dtype)
     prompts = [p[1] for p in pairs]

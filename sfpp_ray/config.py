@@ -418,20 +418,34 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def load_config_tree(path: str | os.PathLike) -> dict:
+    """A config file's YAML as a dict, unchecked."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"file {str(path)!r} does not exist")
+    loaded = yaml.safe_load(p.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError("<root>", f"{path} must hold a mapping")
+    return loaded or {}
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file + dotted overrides -> validated Config (no model is built here)."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("<root>", f"{path} must hold a mapping")
-        tree = loaded or {}
+    tree = load_config_tree(path) if path is not None else {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     return from_dict(tree)
+
+
+def load_section(path: str | os.PathLike, name: str) -> Any:
+    """One section of a config file, typed and checked key by key, without the whole config's checks: those
+    want the weights, encoder and codec that the file's other sections name, which a tool reading only its
+    model section (a memory count on the meta device, say) does not need."""
+    sections = typing.get_type_hints(Config)
+    if name not in sections:
+        raise ConfigError(name, f"unknown section (known: {', '.join(sorted(sections))})")
+    tree = load_config_tree(path)
+    return _build(sections[name], tree.get(name), name)
 
 
 def from_dict(tree: dict) -> Config:

@@ -149,3 +149,25 @@ def test_a_guide_this_run_saves_need_not_exist_yet(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(TINY, [*made_here, missing])
         assert e.value.key == "ode.guide"
+
+
+def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
+    import dataclasses
+    import random
+
+    from sfpp_ray.config import load_section
+    wan = ROOT / "configs" / "wan2.1_t2v_1.3b.yaml"
+    with pytest.raises(ConfigError, match="text.path"):  # the whole config wants the encoder's directory
+        load_config(wan)
+    whole = load_config(wan, [f"{k}={tmp_path}" for k in ("model.pretrained", "text.path", "codec.path")])
+    assert load_section(wan, "model") == dataclasses.replace(whole.model, pretrained=None)
+    layers, heads = random.randint(1, 50), random.randint(1, 16)
+    own = tmp_path / "own.yaml"
+    own.write_text(f"model: {{num_layers: {layers}, num_attention_heads: {heads}}}\ntext: {{kind: umt5}}\n")
+    model = load_section(own, "model")
+    assert (model.num_layers, model.num_attention_heads) == (layers, heads)
+    own.write_text("model: {num_layer: 3}\n")
+    with pytest.raises(ConfigError, match="model.num_layer"):
+        load_section(own, "model")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_section(wan, "modle")
