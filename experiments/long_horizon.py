@@ -182,7 +182,7 @@ def ode_init(s: Setup) -> dict:
     print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}, "
           f"autoguidance {sampler.autoguidance:g} ({sampler.guide}), eta {sampler.eta:g} (samples only)", flush=True)
     fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
-    teacher = None  # its memory back before the student trains (make_shard, which holds the name, is done)
+    teacher = None  # frees its memory before the student trains (make_shard refers to it: no `del`)
     pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
     trajectories = torch.stack([p[0] for p in pairs]).to(s.device, s.dtype)
     prompts = [p[1] for p in pairs]

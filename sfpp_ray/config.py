@@ -418,7 +418,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config_tree(path: str | os.PathLike) -> dict:
+def _read_tree(path: str | os.PathLike) -> dict:
     """A config file's YAML as a dict, unchecked."""
     p = Path(path)
     if not p.is_file():
@@ -431,7 +431,7 @@ def load_config_tree(path: str | os.PathLike) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file + dotted overrides -> validated Config (no model is built here)."""
-    tree = load_config_tree(path) if path is not None else {}
+    tree = _read_tree(path) if path is not None else {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     return from_dict(tree)
@@ -444,7 +444,7 @@ def load_section(path: str | os.PathLike, name: str) -> Any:
     sections = typing.get_type_hints(Config)
     if name not in sections:
         raise ConfigError(name, f"unknown section (known: {', '.join(sorted(sections))})")
-    tree = load_config_tree(path)
+    tree = _read_tree(path)
     return _build(sections[name], tree.get(name), name)
 
 

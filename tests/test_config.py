@@ -1,10 +1,12 @@
 """Config: the shipped files load; each bad input gives one error naming its key."""
 
+import dataclasses
+import random
 from pathlib import Path
 
 import pytest
 
-from sfpp_ray.config import ConfigError, guide_dir, load_config, saved_guides
+from sfpp_ray.config import ConfigError, guide_dir, load_config, load_section, saved_guides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -152,10 +154,6 @@ def test_a_guide_this_run_saves_need_not_exist_yet(tmp_path):
 
 
 def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
-    import dataclasses
-    import random
-
-    from sfpp_ray.config import load_section
     wan = ROOT / "configs" / "wan2.1_t2v_1.3b.yaml"
     with pytest.raises(ConfigError, match="text.path"):  # the whole config wants the encoder's directory
         load_config(wan)
