@@ -157,7 +157,7 @@ class TrainerConfig:
     grad_clip: float = 10.0
     # AdamW's update in one fused kernel per step (torch's fused AdamW) instead of a few per group of tensors: the
     # same update in fewer launches. The world's teacher step under CUDA graphs went no faster with it on an H200
-    # (docs/benchmarks.md); a step whose host time goes to the optimizer may
+    # (docs/benchmarks.md); a step whose host time goes to the optimizer may gain, which is why it is a knob
     fused_optimizer: bool = False
     ema_decay: float = 0.99  # > 0: the saved student is the generator's moving average; 0: its last weights
     ema_start_step: int = 200  # before it the average is a copy
