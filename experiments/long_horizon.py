@@ -152,7 +152,7 @@ def train_teacher(s: Setup) -> dict:
 
     cfg = copy.deepcopy(s.cfg)
     cfg.run.output_dir, cfg.run.name, cfg.run.stages = str(s.out.parent.resolve()), s.out.name, ["pretrain_teacher"]
-    cfg.trainer.use_gpu = s.device.type == "cuda"
+    cfg.trainer.gpus_per_worker = 1.0 if s.device.type == "cuda" else 0.0
     started_here = not ray.is_initialized()
     try:
         return train(cfg)["stages"]["pretrain_teacher"]["record"]

@@ -144,7 +144,7 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     num_workers: int = 1
-    use_gpu: bool = False
+    gpus_per_worker: float = 0.0  # 0: CPU ranks; a fraction shares a GPU with rollout workers (Ray's fractional GPUs)
     zero_stage: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -546,6 +546,7 @@ def validate(cfg: Config) -> None:
     positive("rollout.gpus_per_worker", cfg.rollout.gpus_per_worker, allow_zero=True)
     positive("rollout.batch_size", cfg.rollout.batch_size)
     positive("trainer.num_workers", cfg.trainer.num_workers)
+    positive("trainer.gpus_per_worker", cfg.trainer.gpus_per_worker, allow_zero=True)
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("trainer.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.trainer.zero_stage}")
     if len(cfg.trainer.betas) != 2:

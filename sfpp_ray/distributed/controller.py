@@ -111,9 +111,9 @@ def _stage_config(cfg: Config, stage: str) -> Config:
     source = STUDENT_FROM.get(stage)
     if source is not None and (cfg.run_dir / STAGE_OUTPUTS[source] / STAGE_MARKER).is_file():
         tree["student"]["checkpoint"] = str(cfg.run_dir / STAGE_OUTPUTS[source])
-    elif stage == "grpo":
-        raise RuntimeError(f"grpo starts from the dmd stage's student, and {cfg.run_dir / 'student'} has none: "
-                           "run the dmd stage first")
+    elif stage == "grpo" and cfg.student.checkpoint is None:
+        raise RuntimeError(f"grpo starts from a DMD student: {cfg.run_dir / 'student'} has none and "
+                           "student.checkpoint is not set; run the dmd stage first or name one")
     return from_dict(tree)
 
 
@@ -132,7 +132,7 @@ def _fit(cfg: Config, stage: str, run_id: str | None, prompts: list[str]) -> dic
     trainer = TorchTrainer(
         loop,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": run_id, "prompts": prompts},
-        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+        scaling_config=_scaling(cfg),
         run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=str(cfg.run_dir / "ray_train")),
     )
     output = cfg.run_dir / STAGE_OUTPUTS[stage]
@@ -165,7 +165,7 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total,
                            "data_seed": data_seed},
-        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+        scaling_config=_scaling(cfg),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train")),
         datasets={"train": dataset},
         dataset_config=_data_config(cfg),
@@ -182,6 +182,14 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
             ray.kill(actor)
     return {"steps": (start_step, total), "metrics": result.metrics, "published": published, "rollout": stats,
             "checkpoints": str(cfg.run_dir / "ray_train" / cfg.run.name), "student": str(cfg.run_dir / "student")}
+
+
+def _scaling(cfg: Config) -> ScalingConfig:
+    """trainer.num_workers ranks, each holding trainer.gpus_per_worker of a GPU (a fraction shares it)."""
+    t = cfg.trainer
+    if t.gpus_per_worker == 0:
+        return ScalingConfig(num_workers=t.num_workers, use_gpu=False)
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=True, resources_per_worker={"GPU": t.gpus_per_worker})
 
 
 def _rollout_stats(worker, run) -> dict:

@@ -57,7 +57,7 @@ def stage_dtype(cfg: Config) -> torch.dtype:
 
 def _setup(config: dict) -> tuple[Config, torch.device, torch.dtype]:
     cfg = from_dict(config["cfg"])
-    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.trainer.gpus_per_worker > 0 else torch.device("cpu")
     dtype = stage_dtype(cfg)
     torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 runs as TF32 on GPUs

@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
     buffer, broker = ray.get_actor(names["buffer"]), ray.get_actor(names["broker"])
     feed = ray.get_actor(names["feed"])
     rank, world = global_rank(), world_size()
-    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.trainer.gpus_per_worker > 0 else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
     zero3 = cfg.trainer.zero_stage == 3
     torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
