@@ -37,8 +37,8 @@ import torch
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_loss
 from sfpp_ray.config import load_config
-from sfpp_ray.distributed.trainer import trainer_clips
-from sfpp_ray.evaluation.evaluate import world_of
+from sfpp_ray.distributed.engine import trainer_clips
+from sfpp_ray.components import world_of
 from sfpp_ray.world.clips import WorldClipStream, clip_latents
 
 
@@ -98,7 +98,8 @@ def one_rank_group() -> None:
 def time_stage(cfg, device, with_loader: bool, steps: int, profile: Path | None, variant: str) -> dict:
     """The stage's step (TeacherTraining) on one reused batch or on the stage's loader: seconds a step, the host's
     share of them, and with `profile` where the host's time goes and where it waits for the GPU."""
-    from sfpp_ray.distributed.stage_trainers import TeacherTraining, stage_dtype
+    from sfpp_ray.distributed.engine import stage_dtype
+    from sfpp_ray.distributed.teacher_trainer import TeacherTraining
 
     one_rank_group()
     torch.manual_seed(cfg.run.seed)

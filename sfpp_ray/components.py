@@ -13,6 +13,14 @@ from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
 from sfpp_ray.models.codec import VideoCodec, build_codec
 from sfpp_ray.models.loading import build_wan_transformer, load_into, load_transformer_state_dict, stored_shape
 from sfpp_ray.models.text_encoder import TextEncoder
+from sfpp_ray.world.sprites import WorldSpec
+
+
+def world_of(cfg: Config) -> WorldSpec:
+    """The sprite world at the video's resolution and fps, with the config's scene ranges."""
+    w, v = cfg.world, cfg.video
+    return WorldSpec(height=v.height, width=v.width, fps=v.fps, sprite_count=tuple(w.sprite_count), size=tuple(w.size),
+                     speed=tuple(w.speed), backgrounds=tuple(dict.fromkeys(w.backgrounds)))
 
 
 def resolve_device(cfg: Config) -> torch.device:

@@ -18,8 +18,6 @@ from typing import Any, Literal
 
 import yaml
 
-from sfpp_ray.world.sprites import WorldSpec
-
 
 class ConfigError(ValueError):
     """A bad configuration value; the message always starts with the dotted key."""
@@ -147,8 +145,7 @@ class TrainerConfig:
     gpus_per_worker: float = 0.0  # 0: CPU ranks; a fraction shares a GPU with rollout workers (Ray's fractional GPUs)
     zero_stage: int = 2
     bf16: bool = False
-    gradient_checkpointing: bool = False
-    teacher_offload: bool = False
+    gradient_checkpointing: bool = False  # re-run each block's forward in the backward: less activation memory
     batch_size: int = 1
     generator_lr: float = 2e-6
     critic_lr: float = 4e-7
@@ -162,7 +159,7 @@ class TrainerConfig:
     ema_decay: float = 0.99  # > 0: the saved student is the generator's moving average; 0: its last weights
     ema_start_step: int = 200  # before it the average is a copy
     sync_every: int = 1
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # DMD: a resumable checkpoint every this many steps; 0: only at the end
 
 
 @dataclass
@@ -218,7 +215,10 @@ class TeacherPretrainConfig:
     lr: float = 1e-4
     batch_size: int = 8
     warmup_steps: int = 0  # linear warmup of the learning rate from 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 10 at the last step
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr * lr_floor at the last step
+    lr_floor: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # flow matching on data: Adam with momentum
+    prompt_dropout: float = 0.1  # prompts replaced by the negative prompt, so guidance has an unconditional model
     ema_decay: float = 0.0  # > 0: the saved teacher is the weights' moving average (sharper samples)
     ema_start_step: int = 0
     # further moving averages kept beside ema_decay's, each saved at the end as teacher/ema_<decay> (ema_dir), a
@@ -231,7 +231,7 @@ class TeacherPretrainConfig:
     # > 0: the loss weighs latents on and around sprites 1 + this, the rest 1. The weight depends on the clean
     # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites (docs/results.md, runs 15, 17)
     sprite_weight: float = 0.0
-    checkpoint_every: int = 0  # > 0: a resumable checkpoint every this many steps (an interrupted stage goes on from it)
+    checkpoint_every: int = 0  # a resumable checkpoint every this many steps (an interrupted stage goes on from it); 0: none
     # > 0: the stage stops at its first loss read-back (every 20 steps) past this many minutes of its training loop
     # (the compile included) and saves the teacher as it stands, its stage record naming the step reached: a run
     # sized too long for the time it has ends short rather than lost. Where it stops depends on the machine's pace
@@ -251,19 +251,17 @@ class TeacherPretrainConfig:
     compile_mode: Literal["default", "reduce-overhead"] = "default"
 
 
+MAX_SPRITES = 9  # the world's prompts spell counts out, "one" to "nine"
+
+
 @dataclass
 class WorldConfig:
-    """The synthetic sprite world's scene ranges (`sfpp_ray.world.sprites.WorldSpec`); its resolution and
-    fps are video's. Sizes in short sides, speeds in short sides per second."""
-    sprite_count: list[int] = field(default_factory=lambda: [1, 4])  # inclusive
+    """The synthetic sprite world's scene ranges (`sfpp_ray.world.sprites.WorldSpec`, built by
+    `components.world_of`); its resolution and fps are video's. Sizes in short sides, speeds in short sides per second."""
+    sprite_count: list[int] = field(default_factory=lambda: [1, 4])  # inclusive, at most MAX_SPRITES
     size: list[float] = field(default_factory=lambda: [0.08, 0.16])  # sprite half-width
     speed: list[float] = field(default_factory=lambda: [0.1, 0.6])
     backgrounds: list[Literal["gradient", "texture"]] = field(default_factory=lambda: ["gradient", "texture"])
-
-    def build(self, video: VideoConfig) -> WorldSpec:
-        """The world at the video's resolution and fps; WorldSpec checks the ranges."""
-        return WorldSpec(height=video.height, width=video.width, fps=video.fps, sprite_count=tuple(self.sprite_count),
-                         size=tuple(self.size), speed=tuple(self.speed), backgrounds=tuple(dict.fromkeys(self.backgrounds)))
 
 
 @dataclass
@@ -552,6 +550,8 @@ def validate(cfg: Config) -> None:
     if len(cfg.trainer.betas) != 2:
         raise ConfigError("trainer.betas", "needs two values")
     positive("trainer.sync_every", cfg.trainer.sync_every)
+    positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every, allow_zero=True)
+    positive("trainer.batch_size", cfg.trainer.batch_size)
     if not 0 <= cfg.trainer.ema_decay < 1:
         raise ConfigError("trainer.ema_decay", f"must lie in [0, 1), got {cfg.trainer.ema_decay}")
     positive("trainer.ema_start_step", cfg.trainer.ema_start_step, allow_zero=True)
@@ -576,11 +576,17 @@ def validate(cfg: Config) -> None:
     for key in ("sprite_count", "size", "speed"):
         if len(getattr(w, key)) != 2:
             raise ConfigError(f"world.{key}", f"needs 2 entries (lowest, highest), got {getattr(w, key)}")
-    try:
-        w.build(cfg.video)
-    except ValueError as e:  # WorldSpec names the field first; the rest is the video's size
-        field_name = str(e).split()[0]
-        raise ConfigError(f"world.{field_name}" if hasattr(w, field_name) else "video.height", str(e)) from None
+    if not 1 <= w.sprite_count[0] <= w.sprite_count[1] <= MAX_SPRITES:
+        raise ConfigError("world.sprite_count", f"needs 1 <= lowest <= highest <= {MAX_SPRITES}, got {w.sprite_count}")
+    if not 0 < w.size[0] <= w.size[1] < 0.5:
+        raise ConfigError("world.size", f"needs 0 < lowest <= highest < 0.5 (of the short side), got {w.size}")
+    if not 0 < w.speed[0] < w.speed[1]:
+        raise ConfigError("world.speed", f"needs 0 < lowest < highest, got {w.speed}")
+    if not w.backgrounds:
+        raise ConfigError("world.backgrounds", "needs at least one kind")
+    if min(cfg.video.height, cfg.video.width) < 8:
+        raise ConfigError("video.height", f"the world needs a video of at least 8x8, got {cfg.video.height}x{cfg.video.width}")
+    positive("video.fps", cfg.video.fps)
     if cfg.text.kind == "umt5" and cfg.text.path is None:
         raise ConfigError("text.path", "kind umt5 needs a local directory with the encoder and tokenizer")
     if cfg.codec.kind == "wan_vae" and cfg.codec.path is None:
@@ -595,6 +601,12 @@ def validate(cfg: Config) -> None:
     positive("teacher_pretrain.batch_size", tp.batch_size)
     if not 0 <= tp.warmup_steps < tp.steps:
         raise ConfigError("teacher_pretrain.warmup_steps", f"must lie in [0, teacher_pretrain.steps), got {tp.warmup_steps}")
+    if not 0 <= tp.lr_floor <= 1:
+        raise ConfigError("teacher_pretrain.lr_floor", f"must lie in [0, 1], got {tp.lr_floor}")
+    if len(tp.betas) != 2 or not all(0 <= b < 1 for b in tp.betas):
+        raise ConfigError("teacher_pretrain.betas", f"needs two values in [0, 1), got {tp.betas}")
+    if not 0 <= tp.prompt_dropout < 1:
+        raise ConfigError("teacher_pretrain.prompt_dropout", f"must lie in [0, 1), got {tp.prompt_dropout}")
     if not 0 <= tp.ema_decay < 1:
         raise ConfigError("teacher_pretrain.ema_decay", f"must lie in [0, 1), got {tp.ema_decay}")
     if any(not 0 < d < 1 for d in tp.extra_ema_decays):

@@ -123,7 +123,7 @@ def test_missing_file_is_a_clear_error():
 
 
 def test_world_section_sets_the_scenes():
-    from sfpp_ray.evaluation.evaluate import world_of
+    from sfpp_ray.components import world_of
     from sfpp_ray.world.sprites import sample_scenes
 
     cfg = load_config(TINY, ["world.sprite_count=[2,3]", "world.size=[0.2,0.25]", "world.backgrounds=[texture]"])

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfpp_ray.algorithm.rollout import Generators, randn
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
 from sfpp_ray.config import DMDConfig
+
+# update(loss, weight=1.0, last=True): back-propagate loss * weight and, on the last part, step the optimizer;
+# returns the gradients' norm where the optimizer knows it. A step function trains through it, so the same step
+# runs under a DeepSpeed engine (distributed.engine.engine_update) or a plain torch optimizer (tests).
+Update = Callable[..., torch.Tensor | float | None]
 
 
 def _flow(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -32,16 +39,19 @@ def _batch(text: torch.Tensor, batch_size: int) -> torch.Tensor:
     raise ValueError(f"text embeddings of batch {text.shape[0]} do not match latents of batch {batch_size}")
 
 
-def _noised(x0: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig, generator: torch.Generator | None):
-    t = schedule.sample_training_timesteps(x0.shape[0], cfg.min_timestep, cfg.max_timestep, cfg.timestep_shift,
-                                           generator=generator, device=x0.device, distribution=cfg.timestep_distribution)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+def _noised(x0: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig, generator: Generators):
+    """x0 at a training noise level per sample; a list of generators draws each sample's level and noise from its own."""
+    draw = lambda n, g: schedule.sample_training_timesteps(n, cfg.min_timestep, cfg.max_timestep, cfg.timestep_shift,
+                                                           generator=g, device=x0.device,
+                                                           distribution=cfg.timestep_distribution)
+    t = torch.cat([draw(1, g) for g in generator]) if isinstance(generator, (list, tuple)) else draw(x0.shape[0], generator)
+    noise = randn(x0.shape, generator, x0.device, x0.dtype)
     return schedule.add_noise(x0, noise, t), noise, t
 
 
 def dmd_generator_loss(x0: torch.Tensor, teacher: nn.Module, critic: nn.Module, cond: torch.Tensor,
                        uncond: torch.Tensor | None, schedule: FlowMatchSchedule, cfg: DMDConfig,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                       generator: Generators = None) -> tuple[torch.Tensor, dict]:
     """DMD loss on student samples x0 (B, C, F, H, W); its gradient w.r.t. x0 is (fake - real) / norm / numel."""
     B = x0.shape[0]
     with torch.no_grad():
@@ -62,7 +72,7 @@ def dmd_generator_loss(x0: torch.Tensor, teacher: nn.Module, critic: nn.Module, 
 
 
 def critic_loss(x0: torch.Tensor, critic: nn.Module, cond: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig,
-                generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                generator: Generators = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Flow matching of the critic on gradient-free student samples: the critic tracks the student's distribution
     (and, on real clips, the teacher's pretraining). weight: per-element loss weights broadcastable to x0; the
     loss is their weighted mean, so its scale stays that of the plain MSE.
@@ -77,6 +87,14 @@ def critic_loss(x0: torch.Tensor, critic: nn.Module, cond: torch.Tensor, schedul
         weight = weight.float().expand_as(squared)
         loss = (weight * squared).sum() / weight.sum()
     return loss, {"critic_loss": loss.detach(), "timestep": t.float().mean()}
+
+
+def critic_step(critic: nn.Module, x0: torch.Tensor, cond: torch.Tensor, schedule: FlowMatchSchedule, cfg: DMDConfig,
+                generator: Generators, update: Update, weight: torch.Tensor | None = None) -> dict:
+    """One flow-matching update of a bidirectional model on clean latents: the DMD critic on the student's windows,
+    or the teacher's pretraining on world clips. The loss stays on the device."""
+    loss, info = critic_loss(x0, critic, cond, schedule, cfg, generator, weight)
+    return {"loss": info["critic_loss"], "grad_norm": update(loss)}
 
 
 def is_generator_step(step: int, update_ratio: int) -> bool:

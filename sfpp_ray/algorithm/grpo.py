@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable
 
 import torch
 
-from sfpp_ray.algorithm.rollout import StepRecord, prefill
+from sfpp_ray.algorithm.dmd import Update
+from sfpp_ray.algorithm.reward import batch_flow_rewards
+from sfpp_ray.algorithm.rollout import StepRecord, prefill, randn, rollout
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
 from sfpp_ray.config import GRPOConfig
+from sfpp_ray.video_io import to_uint8
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
 
@@ -133,14 +135,14 @@ def _rollouts(record: StepRecord, part: slice) -> StepRecord:
 def grpo_backward(student: CausalWanTransformer3DModel, cond: torch.Tensor, steps: list[StepRecord],
                   clean_latents: torch.Tensor, advantages: torch.Tensor, ref_means: torch.Tensor | None,
                   timesteps: torch.Tensor, schedule: FlowMatchSchedule, context_noise: float, cfg: GRPOConfig,
-                  backward: Callable[[torch.Tensor, float], None]) -> dict:
+                  update: Update) -> dict:
     """One group's GRPO loss, replayed and back-propagated cfg.micro_batch rollouts at a time (0: all).
 
     Why: the replay keeps every block's activations for the backward, so its memory grows with the
     rollouts replayed together. The loss is a mean over rollouts, so the parts' gradients, each
-    weighted by its share of the group, sum to the whole group's. backward(loss, weight) is called once
-    per part: `(loss * weight).backward()` in plain torch; a DeepSpeed engine whose
-    gradient_accumulation_steps is the number of (equal) parts applies that weight itself.
+    weighted by its share of the group, sum to the whole group's. update(loss, weight, last) is called once
+    per part (dmd.Update); a DeepSpeed engine whose gradient_accumulation_steps is the number of (equal) parts
+    applies that weight itself and steps at the last.
     Returns the group's loss and grpo_loss's metrics, averaged over the parts.
     """
     group = clean_latents.shape[0]
@@ -155,7 +157,35 @@ def grpo_backward(student: CausalWanTransformer3DModel, cond: torch.Tensor, step
                                           clean_latents[part], timesteps, schedule, context_noise)
         loss, info = grpo_loss(logp, logp_old[part], advantages[part], means,
                                None if ref_means is None else ref_means[part], sigmas, cfg)
-        backward(loss, weight)
+        update(loss, weight=weight, last=part.stop == group)
         for key, value in {"loss": loss.item(), **info}.items():
             totals[key] += weight * value
     return dict(totals)
+
+
+def grpo_step(student: CausalWanTransformer3DModel, reference: CausalWanTransformer3DModel, codec, cond: torch.Tensor,
+              num_frames: int, latent_size: tuple[int, int], timesteps: torch.Tensor, schedule: FlowMatchSchedule,
+              cfg: GRPOConfig, update: Update, generator: torch.Generator | None, context_noise: float = 0.0) -> dict:
+    """One GRPO update on a group of cfg.group_size rollouts of one prompt (cond: (1 or G, L, D)).
+
+    The group is rolled out with the stochastic sampler (recorded), decoded by `codec` and scored by the flow reward;
+    advantages are normalised within the group, and the PPO-clipped loss with a KL to the frozen `reference` is
+    replayed and back-propagated in cfg.micro_batch parts. grpo.shared_noise: one initial noise for the whole
+    group, so its rollouts differ only by the sampler's own noise, the policy's randomness.
+    """
+    G, (h, w) = cfg.group_size, latent_size
+    cond = cond.expand(G, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+    p = next(student.parameters())
+    shape = (1 if cfg.shared_noise else G, student.config.in_channels, num_frames, h, w)
+    noise = randn(shape, generator, p.device, p.dtype).expand(G, *shape[1:])
+    with torch.no_grad():
+        out = rollout(student, student.cross_attention_cache(cond), noise, timesteps, schedule,
+                      context_noise=context_noise, record=True, generator=generator)
+        videos = [to_uint8(v) for v in codec.decode(out.latents)]
+        _, ref_means = trajectory_log_prob(reference, reference.cross_attention_cache(cond), out.steps, out.latents,
+                                           timesteps, schedule, context_noise)
+    rewards = batch_flow_rewards(videos, cfg.min_motion, cfg.reward, cfg.raft_weights)
+    advantages = group_advantages(torch.from_numpy(rewards)[None], cfg.advantage_clip)[0].to(p.device)
+    info = grpo_backward(student, cond, out.steps, out.latents, advantages, ref_means, timesteps, schedule,
+                         context_noise, cfg, update)
+    return {**info, "reward": float(rewards.mean()), "reward_std": float(rewards.std())}

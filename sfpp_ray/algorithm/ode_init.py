@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sfpp_ray.algorithm.dmd import Update
 from sfpp_ray.algorithm.schedule import FlowFn, FlowMatchSchedule, euler_ode_sample, nearest_indices
 from sfpp_ray.config import ODEConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
@@ -175,3 +176,11 @@ def ode_regression_loss(student: CausalWanTransformer3DModel, trajectory: torch.
         flow = student(x, t, cross_cache_or_text, kv_cache=None, causal=True)
     x0 = schedule.x0_from_flow(x, flow, t)
     return F.mse_loss(x0.float(), trajectory[:, -1].float())
+
+
+def ode_step(student: CausalWanTransformer3DModel, trajectories: torch.Tensor, student_timesteps: torch.Tensor,
+             cond: torch.Tensor, schedule: FlowMatchSchedule, generator: torch.Generator | None,
+             update: Update) -> dict:
+    """One ODE-initialisation update: regression of the student onto a batch of the teacher's trajectories."""
+    loss = ode_regression_loss(student, trajectories, student_timesteps, cond, schedule, generator)
+    return {"loss": loss.detach(), "grad_norm": update(loss)}

@@ -1,7 +1,7 @@
 """Optical-flow reward for GRPO: smooth motion wins, jitter and a frozen picture lose.
 
 With flow f_t from frame t to t+1 (pixels/frame, measured with the short side downscaled to at most
-128 px, see evaluation.flow), follow each pixel along its flow and compare the next flow there; the
+128 px, see algorithm.optical_flow), follow each pixel along its flow and compare the next flow there; the
 change is the motion's acceleration:
 
     a_t(x)     = f_{t+1}(x + f_t(x)) - f_t(x)
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from sfpp_ray.evaluation.flow import optical_flow
+from sfpp_ray.algorithm.optical_flow import optical_flow
 
 
 def flow_reward_terms(video: np.ndarray, min_motion: float, method: str = "farneback",

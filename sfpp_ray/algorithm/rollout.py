@@ -8,7 +8,7 @@ Gaussian policy), then run the clean context pass that writes the block's K/V in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,13 +39,26 @@ def _timestep(t: float, batch: int, frames: int, device) -> torch.Tensor:
     return torch.full((batch, frames), float(t), device=device)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device, dtype=None) -> torch.Tensor:
+    """Gaussian noise. A sequence of generators draws each sample's (first dim) from its own, so a batch gets
+    exactly the noise its samples would get one at a time: what makes a batched step equal its samples' steps."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, cache: RollingKVCache,
                   clean: torch.Tensor, schedule: FlowMatchSchedule | None, context_noise: float,
-                  generator: torch.Generator | None) -> None:
+                  generator: Generators) -> None:
     """Write one clean block's K/V into the cache (re-noised to context_noise when it is > 0)."""
     B, _, f = clean.shape[:3]
     t = _timestep(context_noise, B, f, clean.device)
@@ -61,7 +74,7 @@ def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttent
 
 def prefill(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, cache: RollingKVCache,
             clean: torch.Tensor, context_noise: float = 0.0, *, schedule: FlowMatchSchedule | None = None,
-            generator: torch.Generator | None = None) -> None:
+            generator: Generators = None) -> None:
     """Write clean frames (B, C, F, H, W) into the cache block by block, as the rollout's context passes do."""
     fpb = student.layout.frames_per_block
     for s in range(0, clean.shape[2], fpb):
@@ -71,7 +84,7 @@ def prefill(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
 def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, noise: torch.Tensor,
             timesteps: torch.Tensor, schedule: FlowMatchSchedule, *, cache: RollingKVCache | None = None,
             context_noise: float = 0.0, start_latents: torch.Tensor | None = None, start_step: int = 0,
-            exit_step: int | None = None, record: bool = False, generator: torch.Generator | None = None,
+            exit_step: int | None = None, record: bool = False, generator: Generators = None,
             on_block: Callable[[int, torch.Tensor], None] | None = None) -> RolloutOutput:
     """Generate noise.shape[2] latent frames block by block.
 

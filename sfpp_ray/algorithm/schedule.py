@@ -85,15 +85,6 @@ class FlowMatchSchedule:
         return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
-MIN_SAMPLE_SIGMA = 0.05  # a sample prediction read as a flow divides by sigma: not by less than this
-
-
-def flow_from_sample(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, T: int = 1000) -> torch.Tensor:
-    """The flow (x_t - x0) / sigma that a clean-sample prediction x0 implies at timesteps t ((B,) or (B, F))."""
-    sigma = _bcast((t.float() / T).clamp(min=MIN_SAMPLE_SIGMA), x_t)
-    return ((x_t.float() - x0.float()) / sigma).to(x0.dtype)
-
-
 FlowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -9,12 +9,16 @@ from its own long-horizon drift.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from torch import nn
 
-from sfpp_ray.algorithm.rollout import prefill, rollout
+from sfpp_ray.algorithm.dmd import Update, dmd_generator_loss
+from sfpp_ray.algorithm.rollout import Generators, prefill, randn, rollout
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
-from sfpp_ray.config import DataConfig
+from sfpp_ray.config import DataConfig, DMDConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
 
@@ -103,14 +107,51 @@ def regenerate_window(student: CausalWanTransformer3DModel, cross_cache: CrossAt
     start_step, exit_step = sample_denoising_steps(len(timesteps), start_step, exit_step, generator)
     context, window = rollout_latents[:, :, :window_start], rollout_latents[:, :, window_start:window_start + window_frames]
     if noise is None:
-        noise = torch.randn(window.shape, generator=generator, device=window.device, dtype=window.dtype)
+        noise = randn(window.shape, generator, window.device, window.dtype)
     elif noise.shape != window.shape:
         raise ValueError(f"window noise has shape {tuple(noise.shape)}, the window {tuple(window.shape)}")
-    cache = student.new_cache(B, H, W, dtype=rollout_latents.dtype, device=rollout_latents.device)
+    start = noise
+    if use_backward_noise:
+        t = torch.full((B, window_frames), float(timesteps[start_step]), device=window.device)
+        start = schedule.add_noise(window.detach(), noise, t)
+    return regenerate(student, cross_cache, context, start, schedule, timesteps, start_step, exit_step,
+                      context_noise, generator)
+
+
+def regenerate(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, context: torch.Tensor,
+               start: torch.Tensor, schedule: FlowMatchSchedule, timesteps: torch.Tensor, start_step: int,
+               exit_step: int, context_noise: float = 0.0, generator: Generators = None) -> torch.Tensor:
+    """A fresh cache prefilled with the clean `context` frames, then the window denoised from `start` (its state at
+    timesteps[start_step]) to the x0 prediction of `exit_step`, the only forward that holds a graph."""
+    B, _, _, H, W = start.shape
+    cache = student.new_cache(B, H, W, dtype=start.dtype, device=start.device)
     prefill(student, cross_cache, cache, context, context_noise, schedule=schedule, generator=generator)
-    return rollout(student, cross_cache, noise, timesteps, schedule, cache=cache, context_noise=context_noise,
-                   start_latents=window.detach() if use_backward_noise else None, start_step=start_step,
-                   exit_step=exit_step, generator=generator).latents
+    return rollout(student, cross_cache, start, timesteps, schedule, cache=cache, context_noise=context_noise,
+                   start_step=start_step, exit_step=exit_step, generator=generator).latents
+
+
+def dmd_generator_step(student: CausalWanTransformer3DModel, teacher: nn.Module, critic: nn.Module, batch: dict,
+                       schedule: FlowMatchSchedule, timesteps: torch.Tensor, cfg: DMDConfig, update: Update,
+                       generators: Sequence[torch.Generator], context_noise: float = 0.0,
+                       rolling_cache: bool = True) -> dict:
+    """One Self-Forcing++ generator update on a batch of rollout windows.
+
+    batch: "latents" (B, C, N, H, W) the clean rollouts; "noisy" (B, C, K, H, W) each window at
+    timesteps[start_step] (backward noise, or pure noise at step 0); "window_start", "start_step", "exit_step" (B,);
+    "text" (B, L, D); "uncond" (1 or B, L, D). Each sample is re-generated on top of its own rollout's frames before
+    its window (rolling_cache False: on none, as if the window began the video), with its own generator: samples
+    start at different frames, so each gets its own cache, and a batch of B gives the mean of its B samples'
+    gradients exactly. Then DMD against the teacher and the critic, batched.
+    """
+    x0 = []
+    for i, g in enumerate(generators):
+        start = int(batch["window_start"][i]) if rolling_cache else 0
+        x0.append(regenerate(student, student.cross_attention_cache(batch["text"][i:i + 1]),
+                             batch["latents"][i:i + 1, :, :start], batch["noisy"][i:i + 1], schedule, timesteps,
+                             int(batch["start_step"][i]), int(batch["exit_step"][i]), context_noise, g))
+    loss, info = dmd_generator_loss(torch.cat(x0), teacher, critic, batch["text"], batch["uncond"], schedule, cfg,
+                                    list(generators))
+    return {"loss": loss.detach(), "grad_norm": update(loss), "dmd_grad_norm": info["dmd_grad_norm"]}
 
 
 def sf_pp_generator_batch(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache,

@@ -1,9 +1,9 @@
 """The controller: one function that runs a training run's stages in order, top to bottom.
 
-    pretrain_teacher -> teacher/       flow matching on world clips              (stage_trainers)
-    ode              -> student_ode/   teacher ODE pairs, causal regression      (stage_trainers)
-    dmd              -> student/       Self-Forcing++, the system below          (trainer, rollout workers, ...)
-    grpo             -> student_grpo/  optical-flow reward on student rollouts   (stage_trainers)
+    pretrain_teacher -> teacher/       flow matching on world clips              (teacher_trainer)
+    ode              -> student_ode/   teacher ODE pairs, causal regression      (ode_trainer)
+    dmd              -> student/       Self-Forcing++, the system below          (dmd_trainer, rollout workers, ...)
+    grpo             -> student_grpo/  optical-flow reward on student rollouts   (grpo_trainer)
 
 Every stage is a Ray Train TorchTrainer of DeepSpeed ranks. A stage starts from what the stages
 before it left in the run directory (the run's teacher, the previous student) and marks its
@@ -36,10 +36,14 @@ from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
+from sfpp_ray.distributed.dmd_trainer import dmd_loop
+from sfpp_ray.distributed.engine import PROGRESS_FILES, STAGE_MARKER
+from sfpp_ray.distributed.grpo_trainer import grpo_loop
+from sfpp_ray.distributed.ode_trainer import ode_loop
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
-from sfpp_ray.distributed.stage_trainers import grpo_loop, ode_loop, pretrain_teacher_loop
-from sfpp_ray.distributed.trainer import PROGRESS_FILES, STAGE_MARKER, train_loop_per_worker
+from sfpp_ray.distributed.teacher_trainer import pretrain_teacher_loop
 from sfpp_ray.distributed.weight_sync import WeightBroker
+from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
 
 STAGE_OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "student", "grpo": "student_grpo"}
@@ -159,12 +163,11 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
     print(f"run {cfg.run.name!r}: steps {start_step + 1}..{total}, {len(workers)} rollout workers, "
           f"{cfg.trainer.num_workers} trainer workers")
 
-    data_seed = cfg.run.seed + start_step
-    dataset = build_dataset(cfg, buffer, (total - start_step) * cfg.trainer.num_workers, seed=data_seed)
+    rows_a_step = cfg.trainer.num_workers * cfg.trainer.batch_size
+    dataset = build_dataset(cfg, buffer, (total - start_step) * rows_a_step, first_row=start_step * rows_a_step)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total,
-                           "data_seed": data_seed},
+        dmd_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train")),
         datasets={"train": dataset},
@@ -212,11 +215,15 @@ def _data_config(cfg: Config) -> DataConfig:
 
 
 def _evaluation_video(cfg: Config, prompt: str, student: str) -> Path:
-    from sfpp_ray.generate import generate
+    """Twice the teacher's horizon in latent frames (the long-video regime), streamed and written as video."""
+    from sfpp_ray.generate import VideoGenerator
+    from sfpp_ray.video_io import VideoWriter
 
-    seconds = cfg.video.teacher_frames * 2 / cfg.video.fps  # twice the teacher's horizon: the long-video regime
     out = cfg.run_dir / "videos" / "eval.mp4"
-    generate(cfg, prompt, seconds, out, checkpoint=student, progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(out, cfg.video.fps) as writer:
+        VideoGenerator(cfg, student).stream(prompt, 2 * cfg.video.teacher_frames, writer,
+                                            seed=seed_for(cfg.run.seed, "evaluation_video"))
     return out
 
 

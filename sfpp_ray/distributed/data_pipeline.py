@@ -2,13 +2,16 @@
 
     range(num_rows) -> FetchRollouts -> sample_windows -> add_backward_noise -> trainer shards
 
-One row is one training step of one trainer worker. The rows are only a count: FetchRollouts
+One row is one window of one training step of one trainer worker (trainer.batch_size rows a step). The rows are
+only a count (their ids continue a resumed run's count, `first_row`): FetchRollouts
 replaces each with a rollout taken from the buffer, so the dataset streams as fast as the
 rollout workers fill the buffer (it waits when the buffer is empty). The window sampling and
 re-noising are per-row numpy/torch work that Ray Data runs beside the trainers, keeping the
 trainer's step to the forward and backward passes. Rows fetched ahead can outlive
 buffer.max_staleness while they wait; the trainer swaps such a row for `fresh_row`.
-Only numeric columns, so `iter_torch_batches` can stack every column.
+Every row's randomness (its window, its backward noise, and the "seed" column the trainer's step draws from)
+is a stream of (run.seed, row id) (sfpp_ray.seeding). Only numeric columns, so `iter_torch_batches` can stack
+every column.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from sfpp_ray import components
 from sfpp_ray.algorithm.self_forcing_pp import backward_noise, sample_denoising_steps, sample_window_start
 from sfpp_ray.config import Config, from_dict
+from sfpp_ray.seeding import generator, seed_for
 
 SAMPLE_KEYS = ("latents", "text", "uncond", "prompt_index")
 
@@ -27,8 +31,8 @@ SAMPLE_KEYS = ("latents", "text", "uncond", "prompt_index")
 class FetchRollouts:
     """Takes one buffer sample per row (oldest first) and fetches its arrays from the object store."""
 
-    def __init__(self, buffer):
-        self.buffer = buffer
+    def __init__(self, buffer, first_row: int = 0):
+        self.buffer, self.first_row = buffer, first_row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -37,15 +41,9 @@ class FetchRollouts:
             raise RuntimeError(f"rollout buffer closed with {len(items)} of {n} samples delivered")
         samples = ray.get([item.ref for item in items])
         out = {key: np.stack([s[key] for s in samples]) for key in SAMPLE_KEYS}
-        out["id"] = batch["id"]
+        out["id"] = batch["id"] + self.first_row
         out["policy_version"] = np.array([item.policy_version for item in items], dtype=np.int64)
         return out
-
-
-def _row_generator(seed: int, row_id: int) -> torch.Generator:
-    """Per-row randomness fixed by (seed, row), so a transform's result does not depend on batching. The
-    pair is hashed: a CPU generator keeps only 32 bits of its seed, and row ids run past 2**32."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(row_id)]).generate_state(1)[0]))
 
 
 def sample_windows(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -55,10 +53,12 @@ def sample_windows(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> dict[s
     starts, windows = [], []
     for row_id, latents in zip(batch["id"], batch["latents"]):
         s = sample_window_start(latents.shape[1], K, fpb, c.data.window_sampler, c.data.beta_a, c.data.beta_b,
-                                _row_generator(seed, row_id))
+                                generator(seed, "window", int(row_id)))
         starts.append(s)
         windows.append(latents[:, s:s + K])
-    return {**batch, "window_start": np.array(starts, dtype=np.int64), "window": np.stack(windows)}
+    seeds = [seed_for(seed, "dmd_step", int(row_id)) for row_id in batch["id"]]
+    return {**batch, "window_start": np.array(starts, dtype=np.int64), "window": np.stack(windows),
+            "seed": np.array(seeds, dtype=np.int64)}
 
 
 def add_backward_noise(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -71,7 +71,7 @@ def add_backward_noise(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> di
     timesteps = schedule.student_timesteps(c.schedule)
     noisy, starts, exits = [], [], []
     for row_id, window in zip(batch["id"], batch["window"]):
-        g = _row_generator(seed + 1, row_id)
+        g = generator(seed, "backward_noise", int(row_id))
         x0 = torch.from_numpy(np.array(window))[None]
         if c.data.backward_noise:
             start, exit_ = sample_denoising_steps(len(timesteps), generator=g)
@@ -104,22 +104,24 @@ def _map(ds: ray.data.Dataset, fn, cfg: Config, kwargs: dict) -> ray.data.Datase
     return ds.map_batches(fn, fn_kwargs=kwargs, compute=ray.data.TaskPoolStrategy(), batch_size=1)
 
 
-def fresh_row(buffer, cfg: Config, seed: int, row_id: int) -> dict[str, np.ndarray]:
-    """One row made now, as the dataset makes its rows: what the trainer trains on instead of a row that
-    went stale while Ray Data held it ahead (the buffer serves nothing past buffer.max_staleness)."""
+def fresh_row(buffer, cfg: Config, seed: int) -> dict[str, np.ndarray]:
+    """One row made now, as the dataset makes its rows, its randomness the stream `seed`: what the trainer trains
+    on instead of a row that went stale while Ray Data held it ahead (the buffer serves nothing past
+    buffer.max_staleness)."""
     kwargs = {"cfg": cfg.to_dict(), "seed": seed}
-    batch = FetchRollouts(buffer)({"id": np.array([row_id], dtype=np.int64)})
+    batch = FetchRollouts(buffer)({"id": np.array([0], dtype=np.int64)})
     return add_backward_noise(sample_windows(batch, **kwargs), **kwargs)
 
 
-def build_dataset(cfg: Config, buffer, num_rows: int, seed: int) -> ray.data.Dataset:
-    """The trainers' stream: `num_rows` rows (steps x trainer workers), each a noised rollout window."""
+def build_dataset(cfg: Config, buffer, num_rows: int, first_row: int = 0) -> ray.data.Dataset:
+    """The trainers' stream: `num_rows` rows (steps x trainer workers x trainer.batch_size), each a noised rollout
+    window; row ids start at `first_row` (a resumed run's rows already trained on), randomness from run.seed."""
     if num_rows <= 0:
         raise ValueError(f"the dataset needs at least one row, got {num_rows}")
     # Many small blocks: one block is the unit an operator handles, and rows must stream one by one.
     ds = ray.data.range(num_rows, override_num_blocks=num_rows)
-    ds = ds.map_batches(FetchRollouts, fn_constructor_args=(buffer,), batch_size=1,
+    ds = ds.map_batches(FetchRollouts, fn_constructor_args=(buffer, first_row), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    kwargs = {"cfg": cfg.to_dict(), "seed": seed}
+    kwargs = {"cfg": cfg.to_dict(), "seed": cfg.run.seed}
     ds = _map(ds, sample_windows, cfg, kwargs)
     return _map(ds, add_backward_noise, cfg, kwargs)

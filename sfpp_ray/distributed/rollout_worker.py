@@ -20,6 +20,7 @@ from sfpp_ray.algorithm.self_forcing_pp import extended_rollout
 from sfpp_ray.config import from_dict
 from sfpp_ray.distributed.buffer import offer
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync, state_checksum
+from sfpp_ray.seeding import generator
 
 
 class RolloutWorker:
@@ -36,7 +37,7 @@ class RolloutWorker:
         self.timesteps = self.schedule.student_timesteps(self.cfg.schedule)
         self.uncond = self.text.encode([self.cfg.text.negative_prompt])[0].float().cpu().numpy()
         # Distinct per worker, so two workers given the same prompt still explore different noise.
-        self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed * 1000 + index + 1)
+        self.generator = generator(self.cfg.run.seed, "rollout", index, device=self.device)
         self.sync = ObjectStoreWeightSync()
         self.version = 0
         self.applied: list[tuple[int, str]] = []  # (version, checksum after apply)
@@ -47,7 +48,7 @@ class RolloutWorker:
         self.rollout_seconds = 0.0
 
     def run(self, buffer, feed, broker, max_samples: int | None = None, min_version: int = 0) -> dict:
-        """Roll out until `stop()` (or `max_samples`); returns `stats()`.
+        """Roll out rollout.batch_size prompts at once until `stop()` (or `max_samples`); returns `stats()`.
 
         min_version: wait for weights of at least this version before the first rollout (a
         resumed run must not fill the buffer from the freshly built, untrained student).
@@ -59,29 +60,27 @@ class RolloutWorker:
             if handle is None:  # the broker closed: training ended before it published
                 return self.stats()
             self._apply(handle)
-        n_frames = self.cfg.rollout.num_frames
+        n_frames, batch = self.cfg.rollout.num_frames, self.cfg.rollout.batch_size
         while not self._stop.is_set() and (max_samples is None or self.samples < max_samples):
             self.pull_weights(broker)
-            index, prompt = ray.get(feed.next.remote())
+            indexed = ray.get([feed.next.remote() for _ in range(batch)])
             with self._lock, torch.no_grad():
-                cond = self.text.encode([prompt])
+                cond = self.text.encode([prompt for _, prompt in indexed])
                 cross = self.student.cross_attention_cache(cond)
-                shape = components.latent_shape(self.cfg, self.codec, n_frames)
+                shape = components.latent_shape(self.cfg, self.codec, n_frames, batch)
                 noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
                 t0 = time.perf_counter()
                 latents = extended_rollout(self.student, cross, noise, self.schedule, self.timesteps,
                                            self.cfg.schedule.context_noise, self.generator)
                 self.rollout_seconds += time.perf_counter() - t0
                 version = self.version
-            sample = {
-                "latents": latents[0].float().cpu().numpy(),
-                "text": cond[0].float().cpu().numpy(),
-                "uncond": self.uncond,
-                "prompt_index": np.array(index, dtype=np.int64),
-            }
-            self.samples += 1
-            self.frames += n_frames
-            offer(buffer, sample, version, meta={"worker": self.index, "prompt_index": index})
+            latents, cond = latents.float().cpu().numpy(), cond.float().cpu().numpy()
+            for i, (index, _) in enumerate(indexed):
+                sample = {"latents": latents[i], "text": cond[i], "uncond": self.uncond,
+                          "prompt_index": np.array(index, dtype=np.int64)}
+                self.samples += 1
+                self.frames += n_frames
+                offer(buffer, sample, version, meta={"worker": self.index, "prompt_index": index})
         return self.stats()
 
     def pull_weights(self, broker) -> int:

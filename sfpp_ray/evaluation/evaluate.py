@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sfpp_ray.config import Config  # noqa: E402
-from sfpp_ray.evaluation.metrics import segment_metrics, summarise  # noqa: E402
-from sfpp_ray.generate import VideoGenerator  # noqa: E402
-from sfpp_ray.tracking import Tracker  # noqa: E402
-from sfpp_ray.video_io import write_video  # noqa: E402
-from sfpp_ray.world.sprites import WorldSpec, prompt, render, sample_scenes  # noqa: E402
+from sfpp_ray.components import world_of
+from sfpp_ray.config import Config
+from sfpp_ray.evaluation.metrics import segment_metrics, summarise
+from sfpp_ray.generate import VideoGenerator
+from sfpp_ray.tracking import Tracker
+from sfpp_ray.video_io import write_video
+from sfpp_ray.world.sprites import prompt, render, sample_scenes
 
 TABLE_KEYS = ("stability", "stability_last", "exposure_drift", "colour_drift", "count_error", "dynamic_degree",
               "flicker", "repetition", "frechet")
@@ -38,10 +35,6 @@ class FrameList:
 
     def video(self) -> np.ndarray:
         return np.concatenate(self.chunks)
-
-
-def world_of(cfg: Config) -> WorldSpec:
-    return cfg.world.build(cfg.video)
 
 
 def block_starts(codec, num_latent_frames: int, frames_per_block: int) -> list[int]:
@@ -95,6 +88,11 @@ def nanmean(values: list[float]) -> float:
 
 
 def _plot(curves: dict[int, list[list[float]]], horizon: int, fps: int, path: Path, label: str) -> Path:
+    import matplotlib  # here, not at the top: training ranks import this module's neighbours, never a plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for mult, per_prompt in sorted(curves.items()):
         n = min(len(c) for c in per_prompt)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from sfpp_ray.evaluation.flow import as_float_video, farneback_flow, luma
+from sfpp_ray.algorithm.optical_flow import as_float_video, farneback_flow, luma
 from sfpp_ray.world.sprites import PALETTE, SHAPES
 
 LEVELS = 256  # per channel, for colour drift

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-from sfpp_ray.algorithm.schedule import flow_from_sample
+MIN_SAMPLE_SIGMA = 0.05  # a sample prediction read as a flow divides by sigma: not by less than this
+
+
+def flow_from_sample(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, T: int = 1000) -> torch.Tensor:
+    """The flow (x_t - x0) / sigma that a clean-sample prediction x0 implies at timesteps t ((B,) or (B, F))."""
+    sigma = (t.float() / T).clamp(min=MIN_SAMPLE_SIGMA).to(x_t.device)
+    sigma = sigma.view(-1, 1, 1, 1, 1) if sigma.ndim == 1 else sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
+    return ((x_t.float() - x0.float()) / sigma).to(x0.dtype)
 
 
 class BidirectionalWanTransformer3DModel(WanTransformer3DModel):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from torch.utils.checkpoint import checkpoint
 
-from sfpp_ray.algorithm.schedule import flow_from_sample
+from sfpp_ray.models.bidirectional_wan import flow_from_sample
 from sfpp_ray.models.kv_cache import RollingKVCache, frame_positions, visible_frames
 
 

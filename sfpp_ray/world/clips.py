@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sfpp_ray.models.codec import VideoCodec
+from sfpp_ray.seeding import seed_for
 from sfpp_ray.models.text_encoder import TextEncoder
 from sfpp_ray.world.sprites import SceneSpec, WorldSpec, prompt, render, render_layers, sample_scenes
 
@@ -75,9 +76,9 @@ class WorldClipStream(torch.utils.data.IterableDataset):
         self.prompt_dropout, self.split, self.coverage = prompt_dropout, split, coverage
 
     def batch(self, step: int) -> dict:
-        scenes = sample_scenes(self.seed * 1000 + step, self.batch_size * self.world_size, self.split,
-                               self.world)[self.rank::self.world_size]
-        rng = np.random.default_rng([self.seed, self.rank, step])
+        scenes = sample_scenes(seed_for(self.seed, "teacher_scenes", step), self.batch_size * self.world_size,
+                               self.split, self.world)[self.rank::self.world_size]
+        rng = np.random.default_rng(seed_for(self.seed, "teacher_clips", self.rank, step))
         start = rng.integers(0, MAX_START_FRAME, size=len(scenes))
         frames, coverage = zip(*[render_layers(s, int(f), self.num_video_frames) for s, f in zip(scenes, start)])
         batch = {"step": step, "frames": torch.from_numpy(np.stack(frames)), "prompts": [prompt(s) for s in scenes],

@@ -108,7 +108,7 @@ def test_replaying_the_group_in_parts_gives_the_whole_groups_gradient(student, s
         student.zero_grad(set_to_none=True)
         info = grpo_backward(student, text, out.steps, out.latents, advantages, ref_means, timesteps, schedule, 0.0,
                              GRPOConfig(kl_coef=0.5, clip=0.5, micro_batch=micro_batch),
-                             lambda loss, weight: (loss * weight).backward())
+                             lambda loss, weight, last: (loss * weight).backward())
         return info, [p.grad.clone() for p in student.parameters() if p.grad is not None]
 
     whole, whole_grad = gradient(0)

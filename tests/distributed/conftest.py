@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sfpp_ray.distributed.trainer import EMA_SHARD_FILE, STATE_FILE
+from sfpp_ray.distributed.engine import EMA_SHARD_FILE, STATE_FILE
 
 
 def load_saved_average(checkpoint: Path, model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from sfpp_ray import components
 from sfpp_ray.config import load_config
-from sfpp_ray.distributed.trainer import STATE_FILE
+from sfpp_ray.distributed.engine import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import ConfigError, ema_dir, guide_dir, load_config, with_teacher
-from sfpp_ray.distributed.stage_trainers import READ_BACK_EVERY
-from sfpp_ray.distributed.trainer import EMA_SHARD_FILE, STATE_FILE
+from sfpp_ray.distributed.teacher_trainer import READ_BACK_EVERY
+from sfpp_ray.distributed.engine import EMA_SHARD_FILE, STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 from sfpp_ray.models.text_encoder import PromptConditioned
 
@@ -104,7 +104,7 @@ def test_ode_pairs_steer_away_from_the_guide_the_teacher_stage_saved(runs):
     """The guide is the teacher (and its text encoder) as it stood at step 10; the stored ODE pairs are the
     autoguided sampler's, not the plain one's."""
     from sfpp_ray.distributed.controller import _stage_config
-    from sfpp_ray.distributed.stage_trainers import _ode_shard
+    from sfpp_ray.distributed.ode_trainer import _ode_shard
 
     cfg, _, _, _ = runs
     ode_cfg = _stage_config(cfg, "ode")
@@ -144,7 +144,7 @@ def test_rerun_skips_finished_stages(runs):
 
 
 def test_teacher_learning_rate_warms_up_then_decays_to_a_tenth():
-    from sfpp_ray.distributed.trainer import lr_factor
+    from sfpp_ray.distributed.engine import lr_factor
 
     steps, warmup = 100, 10
     cosine = [lr_factor(i, steps, warmup, "cosine") for i in range(steps)]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from sfpp_ray import components
 from sfpp_ray.config import load_config
-from sfpp_ray.distributed.trainer import deepspeed_config, optimizer_step, trainer_clips
+from sfpp_ray.distributed.engine import deepspeed_config, optimizer_step, trainer_clips
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
@@ -89,7 +89,7 @@ def test_trainer_clips_under_zero0_as_deepspeed_would(single_rank, accumulation)
 def test_teacher_stage_compiles_its_model_in_the_configured_mode(single_rank, monkeypatch):
     """teacher_pretrain.compile_mode reaches torch.compile (reduce-overhead: CUDA graphs on a GPU), and the
     stage's step still trains the compiled teacher."""
-    from sfpp_ray.distributed.stage_trainers import TeacherTraining
+    from sfpp_ray.distributed.teacher_trainer import TeacherTraining
 
     modes, compile = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: modes.append(kwargs.get("mode")) or compile(*args, **kwargs))

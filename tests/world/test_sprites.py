@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from sfpp_ray.evaluation.flow import farneback_flow, luma
+from sfpp_ray.algorithm.optical_flow import farneback_flow, luma
 from sfpp_ray.world.sprites import (HELDOUT_COMBOS, PALETTE, Background, SceneSpec, Sprite, WorldSpec, background,
                                     positions, prompt, render, render_layers, sample_scenes, stream)
 

@@ -1,0 +1,205 @@
+"""What every stage's Ray Train ranks share: the DeepSpeed engine's settings and optimizer step, the ranks'
+identities, the moving average's checkpoint files, the stage markers, and logging from rank 0.
+
+A stage trainer (teacher_trainer, ode_trainer, dmd_trainer, grpo_trainer) builds its engines with
+`deepspeed_config`, trains through `engine_update` (the `update` of the algorithm's step functions), and ends
+with `finish`, which saves the model and marks the stage's output directory finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+from sfpp_ray import components
+from sfpp_ray.algorithm.dmd import EMA, Update
+from sfpp_ray.config import Config, from_dict
+from sfpp_ray.tracking import Tracker
+
+STATE_FILE = "trainer_state.pt"
+EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a rank's part of the moving average (EMA.split)
+# In the run dir, per resumable stage: the controller's view of the stage's last checkpoint
+PROGRESS_FILES = {"dmd": "trainer_progress.json", "pretrain_teacher": "teacher_progress.json"}
+STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
+
+
+def write_marker(directory: Path, record: dict) -> None:
+    """Mark a stage's output directory finished, with what the controller and tests read back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STAGE_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def deepspeed_config(cfg: Config, lr: float, betas: list[float] | None = None, autocast: bool = False,
+                     micro_batch: int = 1) -> dict:
+    """AdamW under the trainer's ZeRO stage; `betas` default to trainer.betas (DMD's, without momentum);
+    torch's fused AdamW where trainer.fused_optimizer.
+    autocast: the engine runs its forward under bfloat16 autocast (weights and optimizer stay as they
+    are); DeepSpeed switches off any autocast opened around the engine, so this is the only way in."""
+    t = cfg.trainer
+    adamw = {"lr": lr, "betas": list(betas or t.betas), "weight_decay": t.weight_decay, "torch_adam": True}
+    return ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if autocast else {}) | {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": t.zero_stage},
+        "optimizer": {"type": "AdamW", "params": adamw | ({"fused": True} if t.fused_optimizer else {})},
+        # Under ZeRO-0 with float32 weights DeepSpeed clips with a routine that copies two numbers from the host
+        # to the device each step, which waits for the GPU to finish the step; `optimizer_step` clips there instead.
+        "gradient_clipping": 0.0 if trainer_clips(cfg) else t.grad_clip,
+        "bf16": {"enabled": t.bf16},
+    }
+
+
+def trainer_clips(cfg: Config) -> bool:
+    """The trainer, not DeepSpeed, clips the gradients: ZeRO-0 without DeepSpeed's bf16 optimizer."""
+    return cfg.trainer.zero_stage == 0 and not cfg.trainer.bf16 and cfg.trainer.grad_clip > 0
+
+
+def optimizer_step(engine, cfg: Config) -> torch.Tensor | None:
+    """engine.step(), with the gradients clipped to trainer.grad_clip first where DeepSpeed does not (see
+    deepspeed_config): torch's clipping keeps the norm and the factor on the device. Under ZeRO-0 the
+    gradients are whole and already averaged over ranks after the backward of a boundary micro-batch.
+    Returns the gradients' norm before clipping, on the device, where the trainer clipped; else None."""
+    norm = None
+    if trainer_clips(cfg) and engine.is_gradient_accumulation_boundary():
+        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.trainer.grad_clip, foreach=True)
+    engine.step()
+    return norm
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str, floor: float = 0.1) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warmup over
+    `warmup_steps`, then constant or a cosine down to `floor` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - 1 - warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def full_params(module: torch.nn.Module, zero3: bool, from_partitions: bool = False):
+    """All of a module's parameters, gathered under ZeRO-3 (a collective: every rank enters).
+    from_partitions: gather every parameter from its partitions, also those ZeRO-3 holds whole at the moment
+    (small ones it keeps on every rank, or any still gathered since a forward), which a gather would
+    otherwise take as they stand: needed after writing the partitions themselves (EMA.copy_to)."""
+    if not zero3:
+        return contextlib.nullcontext()
+    params = list(module.parameters())
+    if from_partitions:
+        whole = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if whole:
+            whole[0].partition(param_list=whole)  # drops the whole copies; the partitions stay
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def save_ema(ema: EMA | None, directory: Path, rank: int) -> dict | None:
+    """Into a checkpoint: each rank writes its own part of a split average; a whole one (one rank) is
+    returned for rank 0's state file."""
+    if ema is not None and ema.split:
+        torch.save(ema.state_dict(), directory / EMA_SHARD_FILE.format(rank=rank))
+        return None
+    return None if ema is None else ema.state_dict()
+
+
+def load_ema(ema: EMA | None, directory: Path, rank: int, whole: dict | None) -> None:
+    """From a checkpoint, as save_ema wrote it; an average the checkpoint lacks starts from the weights."""
+    shard = directory / EMA_SHARD_FILE.format(rank=rank)
+    saved = torch.load(shard, weights_only=False) if shard.is_file() else whole
+    if ema is not None and saved is not None:
+        ema.load_state_dict(saved)
+
+
+def frozen_teacher(cfg: Config, device, dtype):
+    """The frozen teacher; sharded with ZeRO-3 (no optimizer) only when the trainers shard with ZeRO-3."""
+    teacher = components.build_teacher(cfg)
+    if world_size() > 1 and cfg.trainer.zero_stage == 3:
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": cfg.trainer.bf16}}
+        engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+        return engine.module
+    return components.cast(teacher, device, dtype)
+
+
+def engine_update(engine, cfg: Config) -> Update:
+    """The `update` a step function trains through (algorithm.dmd.Update), for a DeepSpeed engine: its backward
+    (which divides by its gradient accumulation steps itself, so `weight` is the engine's to apply) and
+    `optimizer_step`, which DeepSpeed applies at the accumulation boundary only. Returns the update's gradient
+    norm before clipping where one is known (on the device under ZeRO-0)."""
+    def update(loss: torch.Tensor, weight: float = 1.0, last: bool = True):
+        engine.backward(loss)
+        norm = optimizer_step(engine, cfg)
+        return norm if norm is not None or not last else engine.get_global_grad_norm()
+    return update
+
+
+def stage_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the stages build their models and data in: bfloat16 under DeepSpeed's bf16, else run.dtype."""
+    return torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
+
+
+def setup(config: dict) -> tuple[Config, torch.device, torch.dtype]:
+    cfg = from_dict(config["cfg"])
+    device = ray.train.torch.get_device() if cfg.trainer.gpus_per_worker > 0 else torch.device("cpu")
+    dtype = stage_dtype(cfg)
+    torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 runs as TF32 on GPUs
+    return cfg, device, dtype
+
+
+@contextlib.contextmanager
+def rank0_tracker(cfg: Config, run_id: str | None):
+    """Rank 0 logs into the controller's MLflow run; other ranks get None."""
+    if global_rank() != 0:
+        yield None
+        return
+    tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
+    tracker.start(resume_run_id=run_id)
+    try:
+        yield tracker
+    finally:
+        tracker.finish()
+
+
+def step_done(tracker: Tracker | None, metrics: dict[str, float], step: int, device: torch.device) -> dict:
+    """Average the step's metrics over ranks and log them from rank 0. Ray Train hears of the stage
+    once, at its end (`_finish`): a report is a round trip to the train controller, which costs
+    more than a toy step."""
+    world = world_size()
+    if world > 1:
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(values)
+        metrics = dict(zip(metrics, (values / world).tolist()))
+    if tracker is not None:
+        tracker.log_metrics(metrics, step)
+    return metrics
+
+
+def finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: int) -> None:
+    """Rank 0 writes the model to run_dir/name and then its marker (ZeRO-3 gathers on every rank);
+    every rank reports the last step's metrics."""
+    with full_params(engine.module, cfg.trainer.zero_stage == 3, from_partitions=True):  # the EMA may be in them
+        if global_rank() == 0:
+            engine.module.save_pretrained(cfg.run_dir / name)
+            write_marker(cfg.run_dir / name, record)
+    ray.train.report(metrics | {"step": step})
+
+
+def write_progress(cfg: Config, stage: str, step: int, **extra) -> None:
+    """After a stage's checkpoint, from rank 0: its step, and the ranks and ZeRO stage its shards were laid out for."""
+    progress = {"step": step, "ranks": world_size(), "zero_stage": cfg.trainer.zero_stage, **extra}
+    (cfg.run_dir / PROGRESS_FILES[stage]).write_text(json.dumps(progress) + "\n")
