@@ -18,7 +18,7 @@ from torch import nn
 from sfpp_ray.algorithm.dmd import Update, dmd_generator_loss
 from sfpp_ray.algorithm.rollout import Generators, prefill, randn, rollout
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
-from sfpp_ray.config import DataConfig, DMDConfig
+from sfpp_ray.config import DMDConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
 
@@ -152,15 +152,3 @@ def dmd_generator_step(student: CausalWanTransformer3DModel, teacher: nn.Module,
     loss, info = dmd_generator_loss(torch.cat(x0), teacher, critic, batch["text"], batch["uncond"], schedule, cfg,
                                     list(generators))
     return {"loss": loss.detach(), "grad_norm": update(loss), "dmd_grad_norm": info["dmd_grad_norm"]}
-
-
-def sf_pp_generator_batch(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache,
-                          rollout_latents: torch.Tensor, schedule: FlowMatchSchedule, timesteps: torch.Tensor,
-                          data: DataConfig, context_noise: float = 0.0,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """A window sampled per `data` and re-generated with gradient: the student samples DMD scores. Returns (x0, start)."""
-    start = sample_window_start(rollout_latents.shape[2], data.window_frames, student.layout.frames_per_block,
-                                data.window_sampler, data.beta_a, data.beta_b, generator)
-    x0 = regenerate_window(student, cross_cache, rollout_latents, start, data.window_frames, schedule, timesteps,
-                           use_backward_noise=data.backward_noise, context_noise=context_noise, generator=generator)
-    return x0, start

@@ -8,6 +8,7 @@ import ray
 from sfpp_ray.config import load_config
 from sfpp_ray.distributed.buffer import create_buffer, offer
 from sfpp_ray.distributed.data_pipeline import build_dataset, fresh_row
+from sfpp_ray.seeding import seed_for
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
@@ -21,24 +22,25 @@ def rollout_sample(rng: np.random.Generator, frames: int) -> dict:
 
 
 def test_fresh_row_is_the_row_ray_data_makes_and_respects_staleness(ray_cluster):
-    cfg = load_config(CONFIG, ["buffer.max_staleness=1", "buffer.max_reuse=1", "data.window_sampler=uniform"])
     rng = np.random.default_rng()
     seed, sample = int(rng.integers(1000)), rollout_sample(rng, frames=24)
+    cfg = load_config(CONFIG, ["buffer.max_staleness=1", "buffer.max_reuse=1", "data.window_sampler=uniform",
+                               f"run.seed={seed}"])
     buffer = create_buffer(cfg.buffer)
     offer(buffer, sample, policy_version=0)
-    (row,) = list(build_dataset(cfg, buffer, 1, seed).iter_rows())
+    (row,) = list(build_dataset(cfg, buffer, 1).iter_rows())
 
     # The same sample at a newer version beside ones the buffer now counts as stale (version 4, staleness 1).
     offer(buffer, rollout_sample(rng, frames=24), policy_version=1)
     ray.get(buffer.set_policy_version.remote(4))
     offer(buffer, sample, policy_version=3)
-    made = fresh_row(buffer, cfg, seed, row_id=0)
+    made = fresh_row(buffer, cfg, seed)  # row 0 of the stream `seed`: the dataset's first row
     assert made["policy_version"].tolist() == [3]
-    for key in ("window_start", "start_step", "exit_step", "window", "noisy", "text", "uncond", "prompt_index"):
+    for key in ("window_start", "start_step", "exit_step", "window", "noisy", "text", "uncond", "prompt_index", "seed"):
         np.testing.assert_array_equal(made[key][0], row[key], err_msg=key)
     assert made["window"].shape == (1, 12, cfg.data.window_frames, 8, 8)
 
-    # Another row id draws its own window and noise from the same rollout.
+    # Another stream draws its own window and noise from the same rollout.
     offer(buffer, sample, policy_version=4)
-    other = fresh_row(buffer, cfg, seed, row_id=1 << 40)
+    other = fresh_row(buffer, cfg, seed_for(seed, "replacement", 0, 1, 0))
     assert not np.array_equal(other["noisy"], made["noisy"])
