@@ -7,9 +7,9 @@ import dataclasses
 import torch
 
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
-from sfpp_ray.config import Config, with_teacher
+from sfpp_ray.config import Config, from_dict, with_teacher
 from sfpp_ray.models.bidirectional_wan import BidirectionalWanTransformer3DModel
-from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
+from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel, saved_layout
 from sfpp_ray.models.codec import VideoCodec, build_codec
 from sfpp_ray.models.loading import build_wan_transformer, load_into, load_transformer_state_dict, stored_shape
 from sfpp_ray.models.text_encoder import TextEncoder
@@ -38,6 +38,18 @@ def resolve_dtype(cfg: Config) -> torch.dtype:
 def layout(cfg: Config) -> CausalLayout:
     s = cfg.student
     return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention)
+
+
+def with_student_layout(cfg: Config, checkpoint: str | None) -> Config:
+    """A copy of cfg whose student blocks, window, sinks and position rule are the ones `checkpoint` was saved with,
+    where it saved them: inference streams as the student was trained. Training builds from its config instead
+    (a variant may train a student saved with another window)."""
+    saved = None if checkpoint is None else saved_layout(checkpoint)
+    if not saved:
+        return cfg
+    tree = cfg.to_dict()
+    tree["student"].update(saved)
+    return from_dict(tree)
 
 
 def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
@@ -72,6 +84,8 @@ def build_critic(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransf
     """The trainable bidirectional critic (fake score), initialised from the teacher."""
     model = build_wan_transformer(cfg.model, cls=BidirectionalWanTransformer3DModel)
     model.prediction = cfg.model.prediction
+    if cfg.trainer.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return cast(model, device, dtype).train()
 
 
@@ -82,6 +96,8 @@ def build_student(cfg: Config, device=None, dtype=None, checkpoint: str | None =
     if path is not None:
         load_into(model, load_transformer_state_dict(path))
     model.prediction = cfg.model.prediction
+    if cfg.trainer.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     return cast(model.set_layout(layout(cfg)), device, dtype)
 
 

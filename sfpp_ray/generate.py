@@ -75,10 +75,12 @@ class BlockDecoder:
 
 
 class VideoGenerator:
-    """The student, text encoder, codec and schedule built once; streams any number of videos."""
+    """The student, text encoder, codec and schedule built once; streams any number of videos.
+
+    A student checkpoint that saved its layout streams with it, whatever the config says (`self.cfg` holds it)."""
 
     def __init__(self, cfg: Config, checkpoint: str | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = components.with_student_layout(cfg, checkpoint or cfg.student.checkpoint)
         self.device, self.dtype = components.resolve_device(cfg), components.resolve_dtype(cfg)
         self.student = components.build_student(cfg, self.device, self.dtype, checkpoint=checkpoint).eval()
         self.text = components.build_text_encoder(cfg, self.device, self.dtype)
@@ -121,6 +123,7 @@ def generate(cfg: Config, prompt: str, seconds: float, out: str | Path, checkpoi
     if seconds <= 0:
         raise ValueError(f"--seconds must be positive, got {seconds}")
     gen = VideoGenerator(cfg, checkpoint)
+    cfg = gen.cfg  # the checkpoint's layout: whole blocks of its size
     nf = latent_frames_for(cfg, gen.codec, seconds)
     with VideoWriter(out, cfg.video.fps) as writer:
         stats = gen.stream(prompt, nf, writer, cfg.run.seed if seed is None else seed, progress=progress)

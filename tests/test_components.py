@@ -1,4 +1,4 @@
-"""Building components from the config: the autoguidance guide at its own shape."""
+"""Building components from the config: the autoguidance guide at its own shape, a student's saved layout."""
 
 import dataclasses
 from pathlib import Path
@@ -31,3 +31,35 @@ def test_a_smaller_guide_is_built_at_its_own_shape_and_steers_the_sampler(tmp_pa
                                     Guide(guide, text.encode(prompts)))
     plain = make_ode_trajectories(teacher, cond, uncond, noise, steps, cfg.ode, components.build_schedule(cfg))
     assert steered.shape == plain.shape and not torch.allclose(steered, plain, atol=1e-4)
+
+
+def random_layout(unlike: dict | None = None) -> dict:
+    """A student layout the tiny config accepts: 1-3 frames a block, a window of whole blocks, no sinks or one block."""
+    while True:
+        fpb = int(torch.randint(1, 4, ()))
+        sink = fpb * int(torch.randint(0, 2, ()))
+        layout = {"frames_per_block": fpb, "window_frames": sink + fpb * int(torch.randint(1, 4, ())),
+                  "sink_frames": sink, "position_rule": ["window_relative", "absolute"][int(torch.randint(0, 2, ()))]}
+        if unlike is None or layout["window_frames"] != unlike["window_frames"]:
+            return layout
+
+
+def overrides(layout: dict) -> list[str]:
+    return [f"student.{k}={v}" for k, v in layout.items()]
+
+
+def test_with_student_layout_restores_the_layout_the_student_was_saved_with(tmp_path):
+    saved = random_layout()
+    components.build_student(load_config(TINY, overrides(saved))).save_pretrained(tmp_path / "student")
+    cfg = load_config(TINY, overrides(random_layout(saved)) + ["student.attention=sdpa"])
+    restored = components.with_student_layout(cfg, str(tmp_path / "student"))
+    expected = cfg.to_dict()
+    expected["student"].update(saved)  # the attention kernel stays the config's
+    assert restored.to_dict() == expected != cfg.to_dict()
+
+    components.build_teacher(cfg).save_pretrained(tmp_path / "teacher")  # weights without a layout
+    assert components.with_student_layout(cfg, str(tmp_path / "teacher")) is cfg
+    assert components.with_student_layout(cfg, None) is cfg
+    # training builds from its config: a variant may train a student saved with another window
+    student = components.build_student(cfg, checkpoint=str(tmp_path / "student"))
+    assert student.layout == components.layout(cfg) != components.layout(restored)

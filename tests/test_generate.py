@@ -1,14 +1,19 @@
-"""`sfpp-ray generate` on the tiny config writes a playable video of the expected length."""
+"""`sfpp-ray generate` on the tiny config writes a playable video of the expected length, with the student's layout."""
 
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-
+from sfpp_ray import components
+from sfpp_ray import generate as generate_module
 from sfpp_ray.cli import main
 from sfpp_ray.config import load_config
 from sfpp_ray.generate import generate
+from sfpp_ray.models.causal_wan import LAYOUT_FILE, CausalWanTransformer3DModel
 from sfpp_ray.video_io import read_video
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -38,3 +43,42 @@ def test_generate_is_deterministic_by_seed_and_prompt(tmp_path):
 def test_bad_generate_input_is_refused(tmp_path, prompt, seconds):
     with pytest.raises(ValueError):
         generate(load_config(TINY), prompt, seconds, tmp_path / "x.mp4", progress=False)
+
+
+def _random_layout() -> tuple[int, int, int]:
+    """(frames_per_block, window_frames, sink_frames): 1-3 frames a block, 2-4 blocks beside no sinks or one block."""
+    fpb = int(torch.randint(1, 4, ()))
+    sink = fpb * int(torch.randint(0, 2, ()))
+    return fpb, sink + fpb * int(torch.randint(2, 5, ())), sink
+
+
+def test_a_saved_student_streams_with_the_blocks_and_window_it_was_saved_with(tmp_path, monkeypatch):
+    saved, other = _random_layout(), _random_layout()
+    while other[1] == saved[1]:
+        other = _random_layout()
+    layout = lambda fpb, window, sink: [f"student.frames_per_block={fpb}", f"student.window_frames={window}",  # noqa: E731
+                                        f"student.sink_frames={sink}", "rollout.decode_overlap=false"]
+    components.build_student(load_config(TINY, layout(*saved))).save_pretrained(tmp_path / "student")
+    shutil.copytree(tmp_path / "student", tmp_path / "weights_only")
+    (tmp_path / "weights_only" / LAYOUT_FILE).unlink()
+    caches, rollouts = [], []
+    new_cache, rollout = CausalWanTransformer3DModel.new_cache, generate_module.rollout
+    monkeypatch.setattr(CausalWanTransformer3DModel, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
+    monkeypatch.setattr(generate_module, "rollout", lambda *a, **k: rollouts.append(out := rollout(*a, **k)) or out)
+    n = 36 + int(torch.randint(1, 3, ()))  # latent frames past every window, not whole blocks of 2 or 3
+
+    def stream(layout_overrides, checkpoint):
+        cfg = load_config(TINY, layout_overrides)
+        result = generate(cfg, "a blue circle", n / cfg.video.fps, tmp_path / "v.gif", checkpoint=str(tmp_path / checkpoint),
+                          seed=5, progress=False)
+        cache, latents = caches.pop(), rollouts.pop().latents
+        assert result["latent_frames"] == latents.shape[2]
+        return (cache.window, cache.sink, latents.shape[2]), latents
+
+    whole_blocks = lambda fpb: math.ceil(n / fpb) * fpb  # noqa: E731
+    run, streamed = stream(layout(*other), "student")
+    assert run == (saved[1], saved[2], whole_blocks(saved[0]))
+    assert torch.equal(streamed, stream(layout(*saved), "student")[1])
+    run, unsaved = stream(layout(*other), "weights_only")  # no saved layout: the config's
+    assert run == (other[1], other[2], whole_blocks(other[0]))
+    assert not torch.allclose(unsaved[:, :, :n], streamed[:, :, :n])

@@ -44,9 +44,10 @@ def block_starts(codec, num_latent_frames: int, frames_per_block: int) -> list[i
 
 def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | None = None, label: str = "student",
              tracker: Tracker | None = None) -> dict:
+    gen = VideoGenerator(cfg, checkpoint)
+    cfg = gen.cfg  # the checkpoint's saved layout, where it has one
     out = Path(out_dir or cfg.run_dir / "eval" / label)
     out.mkdir(parents=True, exist_ok=True)
-    gen = VideoGenerator(cfg, checkpoint)
     ev, fpb = cfg.evaluation, cfg.student.frames_per_block
     horizon = gen.codec.video_frames(cfg.video.teacher_frames)
     scenes = sample_scenes(ev.seed, ev.num_prompts, "heldout", world_of(cfg))

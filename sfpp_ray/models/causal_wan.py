@@ -8,12 +8,17 @@ the bidirectional model reads. What changes is the forward:
 - one attention code path for (a) a whole sequence with a block-causal (optionally windowed)
   mask, used in training, and (b) streaming a block against `RollingKVCache`, used by the rollout.
 With `causal=False` it is the bidirectional Wan forward (checked against diffusers in tests).
+`save_pretrained` also writes the layout beside the weights (LAYOUT_FILE), so inference can stream
+with the blocks, window and sinks the student was trained with (`saved_layout`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,26 @@ class CausalLayout:
     sink_frames: int = 0
     position_rule: str = "window_relative"
     attention: str = "auto"  # auto: FlexAttention on CUDA, dense mask on CPU
+
+
+LAYOUT_FILE = "causal_layout.json"
+SAVED_LAYOUT_FIELDS = ("frames_per_block", "window_frames", "sink_frames", "position_rule")  # not `attention`: a kernel choice
+
+
+def saved_layout(path: str | os.PathLike) -> dict | None:
+    """The layout fields a student was saved with, read from beside its weights; None where none was saved
+    (original Wan, Self-Forcing or CausVid files, models saved by diffusers itself)."""
+    path = Path(path)
+    if path.is_dir():  # a model directory, or a pipeline root holding the transformer in transformer/
+        home = path / "transformer" if (path / "transformer").is_dir() and not (path / "config.json").is_file() else path
+    elif (path.parent / "config.json").is_file():  # the weights file of a model directory
+        home = path.parent
+    else:
+        return None
+    if not (home / LAYOUT_FILE).is_file():
+        return None
+    stored = json.loads((home / LAYOUT_FILE).read_text())
+    return {k: stored[k] for k in SAVED_LAYOUT_FIELDS if k in stored}
 
 
 def _rope_1d(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +96,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     def set_layout(self, layout: CausalLayout) -> CausalWanTransformer3DModel:
         self.layout = layout
         return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
+        """diffusers' save, plus the layout in LAYOUT_FILE: the student then streams with the window it was trained with."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            saved = {k: getattr(self.layout, k) for k in SAVED_LAYOUT_FIELDS}
+            (Path(save_directory) / LAYOUT_FILE).write_text(json.dumps(saved, indent=2) + "\n")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -198,12 +230,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 if causal:
                     mask = self._mask(nf, tpf, x.device)
 
+        recompute = torch.is_grad_enabled() and self.gradient_checkpointing
         for i, block in enumerate(self.blocks):
-            args = (block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, kv_cache, i, nf)
-            if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
-                x = checkpoint(self._block, *args, use_reentrant=False)
+            if recompute:  # the block re-runs in the backward, against the cache as this pass saw it
+                layer_cache = None if kv_cache is None else kv_cache.frozen(i)
+                x = checkpoint(self._block, block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, layer_cache, i, nf,
+                               use_reentrant=False)
             else:
-                x = self._block(*args)
+                x = self._block(block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, kv_cache, i, nf)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D)
         xo = x.view(B, nf, tpf, -1)

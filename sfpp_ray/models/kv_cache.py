@@ -114,17 +114,50 @@ class RollingKVCache:
         the returned prefix is an out-of-place copy holding the differentiable k/v in the active
         slots, so later writes to the buffer cannot invalidate the graph.
         """
-        start, end = self._active
         idx = self._idx
-        self.k[layer].index_copy_(2, idx, k.detach())
-        self.v[layer].index_copy_(2, idx, v.detach())
-        valid = min(end, self.window) * self.tpf
+        self._store(layer, idx, k, v)
+        valid = self._valid_tokens()
         kp, vp = self.k[layer, :, :, :valid], self.v[layer, :, :, :valid]
         if k.requires_grad or v.requires_grad:
             kp, vp = kp.index_copy(2, idx, k), vp.index_copy(2, idx, v)
         return kp, vp
 
+    def _store(self, layer: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(2, idx, k.detach())
+        self.v[layer].index_copy_(2, idx, v.detach())
+
+    def _valid_tokens(self) -> int:
+        return min(self._active[1], self.window) * self.tpf
+
+    def frozen(self, layer: int) -> FrozenLayerCache:
+        """This layer's cache as the active pass sees it, for a block that re-runs in the backward (see FrozenLayerCache)."""
+        return FrozenLayerCache(self, layer)
+
     def commit(self) -> None:
         start, end = self._active
         self.frames_done = end
         self._active = None
+
+
+class FrozenLayerCache:
+    """One layer of the cache for a pass under activation checkpointing, where the block runs twice.
+
+    Between the forward and the backward's re-run, later passes rewrite the ring (the context pass,
+    the next blocks), so the re-run must neither write again nor read the buffer. This holds a detached
+    copy of the layer's valid prefix taken before the pass and the pass's slots: every call attends
+    over that copy with the new k/v placed out of place, so both runs see the same keys; only the
+    first call writes the new K/V into the cache.
+    """
+
+    def __init__(self, cache: RollingKVCache, layer: int):
+        valid = cache._valid_tokens()
+        self.cache, self.layer, self.idx = cache, layer, cache._idx
+        self.k, self.v = cache.k[layer, :, :, :valid].clone(), cache.v[layer, :, :, :valid].clone()
+        self.written = False
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as RollingKVCache.write; the returned prefix is always out of place."""
+        if not self.written:
+            self.cache._store(self.layer, self.idx, k, v)
+            self.written = True
+        return self.k.index_copy(2, self.idx, k), self.v.index_copy(2, self.idx, v)

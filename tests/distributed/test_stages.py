@@ -34,6 +34,7 @@ def runs(ray_cluster, tmp_path_factory):
     cfg = load_config(CONFIG, [
         f"run.output_dir={out}", "run.name=stages", f"run.stages={STAGES}",
         "rollout.num_frames=12", "rollout.cpus_per_worker=0.5", "ode.num_pairs=4", "ode.steps=4", "dmd.steps=2",
+        "trainer.batch_size=2", "rollout.batch_size=2",  # two windows a step, two prompts a rollout
         "dmd.update_ratio=1", "grpo.steps=2", "tracking.experiment=sfpp-stages",
         # the interruption test below covers float32 and the plain loss; this run weighs the loss towards
         # sprites and draws its noise levels around the middle

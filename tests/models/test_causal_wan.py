@@ -1,10 +1,12 @@
-"""The causal student: streaming equals the block-causal forward, causality, and Wan equivalence."""
+"""The causal student: streaming equals the block-causal forward, causality, Wan equivalence, the saved layout."""
+
+import json
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from sfpp_ray.models.causal_wan import CausalLayout, CausalWanTransformer3DModel
+from sfpp_ray.models.causal_wan import LAYOUT_FILE, CausalLayout, CausalWanTransformer3DModel, saved_layout
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=12,
             text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2)
@@ -133,3 +135,23 @@ def test_sample_prediction_is_read_as_the_flow_through_the_noise_level():
         tiny = torch.full((2,), 1.0)  # below the smallest noise level a sample is divided by
         assert torch.allclose(bidirectional(x, tiny, text, return_dict=False)[0],
                               (x - teacher(x, tiny, text, return_dict=False)[0]) / 0.05, atol=1e-4)
+
+
+def test_save_pretrained_writes_the_layout_beside_the_weights(tmp_path):
+    teacher, student = _models(int(torch.randint(0, 2**31, ())))
+    fpb = int(torch.randint(1, 4, ()))
+    sink = fpb * int(torch.randint(0, 2, ()))
+    rule = ["window_relative", "absolute"][int(torch.randint(0, 2, ()))]
+    student.set_layout(CausalLayout(fpb, sink + fpb * int(torch.randint(1, 8, ())), sink, rule, attention="sdpa"))
+    expected = {k: getattr(student.layout, k) for k in ("frames_per_block", "window_frames", "sink_frames", "position_rule")}
+    student.save_pretrained(tmp_path / "pipeline" / "transformer")
+    home = tmp_path / "pipeline" / "transformer"
+    assert json.loads((home / LAYOUT_FILE).read_text()) == expected  # not the attention kernel: a runtime choice
+    assert saved_layout(home) == saved_layout(tmp_path / "pipeline") == expected
+    assert saved_layout(home / "diffusion_pytorch_model.safetensors") == expected
+    loaded = CausalWanTransformer3DModel.from_pretrained(home)  # still a diffusers directory
+    assert all(torch.equal(p, student.state_dict()[k]) for k, p in loaded.state_dict().items())
+
+    teacher.save_pretrained(tmp_path / "teacher")  # diffusers' own save states no layout
+    torch.save(student.state_dict(), tmp_path / "single.pt")  # nor does a single file
+    assert saved_layout(tmp_path / "teacher") is None and saved_layout(tmp_path / "single.pt") is None
