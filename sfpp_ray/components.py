@@ -65,8 +65,11 @@ def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
 
 
 def build_teacher(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransformer3DModel:
-    """The frozen bidirectional teacher (real score)."""
-    return build_critic(cfg, device, dtype).eval().requires_grad_(False)
+    """The frozen bidirectional teacher (real score): no gradient, so nothing to checkpoint."""
+    teacher = build_critic(cfg, device, dtype).eval().requires_grad_(False)
+    if teacher.gradient_checkpointing:
+        teacher.disable_gradient_checkpointing()
+    return teacher
 
 
 def build_guide(cfg: Config, device=None, dtype=None) -> tuple[BidirectionalWanTransformer3DModel, TextEncoder] | None:

@@ -18,6 +18,7 @@ from sfpp_ray.components import world_of
 from sfpp_ray.config import Config
 from sfpp_ray.evaluation.metrics import segment_metrics, summarise
 from sfpp_ray.generate import VideoGenerator
+from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import write_video
 from sfpp_ray.world.sprites import prompt, render, sample_scenes
@@ -56,7 +57,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     for i, scene in enumerate(scenes):
         reference = render(scene, 0, 4 * horizon)
         frames = FrameList()
-        gen.stream(prompt(scene), longest, frames, seed=ev.seed + i)
+        gen.stream(prompt(scene), longest, frames, seed=seed_for(ev.seed, "evaluation", i))
         stream = frames.video()
         for mult in ev.horizons:
             nf = cfg.video.teacher_frames * mult

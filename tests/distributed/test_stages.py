@@ -19,6 +19,7 @@ from sfpp_ray.distributed.teacher_trainer import READ_BACK_EVERY
 from sfpp_ray.distributed.engine import EMA_SHARD_FILE, STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 from sfpp_ray.models.text_encoder import PromptConditioned
+from sfpp_ray.video_io import read_video
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 STAGES = ["pretrain_teacher", "ode", "dmd", "grpo"]
@@ -64,6 +65,8 @@ def test_every_stage_runs_in_order_and_leaves_loadable_weights(runs):
         components.build_student(cfg, checkpoint=str(cfg.run_dir / name))
     assert first["student"] == str(cfg.run_dir / "student_grpo")  # the evaluation video shows the last student
     assert Path(first["video"]).is_file()
+    frames = read_video(first["video"])  # twice the teacher's horizon, counted in the codec's video frames
+    assert len(frames) == components.build_video_codec(cfg).video_frames(2 * cfg.video.teacher_frames)
 
 
 def test_teacher_flow_matching_loss_decreases(runs):
