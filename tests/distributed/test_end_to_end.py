@@ -106,8 +106,12 @@ def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path, saved_average):
 
 
 def test_without_a_moving_average_the_saved_student_is_the_last_published(ray_cluster, tmp_path):
-    summary = run(tiny(tmp_path, "no_ema", 2, 2, "trainer.ema_decay=0"))
+    """Also trainer.checkpoint_every=0: no checkpoint along the way, one at the end."""
+    summary = run(tiny(tmp_path, "no_ema", 2, 2, "trainer.ema_decay=0", "trainer.checkpoint_every=0"))
     assert summary["metrics"]["step"] == 2
+    saved = [torch.load(d / STATE_FILE, weights_only=False)["step"]
+             for d in Path(summary["checkpoints"]).glob("checkpoint_*/")]
+    assert saved == [2]
     assert summary["student_checksum"] == dict(summary["published"])[2] != dict(summary["published"])[1]
 
 
