@@ -1,32 +1,45 @@
-"""The paper's long-horizon comparison at small scale, in one process, in a world whose truth is known.
+"""The paper's long-horizon comparison at small scale, in a world whose truth is known, trained by the product.
 
-Stages (each writes under --out and is skipped when its output exists, so an interrupted run resumes):
-  teacher     flow-matching pretraining of the bidirectional teacher on T-frame world clips
+Every training stage is `sfpp-ray train` (sfpp_ray.distributed.controller.train) with config overrides, and prints
+that command line: a row of the table is remade with the printed command, without this script. The script only
+picks the overrides, samples the teacher for the sampler sweep and scores the students.
+
+Stages (each skipped when its output is finished, so an interrupted run resumes):
+  teacher     the pretrain_teacher stage, run directory --out: out/teacher
   sampler     the teacher's samples scored on validation scenes for each ODE sampler setting in
               SAMPLER_SWEEP (shift x guidance), then autoguidance and the stochastic sampler at the best;
               once it has run, the ODE pairs and the teacher's reference samples use its best setting
               instead of the config's (the ODE pairs stay deterministic: they ignore ode.eta)
-  ode         teacher ODE pairs, then ODE initialisation of the causal student
-  <variants>  DMD from the ODE student, each with its own critic:
-                sf          Self-Forcing: rollout = training window = T
-                sfpp        Self-Forcing++: N-frame rolling-cache rollouts, backward-noised T-frame windows
-                sfpp_nobn   sfpp, windows re-generated from pure noise
-                sfpp_w<n>   sfpp with an n-frame attention (KV cache) window (default: 9 and 15, the paper's
-                            ablation, where shorter than the configured window)
-                sfpp_grpo   sfpp followed by GRPO with the optical-flow reward
-  eval        real clips, teacher samples (1x T) and every variant at cfg.evaluation.horizons,
-              scored against real clips; a table is printed and written to results.json
+  ode         the ode stage from the teacher, run directory --out: out/student_ode
+  <variants>  the dmd stage from out/student_ode, each variant and training seed (--seeds) in its own run
+              directory out/<variant>/seed<k> (its student in student/), with the overrides of variant_overrides:
+                sf           Self-Forcing: rollout = training window = attention window = T, no rolling cache
+                sfpp         Self-Forcing++: N-frame rolling-cache rollouts, backward-noised T-frame windows
+                sfpp_nobn    sfpp, windows re-generated from pure noise
+                sfpp_nocache sfpp, windows re-generated without the rollout's frames before them
+                sfpp_w<n>    sfpp with an n-frame attention (KV cache) window (default: 9 and 15, the paper's
+                             ablation, where shorter than the configured window)
+                sfpp_grpo    the grpo stage from sfpp's student of the same seed (student_grpo/)
+  eval        real clips, teacher samples (1x T) and every variant and seed at cfg.evaluation.horizons, scored
+              against real clips (sfpp-ray evaluate's function); a table of the mean and spread over seeds is
+              printed and written to results.json
 
-    python experiments/long_horizon.py --out runs/long_horizon [--stages teacher,ode,sf,sfpp,eval] [key=value ...]
+The teacher and the ODE student are trained once, with the config's run.seed. On a GPU each variant's trainer and
+rollout workers share it (trainer.gpus_per_worker, rollout.gpus_per_worker: GPU_SHARES), unless given.
+
+    python experiments/long_horizon.py --out runs/long_horizon [--stages teacher,ode,sf,sfpp,eval] [--seeds 0,1,2] \
+        [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
+import math
+import os
 import re
+import shlex
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,21 +48,16 @@ import numpy as np
 import torch
 
 from sfpp_ray import components
-from sfpp_ray.algorithm.dmd import EMA, critic_loss, dmd_generator_loss, is_generator_step
-from sfpp_ray.algorithm.grpo import group_advantages, grpo_backward, trajectory_log_prob
-from sfpp_ray.algorithm.ode_init import (Guide, OdePairStore, fill_ode_store, make_ode_trajectories,
-                                         ode_regression_loss, teacher_samples)
-from sfpp_ray.algorithm.reward import batch_flow_rewards
-from sfpp_ray.algorithm.rollout import rollout
-from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, sample_window_start, sf_pp_generator_batch
-from sfpp_ray.config import Config, ConfigError, load_config, saved_guides, validate, with_teacher
-from sfpp_ray.evaluation.evaluate import evaluate, nanmean, world_of
+from sfpp_ray.algorithm.ode_init import Guide, teacher_samples
+from sfpp_ray.components import world_of
+from sfpp_ray.config import Config, ConfigError, load_config, saved_guides, with_teacher
+from sfpp_ray.evaluation.evaluate import evaluate, nanmean
 from sfpp_ray.evaluation.metrics import segment_metrics, summarise
 from sfpp_ray.video_io import to_uint8
 from sfpp_ray.world.sprites import prompt, render, sample_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE = "stage.json"  # written last: a stage whose directory lacks it did not finish
+DONE = "stage.json"  # written last: a stage whose directory lacks it did not finish (the product's marker too)
 TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frechet")
 
 
@@ -57,7 +65,8 @@ TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frech
 
 
 class Setup:
-    """What every stage shares: config, device, text encoder, codec, schedule and the negative prompt."""
+    """What the stages run here share (the sampler sweep, the reference rows; experiments/teacher_sampler.py and
+    others): config, device, text encoder, codec, schedule and the negative prompt."""
 
     def __init__(self, cfg: Config, out: Path, teacher: Path | None = None, given: Iterable[str] = ()):
         """`teacher`: another teacher directory to stand in for out/teacher (a saved guide, a teacher of
@@ -71,7 +80,6 @@ class Setup:
         self.text = components.build_text_encoder(text_cfg, self.device, self.dtype)
         self.codec = components.build_video_codec(cfg, self.device, self.dtype)
         self.schedule = components.build_schedule(cfg)
-        self.timesteps = self.schedule.student_timesteps(cfg.schedule)  # CPU: indexed as Python scalars
         self.uncond = self.text.encode([cfg.text.negative_prompt])
         self.world = world_of(cfg)
         self._guides: dict[str, tuple] = {}  # ode.guide -> (model, text encoder), loaded on first use
@@ -106,10 +114,6 @@ class Setup:
         shape = components.latent_shape(self.cfg, self.codec, num_frames, batch)
         return torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
 
-    def train_prompts(self, offset: int, n: int) -> list[str]:
-        """n training-split prompts; `offset` makes each stage and step draw its own scenes."""
-        return [prompt(s) for s in sample_scenes(self.cfg.run.seed * 1000 + offset, n, "train", self.world)]
-
 
 def finished(path: Path) -> bool:
     return (path / DONE).is_file()
@@ -121,191 +125,163 @@ def mark_done(path: Path, record: dict) -> dict:
     return record
 
 
-def adamw(params, lr: float, cfg: Config) -> torch.optim.AdamW:
-    t = cfg.trainer
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+def record_seconds(out: Path, label: str, seconds: float) -> None:
+    """out/seconds.json: how long each stage run here took (results.json's "stages")."""
+    path = out / "seconds.json"
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.is_file() else {}), label: seconds}, indent=2))
 
 
-def step_(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, clip: float) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    return float(norm)
+# ---------------------------------------------------------------- training: `sfpp-ray train` with overrides
 
 
-def progress(name: str, step: int, steps: int, t0: float, **values: float) -> None:
-    if step == steps - 1 or step % max(1, steps // 10) == 0:
-        text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        print(f"[{name}] {step + 1}/{steps}  {time.perf_counter() - t0:.0f}s  {text}", flush=True)
+class Command:
+    """`sfpp-ray train --config <config> <overrides>`, the run's command line, which every training stage extends
+    with its own overrides (later ones win)."""
+
+    def __init__(self, config: str, overrides: list[str]):
+        self.config, self.overrides = config, list(overrides)
+
+    def config_for(self, stage: list[str]) -> Config:
+        return load_config(self.config, [*self.overrides, *stage])
+
+    def line(self, stage: list[str]) -> str:
+        config = os.path.relpath(self.config)
+        return "sfpp-ray train " + shlex.join(["--config", self.config if config.startswith("..") else config,
+                                               *self.overrides, *stage])
+
+    def train(self, out: Path, label: str, stage: list[str]) -> dict:
+        """Prints the command line, then runs it here. Ray is joined when initialised, else started for this stage
+        and stopped after it: the controller sizes a local cluster for the stages it runs."""
+        import ray
+
+        from sfpp_ray.distributed.controller import train
+
+        print(f"[{label}] {self.line(stage)}", flush=True)
+        cfg, t0, started_here = self.config_for(stage), time.perf_counter(), not ray.is_initialized()
+        try:
+            summary = train(cfg)
+        finally:
+            if started_here:
+                ray.shutdown()
+        record_seconds(out, label, time.perf_counter() - t0)
+        return summary
 
 
-# ---------------------------------------------------------------- teacher
+def value_text(value) -> str:
+    """A config value as an override writes it (YAML reads it back)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def train_teacher(s: Setup) -> dict:
-    """The `pretrain_teacher` stage of the Ray system (Ray Train + DeepSpeed, `sfpp-ray pretrain-teacher`),
-    run with this experiment's output directory as its run directory, so it writes teacher/ here."""
-    import ray
-
-    from sfpp_ray.distributed.controller import train
-
-    cfg = copy.deepcopy(s.cfg)
-    cfg.run.output_dir, cfg.run.name, cfg.run.stages = str(s.out.parent.resolve()), s.out.name, ["pretrain_teacher"]
-    cfg.trainer.gpus_per_worker = 1.0 if s.device.type == "cuda" else 0.0
-    started_here = not ray.is_initialized()
-    try:
-        return train(cfg)["stages"]["pretrain_teacher"]["record"]
-    finally:
-        if started_here:
-            ray.shutdown()
+def changes(cfg: Config, wanted: dict, given: Iterable[str] = ()) -> list[str]:
+    """Overrides for the dotted keys of `wanted` whose value cfg does not have yet, but for the `given` ones."""
+    flat = cfg.flat()
+    return [f"{k}={value_text(v)}" for k, v in wanted.items() if flat[k] != v and k not in given]
 
 
-# ---------------------------------------------------------------- ODE initialisation
+def teacher_overrides(cfg: Config, teacher_dir: Path) -> list[str]:
+    """with_teacher's changes (the teacher's weights, its own text encoder where it has one) as overrides."""
+    return changes(cfg, with_teacher(cfg, teacher_dir).flat())
 
 
-def ode_init(s: Setup) -> dict:
-    """Teacher ODE pairs (kept in a resumable store), then block-causal regression of the student onto them."""
-    cfg, t0 = s.with_teacher(), time.perf_counter()
-    T, g = cfg.video.teacher_frames, s.generator(2)
-    teacher = components.build_teacher(cfg, s.device, s.dtype)
-    store = OdePairStore(s.out / "ode_pairs", meta={"timesteps": s.timesteps.tolist(),
-                                                    "shape": list(components.latent_shape(cfg, s.codec, T))})
-
-    sampler = s.teacher_sampler()
-
-    def make_shard(n: int) -> tuple[torch.Tensor, list[str]]:
-        prompts = s.train_prompts(100_000 + len(store), n)
-        return make_ode_trajectories(teacher, s.text.encode(prompts), s.uncond, s.noise(T, n, g), s.timesteps,
-                                     sampler, s.schedule, s.guide(sampler, prompts)), prompts
-
-    print(f"[ode] teacher sampler: shift {sampler.shift:g}, guidance {sampler.guidance:g}, "
-          f"autoguidance {sampler.autoguidance:g} ({sampler.guide}), eta {sampler.eta:g} (samples only)", flush=True)
-    fill_ode_store(store, cfg.ode.num_pairs, make_shard, cfg.ode.shard_size)
-    teacher = None  # frees its memory before the student trains (make_shard refers to it: no `del`)
-    pairs = [store.load(i) for i in range(cfg.ode.num_pairs)]
-    trajectories = torch.stack([p[0] for p in pairs]).to(s.device, s.dtype)
-    prompts = [p[1] for p in pairs]
-    student = components.build_student(cfg, s.device, s.dtype).train()
-    opt = adamw(student.parameters(), cfg.ode.lr, cfg)
-    losses = []
-    for step in range(cfg.ode.steps):
-        idx = torch.randint(0, len(prompts), (cfg.ode.batch_size,), generator=g, device=s.device)
-        text = s.text.encode([prompts[i] for i in idx.tolist()])
-        loss = ode_regression_loss(student, trajectories[idx], s.timesteps, text, s.schedule, g)
-        step_(loss, student, opt, cfg.trainer.grad_clip)
-        losses.append(loss.item())
-        progress("ode", step, cfg.ode.steps, t0, loss=loss.item())
-    student.save_pretrained(s.out / "student_ode")
-    return mark_done(s.out / "student_ode", {"losses": {"ode_regression": losses}, "seconds": time.perf_counter() - t0})
+def run_keys(run_dir: Path, stage: str) -> list[str]:
+    """The run directory a training stage writes into and the one controller stage it runs."""
+    return [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", f"run.stages=[{stage}]"]
 
 
-# ---------------------------------------------------------------- variants
+def whole_gpu(s: Setup) -> list[str]:
+    """The teacher and ODE stages, which run alone: their ranks hold a whole GPU each (CPU ranks without one)."""
+    return changes(s.cfg, {"trainer.gpus_per_worker": 1.0 if s.device.type == "cuda" else 0.0})
 
 
-def variant_config(cfg: Config, name: str) -> Config:
-    """The config a variant trains and is evaluated with."""
-    v = copy.deepcopy(cfg)
+GPU_SHARES = {"trainer": 0.5, "rollout": 0.5}  # of the one GPU a variant's trainer ranks and rollout workers share
+
+
+def gpu_overrides(cfg: Config, cuda: bool, given: Iterable[str] = ()) -> list[str]:
+    """A variant's GPU requests: on a GPU each role's share of GPU_SHARES split over its workers (rounded down to
+    Ray's precision of 1e-4), so the run asks for at most one GPU; CPU ranks and workers otherwise. Keys given on
+    the command line stay as given."""
+    workers = {"trainer": cfg.trainer.num_workers, "rollout": cfg.rollout.num_workers}
+    return changes(cfg, {f"{role}.gpus_per_worker": math.floor(share / workers[role] * 1e4) / 1e4 if cuda else 0.0
+                         for role, share in GPU_SHARES.items()}, given)
+
+
+def variant_overrides(cfg: Config, name: str) -> list[str]:
+    """What a variant sets on top of the config, as `sfpp-ray train` overrides (T: the teacher's horizon)."""
     T = cfg.video.teacher_frames
-    v.data.window_frames = T
-    if name == "sf":
-        v.rollout.num_frames, v.student.window_frames, v.data.backward_noise = T, T, False
-    elif name == "sfpp_nobn":
-        v.data.backward_noise = False
-    elif m := re.fullmatch(r"sfpp_w(\d+)", name):
-        v.student.window_frames = int(m.group(1))
-    elif name not in ("sfpp", "sfpp_grpo"):
-        raise ValueError(f"unknown variant {name!r}")
-    validate(v)
-    return v
+    sfpp = [f"data.window_frames={T}"]  # rollouts of rollout.num_frames, backward noise, rolling cache
+    if name == "sf":  # N = T, no rolling cache in training
+        return [f"rollout.num_frames={T}", f"student.window_frames={T}", *sfpp, "data.backward_noise=false",
+                "data.training_rolling_cache=false"]
+    if name in ("sfpp", "sfpp_grpo"):
+        return sfpp
+    if name == "sfpp_nobn":
+        return [*sfpp, "data.backward_noise=false"]
+    if name == "sfpp_nocache":
+        return [*sfpp, "data.training_rolling_cache=false"]
+    if m := re.fullmatch(r"sfpp_w(\d+)", name):
+        return [*sfpp, f"student.window_frames={int(m.group(1))}"]
+    raise ValueError(f"unknown variant {name!r} (known: sf, sfpp, sfpp_nobn, sfpp_nocache, sfpp_w<n>, sfpp_grpo)")
 
 
 ABLATION_WINDOWS = (9, 15)  # latent frames: the paper's cache-window ablation against the full 21
 
 
 def default_variants(cfg: Config) -> list[str]:
-    """sf, sfpp, sfpp_nobn, the ablation's cache windows that fit (whole blocks, shorter than the configured one), sfpp_grpo."""
+    """sf, sfpp, sfpp_nobn, sfpp_nocache, the ablation's cache windows that fit (whole blocks, shorter than the
+    configured one), sfpp_grpo."""
     w, fpb = cfg.student.window_frames, cfg.student.frames_per_block
     windows = [n for n in ABLATION_WINDOWS if n < w and n % fpb == 0]
-    return ["sf", "sfpp", "sfpp_nobn", *(f"sfpp_w{n}" for n in windows), "sfpp_grpo"]
+    return ["sf", "sfpp", "sfpp_nobn", "sfpp_nocache", *(f"sfpp_w{n}" for n in windows), "sfpp_grpo"]
 
 
-def train_dmd(s: Setup, name: str) -> dict:
-    """DMD on windows of the student's own rollouts: critic every step, student every update_ratio-th.
-
-    The critic fits the student's window distribution: uniform windows of its long rollouts (sfpp),
-    or its whole T-frame rollouts (sf).
-    """
-    cfg = s.with_teacher(variant_config(s.cfg, name))
-    tr, offset = cfg.trainer, 10_000 * (1 + sum(map(ord, name)))
-    g, t0 = s.generator(offset), time.perf_counter()
-    teacher = components.build_teacher(cfg, s.device, s.dtype)
-    critic = components.build_critic(cfg, s.device, s.dtype)
-    student = components.build_student(cfg, s.device, s.dtype, checkpoint=str(s.out / "student_ode")).train()
-    opt_g, opt_c = adamw(student.parameters(), tr.generator_lr, cfg), adamw(critic.parameters(), tr.critic_lr, cfg)
-    ema = EMA(student, tr.ema_decay, tr.ema_start_step)
-    N, K, B = cfg.rollout.num_frames, cfg.data.window_frames, tr.batch_size
-    losses: dict[str, list[float]] = {"dmd": [], "critic": []}
-    generator_steps = 0
-    for step in range(cfg.dmd.steps):
-        if is_generator_step(step, cfg.dmd.update_ratio):
-            # One long rollout per student update; the critic steps until the next update fit other
-            # windows of it, which keeps an N-frame rollout's cost off every critic step.
-            cond = s.text.encode(s.train_prompts(offset + step * B, B))
-            with torch.no_grad():
-                latents = extended_rollout(student, student.cross_attention_cache(cond), s.noise(N, B, g), s.schedule,
-                                           s.timesteps, cfg.schedule.context_noise, g)
-            x0, _ = sf_pp_generator_batch(student, student.cross_attention_cache(cond), latents, s.schedule,
-                                          s.timesteps, cfg.data, cfg.schedule.context_noise, g)
-            loss, _ = dmd_generator_loss(x0, teacher, critic, cond, s.uncond, s.schedule, cfg.dmd, g)
-            step_(loss, student, opt_g, tr.grad_clip)
-            ema.update(student, generator_steps)
-            generator_steps += 1
-            losses["dmd"].append(loss.item())
-        start = sample_window_start(N, K, cfg.student.frames_per_block, cfg.data.window_sampler, cfg.data.beta_a,
-                                    cfg.data.beta_b, g)
-        loss, _ = critic_loss(latents[:, :, start:start + K], critic, cond, s.schedule, cfg.dmd, g)
-        step_(loss, critic, opt_c, tr.grad_clip)
-        losses["critic"].append(loss.item())
-        progress(name, step, cfg.dmd.steps, t0, critic=loss.item(), dmd=losses["dmd"][-1])
-    ema.copy_to(student)  # the average is the published model
-    student.save_pretrained(s.out / name)
-    return mark_done(s.out / name, {"losses": losses, "seconds": time.perf_counter() - t0})
+def variant_dir(out: Path, name: str, seed: int) -> Path:
+    return out / name / f"seed{seed}"
 
 
-def train_grpo(s: Setup, name: str = "sfpp_grpo") -> dict:
-    """sfpp, then GRPO with the optical-flow reward: groups of rollouts of one prompt, KL to the frozen sfpp student."""
-    cfg = s.with_teacher(variant_config(s.cfg, name))
-    gp, tr = cfg.grpo, cfg.trainer
-    g, t0 = s.generator(3), time.perf_counter()
-    student = components.build_student(cfg, s.device, s.dtype, checkpoint=str(s.out / "sfpp")).train()
-    reference = components.build_student(cfg, s.device, s.dtype, checkpoint=str(s.out / "sfpp")).eval().requires_grad_(False)
-    opt = adamw(student.parameters(), gp.lr, cfg)
-    N, ctx = cfg.rollout.num_frames, cfg.schedule.context_noise
-    losses: dict[str, list[float]] = {"grpo": [], "reward": []}
-    for step in range(gp.steps):
-        cond = s.text.encode(s.train_prompts(200_000 + step, 1) * gp.group_size)
-        with torch.no_grad():
-            out = rollout(student, student.cross_attention_cache(cond), s.noise(N, gp.group_size, g), s.timesteps,
-                          s.schedule, context_noise=ctx, record=True, generator=g)
-            videos = [to_uint8(v) for v in s.codec.decode(out.latents)]
-            _, ref_means = trajectory_log_prob(reference, reference.cross_attention_cache(cond), out.steps, out.latents,
-                                               s.timesteps, s.schedule, ctx)
-        rewards = batch_flow_rewards(videos, gp.min_motion, gp.reward, gp.raft_weights)
-        advantages = group_advantages(torch.from_numpy(rewards)[None], gp.advantage_clip)[0].to(s.device)
-        opt.zero_grad(set_to_none=True)
-        info = grpo_backward(student, cond, out.steps, out.latents, advantages, ref_means, s.timesteps, s.schedule,
-                             ctx, gp, lambda loss, weight: (loss * weight).backward())
-        torch.nn.utils.clip_grad_norm_(student.parameters(), tr.grad_clip)
-        opt.step()
-        losses["grpo"].append(info["loss"])
-        losses["reward"].append(float(rewards.mean()))
-        progress(name, step, gp.steps, t0, loss=info["loss"], reward=float(rewards.mean()))
-    student.save_pretrained(s.out / name)
-    return mark_done(s.out / name, {"losses": losses, "seconds": time.perf_counter() - t0})
+def student_of(out: Path, name: str, seed: int) -> Path:
+    """Where the controller saves a variant's student: student/ (the dmd stage), student_grpo/ (grpo)."""
+    return variant_dir(out, name, seed) / ("student_grpo" if name == "sfpp_grpo" else "student")
 
 
-# ---------------------------------------------------------------- evaluation
+def variant_run(s: Setup, name: str, seed: int) -> list[str]:
+    """All a variant adds to the command line: its overrides, then its run directory and stage, training seed,
+    teacher, first student (the ODE student; sfpp's of the same seed for sfpp_grpo) and GPU shares."""
+    grpo = name == "sfpp_grpo"
+    start = student_of(s.out, "sfpp", seed) if grpo else s.out / "student_ode"
+    return [*variant_overrides(s.cfg, name), *run_keys(variant_dir(s.out, name, seed), "grpo" if grpo else "dmd"),
+            f"run.seed={seed}", *teacher_overrides(s.cfg, s.teacher_dir), f"student.checkpoint={start}",
+            *gpu_overrides(s.cfg, s.device.type == "cuda", s.given)]
+
+
+def trained(student: Path, cfg: Config) -> bool:
+    """The controller's rule: finished, a DMD student only up to the dmd.steps it reached (more steps go on from its
+    last checkpoint)."""
+    return finished(student) and (student.name != "student"
+                                  or json.loads((student / DONE).read_text())["steps"] >= cfg.dmd.steps)
+
+
+def train_teacher(s: Setup, cmd: Command) -> dict:
+    """The pretrain_teacher stage with --out as its run directory: out/teacher."""
+    return cmd.train(s.out, "teacher", [*run_keys(s.out, "pretrain_teacher"), *whole_gpu(s)])
+
+
+def train_ode(s: Setup, cmd: Command) -> dict:
+    """The ode stage from the teacher with --out as its run directory (out/student_ode, the pairs in out/ode_pairs),
+    its pairs drawn with the sampler stage's choice once that has run (Setup.teacher_sampler)."""
+    sampler = {f"ode.{k}": v for k, v in dataclasses.asdict(s.teacher_sampler()).items()}
+    return cmd.train(s.out, "ode", [*run_keys(s.out, "ode"), *teacher_overrides(s.cfg, s.teacher_dir),
+                                    *changes(s.cfg, sampler), *whole_gpu(s)])
+
+
+def train_variant(s: Setup, cmd: Command, name: str, seed: int) -> dict:
+    start = student_of(s.out, "sfpp", seed) if name == "sfpp_grpo" else s.out / "student_ode"
+    if not finished(start):
+        raise RuntimeError(f"{name} starts from {start}, which is not trained: run the "
+                           f"{'sfpp stage with this seed' if name == 'sfpp_grpo' else 'ode stage'} first")
+    return cmd.train(s.out, f"{name} seed{seed}", variant_run(s, name, seed))
+
+
+# ---------------------------------------------------------------- sampler sweep and evaluation
 
 
 SAMPLER_SWEEP = {"shift": (1.0, 3.0, 8.0), "guidance": (1.0, 2.0, 4.0)}
@@ -413,27 +389,56 @@ def check_eval_settings(s: Setup) -> None:
                                    "remove that directory to score again")
 
 
-def run_eval(s: Setup, variants: list[str]) -> dict:
-    """Scores every finished variant (each cached under eval/<variant>) and collects the results table."""
+def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int]) -> dict:
+    """Scores every trained variant and seed with the config it trained with (each cached under
+    eval/<variant>/seed<k>), then collects per variant and horizon the mean over seeds and their spread."""
     check_eval_settings(s)  # makes eval/
     ref_path = s.out / "eval" / "reference.json"
     if not ref_path.is_file():
         ref_path.write_text(json.dumps(reference_rows(s), indent=2))
     reference = json.loads(ref_path.read_text())
     print(format_reference(reference))
-    table = {label: {int(h): {k: m[k] for k in TABLE_KEYS} for h, m in rows.items()} for label, rows in reference.items()}
+    scores = {label: {None: rows} for label, rows in reference.items()}  # label -> seed -> horizon -> metrics
+    commands: dict[str, dict[int, str]] = {}
     for name in variants:
-        if not finished(s.out / name):
-            print(f"[eval] {name}: not trained, skipped")
-            continue
-        path = s.out / "eval" / name / "metrics.json"
-        if not path.is_file():
-            evaluate(variant_config(s.with_teacher(), name), str(s.out / name), path.parent, label=name)
-        table[name] = {int(h): {k: m[k] for k in TABLE_KEYS} for h, m in json.loads(path.read_text())["table"].items()}
-    result = {"horizon_frames": s.codec.video_frames(s.cfg.video.teacher_frames), "table": table,
-              "stages": {p.name: json.loads((p / DONE).read_text())["seconds"] for p in sorted(s.out.iterdir()) if finished(p)}}
+        for seed in seeds:
+            student = student_of(s.out, name, seed)
+            if not finished(student):
+                print(f"[eval] {name} seed{seed}: not trained, skipped")
+                continue
+            path = s.out / "eval" / name / f"seed{seed}" / "metrics.json"
+            overrides = variant_run(s, name, seed)
+            if not path.is_file():
+                evaluate(cmd.config_for(overrides), checkpoint=str(student), out_dir=path.parent,
+                         label=f"{name} seed{seed}")
+            scores.setdefault(name, {})[seed] = json.loads(path.read_text())["table"]
+            commands.setdefault(name, {})[seed] = cmd.line(overrides)
+    table, spread = {}, {}
+    for label, by_seed in scores.items():
+        table[label], spread[label] = over_seeds(list(by_seed.values()))
+    seconds = s.out / "seconds.json"
+    result = {"horizon_frames": s.codec.video_frames(s.cfg.video.teacher_frames), "table": table, "spread": spread,
+              "seeds": {label: [k for k in by_seed if k is not None] for label, by_seed in scores.items()},
+              "per_seed": {label: by_seed for label, by_seed in scores.items() if None not in by_seed},
+              "commands": commands, "stages": json.loads(seconds.read_text()) if seconds.is_file() else {}}
     (s.out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+def over_seeds(tables: list[dict]) -> tuple[dict, dict]:
+    """Per horizon and TABLE_KEYS metric of one variant's per-seed tables: the mean over seeds, and their spread
+    (sample std, min, max over the n seeds whose value is defined)."""
+    mean, spread = {}, {}
+    for h in tables[0]:
+        mean[int(h)], spread[int(h)] = {}, {}
+        for k in TABLE_KEYS:
+            v = np.array([t[h][k] for t in tables], dtype=float)
+            v = v[~np.isnan(v)]
+            mean[int(h)][k] = float(v.mean()) if len(v) else math.nan
+            spread[int(h)][k] = {"std": float(v.std(ddof=1)) if len(v) > 1 else math.nan,
+                                 "min": float(v.min()) if len(v) else math.nan,
+                                 "max": float(v.max()) if len(v) else math.nan, "n": len(v)}
+    return mean, spread
 
 
 def format_reference(reference: dict[str, dict]) -> str:
@@ -444,11 +449,18 @@ def format_reference(reference: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def format_results(table: dict[str, dict[int, dict]]) -> str:
-    lines = [f"{'variant':<12}{'horizon':>8}" + "".join(f"{k:>16}" for k in TABLE_KEYS)]
-    for label, rows in table.items():
+def format_results(result: dict) -> str:
+    """The mean over seeds; where more than one seed was scored, ± their sample std, and min..max on the line below."""
+    lines = [f"{'variant':<14}{'horizon':>8}{'seeds':>6}" + "".join(f"{k:>22}" for k in TABLE_KEYS)]
+    for label, rows in result["table"].items():
+        n = max(1, len(result["seeds"][label]))
         for h, m in sorted(rows.items()):
-            lines.append(f"{label:<12}{str(h) + 'x':>8}" + "".join(f"{m[k]:>16.3f}" for k in TABLE_KEYS))
+            sp = result["spread"][label][h]
+            cells = (f"{m[k]:.3f} ± {sp[k]['std']:.3f}" if n > 1 else f"{m[k]:.3f}" for k in TABLE_KEYS)
+            lines.append(f"{label:<14}{str(h) + 'x':>8}{n:>6}" + "".join(f"{c:>22}" for c in cells))
+            if n > 1:
+                ranges = (f"{sp[k]['min']:.3f}..{sp[k]['max']:.3f}" for k in TABLE_KEYS)
+                lines.append(" " * 28 + "".join(f"{r:>22}" for r in ranges))
     return "\n".join(lines)
 
 
@@ -460,40 +472,48 @@ def given_keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0] for o in overrides}
 
 
-def run(cfg: Config, out: Path, stages: list[str], given: Iterable[str] = ()) -> dict | None:
-    """Runs the requested stages in order, skipping finished ones; returns the results when eval ran. `given`:
-    the keys set on the command line (Setup)."""
+FIXED = {"teacher": "teacher", "sampler": "sampler", "ode": "student_ode"}  # stage -> its output under --out
+
+
+def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = None) -> dict | None:
+    """Runs the requested stages in order, skipping finished ones, each variant once per training seed (default: the
+    config's run.seed); returns the results when eval ran."""
+    cfg, given = cmd.config_for([]), given_keys(cmd.overrides)
+    seeds = seeds or [cfg.run.seed]
+    out = out if out.name else out.resolve()  # run.name is the directory's name
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     s = Setup(cfg, out, given=given)
-    variants = [v for v in stages if v not in ("teacher", "sampler", "ode", "eval")]
-    for v in variants:
-        variant_config(cfg, v)  # a bad variant name fails before hours of training
-    needs = {"teacher": "teacher", "sampler": "sampler", "ode": "student_ode", **{v: v for v in variants}}
+    variants = [v for v in stages if v not in (*FIXED, "eval")]
+    for v in variants:  # a bad variant or seed fails before hours of training
+        for seed in seeds:
+            cmd.config_for([*variant_overrides(cfg, v), f"run.seed={seed}"])
     for stage in stages:
         if stage == "eval":
-            result = run_eval(s, variants or default_variants(cfg))
-            print(format_results(result["table"]))
+            result = run_eval(s, cmd, variants or default_variants(cfg), seeds)
+            print(format_results(result))
             return result
-        if finished(out / needs[stage]):
-            print(f"[{stage}] done, skipped")
+        if stage in FIXED:
+            if finished(out / FIXED[stage]):
+                print(f"[{stage}] done, skipped")
+            elif stage != "teacher" and not finished(s.teacher_dir):
+                raise RuntimeError(f"{stage} needs the teacher: run the teacher stage first")
+            elif stage == "teacher":
+                train_teacher(s, cmd)
+                s = Setup(cfg, out, given=given)  # with the teacher's text encoder
+            elif stage == "sampler":
+                record_seconds(out, "sampler", sampler_sweep(s)["seconds"])
+            else:
+                train_ode(s, cmd)
             continue
-        if stage == "teacher":
-            train_teacher(s)
-            s = Setup(cfg, out, given=given)  # with the teacher's text encoder
-        elif stage == "sampler":
-            sampler_sweep(s)
-        elif stage == "ode":
-            ode_init(s)
-        elif stage == "sfpp_grpo":
-            if not finished(out / "sfpp"):
-                raise RuntimeError("sfpp_grpo starts from sfpp: run the sfpp stage first")
-            train_grpo(s)
-        else:
-            train_dmd(s, stage)
+        for seed in seeds:
+            if trained(student_of(out, stage, seed), cfg):
+                print(f"[{stage} seed{seed}] done, skipped")
+            else:
+                train_variant(s, cmd, stage, seed)
     return None
 
 
@@ -501,15 +521,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "world_gpu.yaml"))
     p.add_argument("--out", required=True, help="directory every stage writes into (and resumes from)")
-    p.add_argument("--stages", help="comma-separated, in order; default: teacher,ode,<every variant>,eval")
+    p.add_argument("--stages", help="comma-separated, in order; default: teacher,sampler,ode,<every variant>,eval")
+    p.add_argument("--seeds", help="comma-separated training seeds (run.seed) of the variants; default: the config's")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    stages = args.stages.split(",") if args.stages else ["teacher", "sampler", "ode", *default_variants(cfg), "eval"]
-    order = ["teacher", "sampler", "ode"]
-    if [x for x in stages if x in order] != [x for x in order if x in stages]:
+    cmd = Command(args.config, args.overrides)
+    cfg = cmd.config_for([])
+    stages = args.stages.split(",") if args.stages else [*FIXED, *default_variants(cfg), "eval"]
+    if [x for x in stages if x in FIXED] != [x for x in FIXED if x in stages]:
         raise ValueError("teacher, sampler and ode run in that order")
-    return run(cfg, Path(args.out), stages, given_keys(args.overrides))
+    seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
+    return run(cmd, Path(args.out), stages, seeds)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def strip(video: np.ndarray) -> np.ndarray:
     return np.concatenate(list(video[::EVERY]), axis=1)
 
 
-def flow_loss(s: Setup, model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> float:
+def flow_error(s: Setup, model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> float:
     """The flow-matching loss of `model` on clips x0 noised with eps to timesteps t."""
     x_t = s.schedule.add_noise(x0, eps, t)
     return float(((model(x_t, t, text, return_dict=False)[0] - s.schedule.flow_target(x0, eps)) ** 2).mean())
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         x_t = s.schedule.add_noise(x0, eps, t)
         flow = teacher(x_t, t, text_real, return_dict=False)[0]  # also drawn below
         losses[sigma] = {"teacher": float(((flow - s.schedule.flow_target(x0, eps)) ** 2).mean()),
-                         "untrained": flow_loss(s, untrained, x0, eps, t, text_real)}
+                         "untrained": flow_error(s, untrained, x0, eps, t, text_real)}
         if sigma > 0.1:
             rows.append(strip(to_uint8(s.codec.decode(s.schedule.x0_from_flow(x_t, flow, t))[0])))
         print(f"sigma {sigma:.2f}  flow-matching loss: teacher {losses[sigma]['teacher']:.4f}  "
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_use = {}
     for sigma in SIGMAS:
         t = torch.full((x0.shape[0],), sigma * s.schedule.num_train_timesteps)
-        prompt_use[sigma] = {name: flow_loss(s, teacher, x0, eps, t, text) for name, text in
+        prompt_use[sigma] = {name: flow_error(s, teacher, x0, eps, t, text) for name, text in
                              (("own", text_own), ("other", text_own.roll(1, 0)), ("none", s.uncond.expand_as(text_own)))}
         print(f"sigma {sigma:.2f}  loss with own prompt {prompt_use[sigma]['own']:.4f}  another clip's "
               f"{prompt_use[sigma]['other']:.4f}  none {prompt_use[sigma]['none']:.4f}")

@@ -1,9 +1,12 @@
-"""experiments/long_horizon.py end to end on the tiny CPU config: every stage writes its output, the
-results table holds the expected rows, losses are finite, and a second run skips finished stages."""
+"""experiments/long_horizon.py end to end on the tiny CPU config through the controller: every stage writes its
+output, each variant's student is the product's and its printed command remakes its config, the results table holds
+the expected rows (with a spread over two seeds), and a second run skips finished stages."""
 
 import dataclasses
 import json
 import math
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -19,7 +22,9 @@ from sfpp_ray.world.sprites import WorldSpec, sample_scenes
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TOY = ["teacher_pretrain.steps=3", "ode.num_pairs=4", "ode.shard_size=4", "ode.steps=3", "ode.euler_steps=4",
-       "dmd.steps=2", "evaluation.horizons=[1,2]", "evaluation.num_prompts=1"]
+       "dmd.steps=2", "evaluation.horizons=[1,2]", "evaluation.num_prompts=1",
+       "rollout.num_workers=1", "tracking.enabled=false"]  # every training stage is a controller run: one rollout
+# worker to start, no MLflow database for each run directory
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     stages = "teacher,sampler,ode,sf,sfpp,eval"
     guided = [*TOY, "teacher_pretrain.guide_steps=[2]"]  # the teacher at step 2 is saved as an autoguidance guide
     result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
+    printed = capsys.readouterr().out
     teacher = json.loads((out / "teacher" / "stage.json").read_text())  # written by the Ray stage
     assert len(teacher["losses"]) == 3 and all(math.isfinite(v) for v in teacher["losses"])
     sweep = json.loads((out / "sampler" / "stage.json").read_text())
@@ -59,15 +65,34 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
         {**{k: best_so_far[k] for k in deterministic}, "eta": eta} for eta in experiment.ETA_SWEEP]
     best = max(sweep["rows"], key=lambda r: r["stability"])
     assert sweep["best"] == {k: best[k] for k in (*deterministic, "eta")}
-    for name in ("student_ode", "sf", "sfpp"):
-        record = json.loads((out / name / "stage.json").read_text())
-        assert record["losses"] and all(math.isfinite(v) for vs in record["losses"].values() for v in vs)
-    assert (out / "teacher" / "config.json").is_file() and (out / "sfpp" / "config.json").is_file()
+
+    # every student is the controller's: the ODE stage in --out, each variant in a run directory of its own
+    ode = json.loads((out / "student_ode" / "stage.json").read_text())
+    assert ode["steps"] == 3 and ode["pairs"] == 4 and all(math.isfinite(v) for v in ode["losses"])
+    ode_command = command_of(printed, "ode")  # the teacher's pairs drawn with the sampler stage's choice
+    remade = load_config(ode_command[3], ode_command[4:])
+    assert remade.run_dir == out and remade.run.stages == ["ode"] and remade.model.pretrained == str(out / "teacher")
+    assert {k: getattr(remade.ode, k) for k in deterministic} == {k: sweep["best"][k] for k in deterministic}
+    cfg = load_config(TINY, guided)
+    for name in ("sf", "sfpp"):
+        student = out / name / "seed0" / "student"
+        assert json.loads((student / "stage.json").read_text())["steps"] == 2  # the DMD stage's marker
+        assert (student / "config.json").is_file()
+        # the printed command holds the variant's overrides and remakes its config
+        command = command_of(printed, f"{name} seed0")
+        assert command[:3] == ["sfpp-ray", "train", "--config"] and Path(command[3]).resolve() == TINY
+        assert set(experiment.variant_overrides(cfg, name)) <= set(command[4:])
+        remade = load_config(command[3], command[4:])
+        assert remade.run_dir == out / name / "seed0" and remade.run.stages == ["dmd"]
+        assert remade.student.checkpoint == str(out / "student_ode") and remade.model.pretrained == str(out / "teacher")
+        assert remade.data.training_rolling_cache == remade.data.backward_noise == (name == "sfpp")
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["table"]) == {"real", "teacher", "sf", "sfpp"}
+    assert set(saved["table"]) == {"real", "teacher", "sf", "sfpp"} and saved["seeds"]["sfpp"] == [0]
     assert set(saved["table"]["sfpp"]) == {"1", "2"} and set(saved["table"]["teacher"]) == {"1"}
+    assert saved["spread"]["sfpp"]["2"]["stability"]["n"] == 1
     assert set(result["table"]["sf"][2]) == set(experiment.TABLE_KEYS)
-    assert "sfpp" in capsys.readouterr().out.splitlines()[-1]
+    assert saved["commands"]["sf"]["0"] == shlex.join(command_of(printed, "sf seed0"))
+    assert "sfpp" in printed.splitlines()[-1]
 
     found = load_experiment("teacher_diagnostics").main(["--run", str(out), "--config", str(TINY), *TOY])
     assert found["sampler"] == saved_best(out)  # samples drawn with the sampler stage's choice
@@ -80,7 +105,8 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     reference = experiment.reference_rows(experiment.Setup(load_config(TINY, ["run.device=cpu", *TOY]), out))
     for row, label in zip(found["rows"], ("real", "teacher")):
         assert {k: row[k] for k in recovery.KEYS} == pytest.approx({k: reference[label][1][k] for k in recovery.KEYS})
-    assert json.loads((out / "shape_recovery.json").read_text())["rows"] == found["rows"]
+    eta = f"_eta{saved_best(out)['eta']:g}" if saved_best(out)["eta"] else ""  # the file names the sampler's eta
+    assert json.loads((out / f"shape_recovery{eta}.json").read_text())["rows"] == found["rows"]
     # the command line's ode.eta wins over the sampler stage's choice (0 or ETA_SWEEP's)
     assert 0.25 not in (0.0, *experiment.ETA_SWEEP)
     stochastic = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5,1", *TOY,
@@ -92,7 +118,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert (out / "shape_recovery_eta0.25.json").is_file() and stochastic["sampler"]["eta"] == 0.25
     even = recovery.main(["--run", str(out), "--config", str(TINY), "--prompts", "1", "--sigmas", "0.5",
                           "--even-steps", "3", *TOY])
-    assert even["rows"][0]["steps"] == 3 and (out / "shape_recovery_even3.json").is_file()
+    assert even["rows"][0]["steps"] == 3 and (out / f"shape_recovery_even3{eta}.json").is_file()
 
     # the sampler experiment: its eval rows are the eval's own, for either split
     sampler = load_experiment("teacher_sampler")
@@ -132,11 +158,29 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert by_guide["heldout"][0]["teacher"] != found["heldout"][0]["teacher"]  # step 2's model, not step 3's
     assert json.loads((other / "teacher_sampler.json").read_text())["teacher"] == guide
 
-    mtime = (out / "sfpp" / "stage.json").stat().st_mtime
+    mtime = (out / "sfpp" / "seed0" / "student" / "stage.json").stat().st_mtime
     experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
     printed = capsys.readouterr().out
-    assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf", "sfpp"))
-    assert (out / "sfpp" / "stage.json").stat().st_mtime == mtime
+    assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf seed0", "sfpp seed0"))
+    assert "sfpp-ray train" not in printed
+    assert (out / "sfpp" / "seed0" / "student" / "stage.json").stat().st_mtime == mtime
+
+    # a second training seed: sf trained again from the same ODE student, the table's mean and spread over both
+    two = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sf,eval", "--seeds", "0,1", *guided])
+    printed = capsys.readouterr().out
+    assert "[sf seed0] done, skipped" in printed and "run.seed=1" in command_of(printed, "sf seed1")
+    assert json.loads((out / "sf" / "seed1" / "student" / "stage.json").read_text())["steps"] == 2
+    assert set(two["table"]) == {"real", "teacher", "sf"} and two["seeds"]["sf"] == [0, 1]
+    for h, spread in two["spread"]["sf"].items():
+        per_seed = [json.loads((out / "eval" / "sf" / f"seed{k}" / "metrics.json").read_text())["table"][str(h)]
+                    for k in (0, 1)]
+        for key in experiment.TABLE_KEYS:
+            values = [t[key] for t in per_seed]
+            assert two["table"]["sf"][h][key] == pytest.approx(np.mean(values))
+            assert spread[key] == pytest.approx({"std": np.std(values, ddof=1), "min": min(values), "max": max(values),
+                                                 "n": 2})
+    rows = [line for line in printed.splitlines() if re.match(r"sf +\d+x", line)]
+    assert len(rows) == 2 and all("±" in row for row in rows)  # the spread column
 
     # scores cached under eval/ are not mixed with scores made under other settings
     with pytest.raises(ConfigError) as e:
@@ -173,18 +217,50 @@ def saved_best(out: Path) -> dict:
     return json.loads((out / "sampler" / "stage.json").read_text())["best"]
 
 
-def test_variant_configs_follow_the_comparison(experiment):
+def command_of(printed: str, label: str) -> list[str]:
+    """The `sfpp-ray train` command line the experiment printed for a stage, split as a shell would."""
+    lines = [line for line in printed.splitlines() if line.startswith(f"[{label}] sfpp-ray train ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].split("] ", 1)[1])
+
+
+def test_variants_are_command_line_overrides(experiment, tmp_path):
     cfg = load_config(TINY)
-    sf = experiment.variant_config(cfg, "sf")
-    assert sf.rollout.num_frames == sf.data.window_frames == sf.student.window_frames == cfg.video.teacher_frames
-    assert experiment.variant_config(cfg, "sfpp").rollout.num_frames == cfg.rollout.num_frames
-    assert not experiment.variant_config(cfg, "sfpp_nobn").data.backward_noise
-    assert experiment.variant_config(cfg, "sfpp_w9").student.window_frames == 9
-    assert experiment.default_variants(cfg) == ["sf", "sfpp", "sfpp_nobn", "sfpp_grpo"]  # tiny's window: 6 frames
+    T = cfg.video.teacher_frames
+
+    def variant(name: str):
+        return load_config(TINY, experiment.variant_overrides(cfg, name))
+
+    sf, sfpp = variant("sf"), variant("sfpp")
+    assert sf.rollout.num_frames == sf.data.window_frames == sf.student.window_frames == T
+    assert not sf.data.backward_noise and not sf.data.training_rolling_cache
+    assert sfpp.rollout.num_frames == cfg.rollout.num_frames and sfpp.data.window_frames == T
+    assert sfpp.data.backward_noise and sfpp.data.training_rolling_cache
+    assert not variant("sfpp_nobn").data.backward_noise and variant("sfpp_nobn").data.training_rolling_cache
+    assert not variant("sfpp_nocache").data.training_rolling_cache and variant("sfpp_nocache").data.backward_noise
+    assert variant("sfpp_w9").student.window_frames == 9
+    assert experiment.default_variants(cfg) == ["sf", "sfpp", "sfpp_nobn", "sfpp_nocache", "sfpp_grpo"]  # window 6
     gpu = load_config(ROOT / "configs" / "world_gpu.yaml")
-    assert experiment.default_variants(gpu) == ["sf", "sfpp", "sfpp_nobn", "sfpp_w9", "sfpp_w15", "sfpp_grpo"]
+    assert experiment.default_variants(gpu) == ["sf", "sfpp", "sfpp_nobn", "sfpp_nocache", "sfpp_w9", "sfpp_w15",
+                                                "sfpp_grpo"]
+    with pytest.raises(ConfigError):
+        variant("sfpp_w4")  # not a whole number of blocks
     with pytest.raises(ValueError):
-        experiment.variant_config(cfg, "sfpp_w4")  # not a whole number of blocks
+        experiment.variant_overrides(cfg, "sfpp_w")
+    with pytest.raises(ConfigError):  # before anything is trained
+        experiment.main(["--config", str(TINY), "--out", str(tmp_path / "run"), "--stages", "sfpp_w4"])
+    assert not (tmp_path / "run" / "sfpp_w4").exists()
+
+    # on a GPU a variant's trainer ranks and rollout workers share one; CPU ranks and workers otherwise
+    shared = load_config(TINY, experiment.gpu_overrides(cfg, cuda=True))
+    asked = (shared.trainer.gpus_per_worker * shared.trainer.num_workers
+             + shared.rollout.gpus_per_worker * shared.rollout.num_workers)
+    assert shared.trainer.gpus_per_worker > 0 and shared.rollout.gpus_per_worker > 0 and asked <= 1
+    assert experiment.gpu_overrides(cfg, cuda=False) == []
+    assert experiment.gpu_overrides(gpu, cuda=False) == ["trainer.gpus_per_worker=0.0"]  # the file asks for one
+    given = ["rollout.gpus_per_worker=1"]
+    assert experiment.gpu_overrides(load_config(TINY, given), True, experiment.given_keys(given)) == [
+        "trainer.gpus_per_worker=0.5"]
 
 
 def test_teacher_sampler_keeps_the_rows_scored_before_a_run_is_cut_short(load_experiment, monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 
 import ray
@@ -151,7 +152,7 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
     if start_step >= total:
         raise ValueError(f"run {cfg.run.name!r} already reached step {start_step} of dmd.steps={total}; "
                          "raise dmd.steps to train further or pick a new run.name")
-    prefix = f"sfpp-{cfg.run.name}"
+    prefix = f"sfpp-{cfg.run.name}-{zlib.crc32(str(cfg.run_dir).encode()):08x}"  # two runs' actors never clash
     names = {"buffer": f"{prefix}-buffer", "feed": f"{prefix}-feed", "broker": f"{prefix}-broker",
              "rollout_workers": [f"{prefix}-rollout-{i}" for i in range(cfg.rollout.num_workers)]}
     buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"])
