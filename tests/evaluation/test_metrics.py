@@ -57,13 +57,15 @@ def test_each_metric_flags_its_failure(summaries):
 
 
 def test_brightness_bias_tells_over_exposure_from_darkening(clips, scene):
-    """A clip brightening over time and one darkening over time: the bias is the exposure drift with the sign of
-    the change, and it grows with the change."""
+    """A clip brightening over time and one darkening over time: the bias moves from the unchanged clip's with the
+    sign of the change, the exposure drift is its size, and it grows with the change."""
     reference = render(scene, 10_000, 64)
     ramp = np.linspace(0, np.random.uniform(0.3, 0.6), len(clips["good"]))[:, None, None, None]
+    unchanged = segment_metrics(clips["good"], SEGMENT, reference=[reference])
     for video, sign in ((clips["good"] * (1 - ramp) + ramp, 1), (clips["good"] * (1 - ramp), -1)):
         segments = segment_metrics(video, SEGMENT, reference=[reference])
-        assert all(m["brightness_bias"] == pytest.approx(sign * m["exposure_drift"]) for m in segments[1:])
+        assert all(m["exposure_drift"] == pytest.approx(abs(m["brightness_bias"])) for m in segments)
+        assert all(sign * (m["brightness_bias"] - u["brightness_bias"]) > 0 for m, u in zip(segments[1:], unchanged[1:]))
         assert sign * segments[-1]["brightness_bias"] > sign * segments[0]["brightness_bias"] + 0.01
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sfpp_ray.seeding import seed_for
 from sfpp_ray.world.clips import SPRITE_RIM, WorldClipStream, sprite_loss_weight
 from sfpp_ray.world.sprites import WorldSpec, prompt, render, render_layers, sample_scenes
 
@@ -27,12 +28,12 @@ def test_batches_arrive_in_step_order_and_match_with_any_number_of_workers():
 
 def test_ranks_split_each_steps_scenes():
     seed = int(np.random.default_rng().integers(1000))
-    scenes = sample_scenes(seed * 1000 + 2, 6, "train", WORLD)
+    scenes = sample_scenes(seed_for(seed, "teacher_scenes", 2), 6, "train", WORLD)
     ranks = [_stream(seed, rank=r, world_size=2).batch(2) for r in range(2)]
     assert ranks[0]["prompts"] + ranks[1]["prompts"] != [prompt(s) for s in scenes]  # interleaved, not halves
     assert ranks[0]["prompts"] == [prompt(s) for s in scenes[0::2]]
     assert ranks[1]["prompts"] == [prompt(s) for s in scenes[1::2]]
-    start = int(np.random.default_rng([seed, 1, 2]).integers(0, 100_000, size=3)[0])
+    start = int(np.random.default_rng(seed_for(seed, "teacher_clips", 1, 2)).integers(0, 100_000, size=3)[0])
     assert np.array_equal(ranks[1]["frames"][0].numpy(), render(scenes[1], start, 5))  # clip starts drawn per rank
 
 
@@ -40,8 +41,8 @@ def test_coverage_comes_with_the_clips_when_asked():
     seed = int(np.random.default_rng().integers(1000))
     plain, covered = _stream(seed).batch(3), _stream(seed, coverage=True).batch(3)
     assert "coverage" not in plain and torch.equal(plain["frames"], covered["frames"])
-    scene = sample_scenes(seed * 1000 + 3, 3, "train", WORLD)[0]
-    start = int(np.random.default_rng([seed, 0, 3]).integers(0, 100_000, size=3)[0])
+    scene = sample_scenes(seed_for(seed, "teacher_scenes", 3), 3, "train", WORLD)[0]
+    start = int(np.random.default_rng(seed_for(seed, "teacher_clips", 0, 3)).integers(0, 100_000, size=3)[0])
     frames, coverage = render_layers(scene, start, 5)
     assert covered["coverage"].shape == (3, 5, 16, 16) and covered["coverage"].dtype == torch.uint8
     assert torch.equal(covered["coverage"][0], torch.from_numpy(np.rint(coverage * 255).astype(np.uint8)))
