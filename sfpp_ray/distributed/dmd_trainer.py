@@ -88,13 +88,16 @@ def dmd_loop(config: dict) -> None:
         tracker.start(resume_run_id=config["mlflow_run_id"])
         print(f"trainer: {world} ranks, ZeRO-{cfg.trainer.zero_stage}, {B} windows a rank a step, "
               f"steps {step + 1}..{total}")
+    step_ends, waits = [], []  # wall clock at each step's end, and how long each step waited for its batch
     try:
         shard = ray.train.get_dataset_shard("train")
+        t_ready = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=B, device=device, drop_last=True):
             if step >= total:
                 break
             step += 1
             t0 = time.perf_counter()
+            waits.append(t0 - t_ready)
             for i in range(B):  # the weights each rollout was made with
                 while published - int(batch["policy_version"][i]) > cfg.buffer.max_staleness:
                     row = fresh_row(buffer, cfg, seed_for(cfg.run.seed, "replacement", rank, step, replaced))
@@ -115,6 +118,7 @@ def dmd_loop(config: dict) -> None:
                 if ema is not None:
                     ema.update(student_engine.module, step)
             metrics["time/step"] = time.perf_counter() - t0
+            metrics["time/data_wait"] = waits[-1]
             # How many updates old the consumed rollouts are, and how many rows that Ray Data fetched ahead
             # outlived buffer.max_staleness and were made again.
             metrics["data/staleness"] = float(step - 1 - batch["policy_version"].float().mean())
@@ -130,12 +134,15 @@ def dmd_loop(config: dict) -> None:
             every = cfg.trainer.checkpoint_every
             report(metrics, step, student_engine, critic_engine, ema, feed, cfg, rank,
                    save=(every > 0 and step % every == 0) or step == total)
+            t_ready = time.perf_counter()
+            step_ends.append(t_ready)
         if ema is not None:
             ema.copy_to(student_engine.module)  # training is over: the average is the saved student
         with full_params(student_engine.module, zero3, from_partitions=True):
             if rank == 0:
                 student_engine.module.save_pretrained(cfg.run_dir / "student")
-                write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None})
+                write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None, "step_ends": step_ends,
+                                                        "data_waits": waits})
     finally:
         if tracker is not None:
             tracker.finish()
