@@ -62,7 +62,7 @@ def product(cfg, steps: int, warmup: int) -> dict:
     from sfpp_ray.distributed.controller import train
 
     with GpuBusy() as busy:
-        summary = train(cfg)
+        summary = train(cfg, evaluation_video=False)
     record = json.loads((cfg.run_dir / "student" / "stage.json").read_text())
     ends, waits = record["step_ends"][warmup:], record["data_waits"][warmup + 1:]
     rollout_seconds = sum(s["latent_frames"] / s["fps"] for s in summary["rollout"] if s["fps"])
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
             "trainer.checkpoint_every=0", "tracking.enabled=false", f"rollout.num_workers={workers}",
             f"trainer.gpus_per_worker={0.5 if gpu else 0}", f"rollout.gpus_per_worker={0.5 if gpu else 0}",
             *args.overrides])
-        results = {"single": single(cfg, args.steps, args.warmup), "product": product(cfg, args.steps, args.warmup)}
+        results = {"single": single(cfg, args.steps, args.warmup)}
+        print(f"single: {results['single']}", flush=True)
+        results["product"] = product(cfg, args.steps, args.warmup)
     results["ratio"] = results["product"]["steps_per_s"] / results["single"]["steps_per_s"]
     results["setting"] = {"config": args.config, "steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
                           "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,

@@ -51,9 +51,10 @@ STAGE_OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "st
 STUDENT_FROM = {"dmd": "ode", "grpo": "dmd"}  # the stage whose student a stage starts from
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, evaluation_video: bool = True) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
-    skipped, each stage's result, the evaluation video; the DMD stage's details at the top level)."""
+    skipped, each stage's result, the evaluation video unless `evaluation_video` is off (a benchmark timing
+    the stages alone); the DMD stage's details at the top level)."""
     cfg = _absolute_paths(cfg)
     pending = [stage for stage in cfg.run.stages if not _finished(cfg, stage)]
     for stage in pending:
@@ -83,7 +84,7 @@ def train(cfg: Config) -> dict:
             print(f"stage {stage}: done in {summary['stages'][stage]['seconds']:.0f}s")
         student = _last_student(cfg)
         video = None
-        if student is not None:
+        if student is not None and evaluation_video:
             video = _evaluation_video(cfg, prompts[0], student)
             tracker.log_artifact(video, artifact_path="videos")
     except BaseException:
