@@ -30,7 +30,12 @@ class VideoWriter:
             self._w = imageio.get_writer(self.path, mode="I", duration=1000 / fps, loop=0)
         elif self.path.suffix == ".mp4":
             # macro_block_size=1 keeps tiny resolutions exact; yuv420p for players that need it.
-            self._w = imageio.get_writer(self.path, fps=fps, codec="libx264", macro_block_size=1,
+            try:  # named, so a machine without ffmpeg fails here, not in another plugin's writer
+                import imageio_ffmpeg  # noqa: F401
+            except ImportError:
+                raise RuntimeError(f"writing {self.path} needs imageio-ffmpeg (pip install imageio-ffmpeg), "
+                                   "or write a .gif") from None
+            self._w = imageio.get_writer(self.path, "ffmpeg", fps=fps, codec="libx264", macro_block_size=1,
                                          pixelformat="yuv420p", quality=8, ffmpeg_log_level="error")
         else:
             raise ValueError(f"unsupported video format {self.path.suffix!r}: use .mp4 or .gif")
