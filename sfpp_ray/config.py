@@ -8,6 +8,7 @@ before anything is built, so a bad value fails in one line that names its key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -363,6 +364,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             value = float(value)  # YAML 1.1 reads 1e-4 or 1.5e0 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every comparison the checks below make
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -412,7 +415,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(item, "overrides are written key=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        except yaml.YAMLError as e:
+            raise ConfigError(key.strip(), f"cannot read {raw!r} as a value ({str(e).splitlines()[0]})") from None
     return out
 
 
@@ -540,6 +546,14 @@ def validate(cfg: Config) -> None:
     if cfg.data.window_sampler == "beta":
         positive("data.beta_a", cfg.data.beta_a)
         positive("data.beta_b", cfg.data.beta_b)
+    for key, lr in (("trainer.generator_lr", cfg.trainer.generator_lr), ("trainer.critic_lr", cfg.trainer.critic_lr),
+                    ("ode.lr", cfg.ode.lr), ("grpo.lr", cfg.grpo.lr), ("teacher_pretrain.lr", cfg.teacher_pretrain.lr)):
+        positive(key, lr)
+    for key, steps in (("dmd.steps", cfg.dmd.steps), ("ode.steps", cfg.ode.steps), ("grpo.steps", cfg.grpo.steps),
+                       ("ode.num_pairs", cfg.ode.num_pairs), ("ode.batch_size", cfg.ode.batch_size),
+                       ("ode.euler_steps", cfg.ode.euler_steps), ("ode.shard_size", cfg.ode.shard_size)):
+        positive(key, steps)
+    positive("rollout.cpus_per_worker", cfg.rollout.cpus_per_worker, allow_zero=True)
     positive("rollout.num_workers", cfg.rollout.num_workers)
     positive("rollout.gpus_per_worker", cfg.rollout.gpus_per_worker, allow_zero=True)
     positive("rollout.batch_size", cfg.rollout.batch_size)

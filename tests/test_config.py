@@ -29,8 +29,8 @@ def test_overrides_are_typed_and_dotted():
     cfg = load_config(TINY, ["trainer.num_workers=2", "data.window_sampler=beta", "run.name=x"])
     assert (cfg.trainer.num_workers, cfg.data.window_sampler, cfg.run.name) == (2, "beta", "x")
     # YAML 1.1 reads an exponent without a dot or a sign as a string; a float key takes it as the number
-    cfg = load_config(TINY, ["teacher_pretrain.lr=3e-4", "trainer.generator_lr=-2E+1", "dmd.guidance=1.5e0"])
-    assert (cfg.teacher_pretrain.lr, cfg.trainer.generator_lr, cfg.dmd.guidance) == (3e-4, -20.0, 1.5)
+    cfg = load_config(TINY, ["teacher_pretrain.lr=3e-4", "dmd.timestep_shift=2E+1", "dmd.guidance=1.5e0"])
+    assert (cfg.teacher_pretrain.lr, cfg.dmd.timestep_shift, cfg.dmd.guidance) == (3e-4, 20.0, 1.5)
 
 
 @pytest.mark.parametrize("override,key", [
@@ -169,3 +169,18 @@ def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
         load_section(own, "model")
     with pytest.raises(ConfigError, match="unknown section"):
         load_section(wan, "modle")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dmd.guidance=.nan", "dmd.guidance"), ("schedule.shift=.nan", "schedule.shift"),
+    ("trainer.critic_lr=.nan", "trainer.critic_lr"), ("trainer.generator_lr=-1e-4", "trainer.generator_lr"),
+    ("grpo.lr=0", "grpo.lr"), ("rollout.cpus_per_worker=-1", "rollout.cpus_per_worker"),
+    ("trainer.betas=[0.0", "trainer.betas"), ("dmd.steps=0", "dmd.steps"), ("ode.steps=-3", "ode.steps"),
+    ("trainer.checkpoint_every=-1", "trainer.checkpoint_every"), ("teacher_pretrain.lr_floor=1.5", "teacher_pretrain.lr_floor"),
+    ("teacher_pretrain.prompt_dropout=1", "teacher_pretrain.prompt_dropout"), ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.gpus_per_worker=-0.5", "trainer.gpus_per_worker"), ("video.fps=.inf", "video.fps"),
+])
+def test_a_bad_value_is_refused_naming_its_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert e.value.key == key and str(e.value).startswith(f"config key '{key}'")
