@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -30,11 +31,9 @@ class VideoWriter:
             self._w = imageio.get_writer(self.path, mode="I", duration=1000 / fps, loop=0)
         elif self.path.suffix == ".mp4":
             # macro_block_size=1 keeps tiny resolutions exact; yuv420p for players that need it.
-            try:  # named, so a machine without ffmpeg fails here, not in another plugin's writer
-                import imageio_ffmpeg  # noqa: F401
-            except ImportError:
+            if importlib.util.find_spec("imageio_ffmpeg") is None:  # else another plugin takes .mp4 and fails
                 raise RuntimeError(f"writing {self.path} needs imageio-ffmpeg (pip install imageio-ffmpeg), "
-                                   "or write a .gif") from None
+                                   "or write a .gif")
             self._w = imageio.get_writer(self.path, "ffmpeg", fps=fps, codec="libx264", macro_block_size=1,
                                          pixelformat="yuv420p", quality=8, ffmpeg_log_level="error")
         else:

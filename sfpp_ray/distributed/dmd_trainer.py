@@ -34,7 +34,8 @@ from sfpp_ray.algorithm.self_forcing_pp import dmd_generator_step
 from sfpp_ray.config import Config, from_dict
 from sfpp_ray.distributed.data_pipeline import fresh_row
 from sfpp_ray.distributed.engine import (STATE_FILE, deepspeed_config, engine_update, frozen_teacher, full_params,
-                                         global_rank, load_ema, save_ema, world_size, write_marker, write_progress)
+                                         global_rank, load_ema, save_ema, stage_dtype, world_size, write_marker,
+                                         write_progress)
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
@@ -48,7 +49,7 @@ def dmd_loop(config: dict) -> None:
     feed = ray.get_actor(names["feed"])
     rank, world = global_rank(), world_size()
     device = ray.train.torch.get_device() if cfg.trainer.gpus_per_worker > 0 else torch.device("cpu")
-    dtype = torch.bfloat16 if cfg.trainer.bf16 else components.resolve_dtype(cfg)
+    dtype = stage_dtype(cfg)
     zero3 = cfg.trainer.zero_stage == 3
     torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions
     B = cfg.trainer.batch_size
