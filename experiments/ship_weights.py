@@ -1,6 +1,6 @@
 """A trained model directory as the repository ships it: every float tensor in float16 safetensors, the
-rest (config, tokenizer, stage record) as it is, and `made_by.json` naming the command and commit that
-trained it, so no one trains it twice.
+rest (config, tokenizer) as it is, the stage record with its per-step losses averaged down to at most
+LOSS_POINTS, and `made_by.json` naming the command and commit that trained it, so no one trains it twice.
 
     python experiments/ship_weights.py --src outputs/teacher/teacher --dst weights/world_teacher \
         --command "sfpp-ray pretrain-teacher --config configs/world_gpu.yaml ..." --commit <sha>
@@ -17,6 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+LOSS_POINTS = 500  # a 30000-step record is 0.7 MB of losses; 500 means draw the same curve
+
+
+def condensed_record(record: dict) -> dict:
+    """The stage record with `losses` averaged over consecutive runs of steps (`loss_every` steps a point)."""
+    losses = record.get("losses") or []
+    if len(losses) <= LOSS_POINTS:
+        return record
+    every = -(-len(losses) // LOSS_POINTS)
+    means = [sum(chunk) / len(chunk) for chunk in (losses[i:i + every] for i in range(0, len(losses), every))]
+    return {**record, "losses": means, "loss_every": every}
+
+
 def ship(src: Path, dst: Path, command: str, commit: str) -> dict:
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} holds no model (no config.json)")
@@ -28,6 +41,8 @@ def ship(src: Path, dst: Path, command: str, commit: str) -> dict:
         if path.suffix == ".safetensors":
             weights = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
             save_file({k: v.contiguous() for k, v in weights.items()}, out)
+        elif path.name == "stage.json":
+            out.write_text(json.dumps(condensed_record(json.loads(path.read_text())), indent=2) + "\n")
         else:
             shutil.copyfile(path, out)
         sizes[str(out.relative_to(dst))] = out.stat().st_size
