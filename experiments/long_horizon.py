@@ -5,7 +5,8 @@ that command line: a row of the table is remade with the printed command, withou
 picks the overrides, samples the teacher for the sampler sweep and scores the students.
 
 Stages (each skipped when its output is finished, so an interrupted run resumes):
-  teacher     the pretrain_teacher stage, run directory --out: out/teacher
+  teacher     the pretrain_teacher stage, run directory --out: out/teacher (skipped with --teacher DIR, a trained
+              teacher such as the shipped weights/world_teacher)
   sampler     the teacher's samples scored on validation scenes for each ODE sampler setting in
               SAMPLER_SWEEP (shift x guidance), then autoguidance and the stochastic sampler at the best;
               once it has run, the ODE pairs and the teacher's reference samples use its best setting
@@ -28,7 +29,7 @@ The teacher and the ODE student are trained once, with the config's run.seed. On
 rollout workers share it (trainer.gpus_per_worker, rollout.gpus_per_worker: GPU_SHARES), unless given.
 
     python experiments/long_horizon.py --out runs/long_horizon [--stages teacher,ode,sf,sfpp,eval] [--seeds 0,1,2] \
-        [key=value ...]
+        [--teacher weights/world_teacher] [key=value ...]
 """
 
 from __future__ import annotations
@@ -475,9 +476,11 @@ def given_keys(overrides: list[str]) -> set[str]:
 FIXED = {"teacher": "teacher", "sampler": "sampler", "ode": "student_ode"}  # stage -> its output under --out
 
 
-def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = None) -> dict | None:
+def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = None,
+        teacher: Path | None = None) -> dict | None:
     """Runs the requested stages in order, skipping finished ones, each variant once per training seed (default: the
-    config's run.seed); returns the results when eval ran."""
+    config's run.seed); returns the results when eval ran. `teacher`: a trained teacher directory (the shipped
+    weights/world_teacher) in place of the teacher stage."""
     cfg, given = cmd.config_for([]), given_keys(cmd.overrides)
     seeds = seeds or [cfg.run.seed]
     out = out if out.name else out.resolve()  # run.name is the directory's name
@@ -486,7 +489,7 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    s = Setup(cfg, out, given=given)
+    s = Setup(cfg, out, teacher, given)
     variants = [v for v in stages if v not in (*FIXED, "eval")]
     for v in variants:  # a bad variant or seed fails before hours of training
         for seed in seeds:
@@ -497,9 +500,11 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
             print(format_results(result))
             return result
         if stage in FIXED:
-            if finished(out / FIXED[stage]):
+            if stage == "teacher" and teacher:
+                print(f"[teacher] {teacher} given, skipped")
+            elif finished(out / FIXED[stage]):
                 print(f"[{stage}] done, skipped")
-            elif stage != "teacher" and not finished(s.teacher_dir):
+            elif stage != "teacher" and not (teacher or finished(s.teacher_dir)):
                 raise RuntimeError(f"{stage} needs the teacher: run the teacher stage first")
             elif stage == "teacher":
                 train_teacher(s, cmd)
@@ -523,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--out", required=True, help="directory every stage writes into (and resumes from)")
     p.add_argument("--stages", help="comma-separated, in order; default: teacher,sampler,ode,<every variant>,eval")
     p.add_argument("--seeds", help="comma-separated training seeds (run.seed) of the variants; default: the config's")
+    p.add_argument("--teacher", type=Path, help="a trained teacher directory (weights/world_teacher) in place of the "
+                                                "teacher stage")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = p.parse_args(argv)
     cmd = Command(args.config, args.overrides)
@@ -531,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if [x for x in stages if x in FIXED] != [x for x in FIXED if x in stages]:
         raise ValueError("teacher, sampler and ode run in that order")
     seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
-    return run(cmd, Path(args.out), stages, seeds)
+    return run(cmd, Path(args.out), stages, seeds, args.teacher)
 
 
 if __name__ == "__main__":
