@@ -270,6 +270,9 @@ class EvalConfig:
     num_prompts: int = 4  # held-out prompts of the synthetic world
     horizons: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # multiples of the teacher's horizon
     seed: int = 1234
+    # > 0: one more stream (the first prompt) this many times the teacher's horizon, whose last segment is scored
+    # and checked for collapse (blank or frozen frames); 0: none
+    long_stream: int = 0
 
 
 @dataclass
@@ -657,6 +660,8 @@ def validate(cfg: Config) -> None:
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")
+    if cfg.evaluation.long_stream < 0:
+        raise ConfigError("evaluation.long_stream", f"must be >= 0 (0: off), got {cfg.evaluation.long_stream}")
     stage_order = ["pretrain_teacher", "ode", "dmd", "grpo"]
     idx = [stage_order.index(x) for x in cfg.run.stages]
     if idx != sorted(set(idx)):

@@ -4,7 +4,9 @@ For each held-out prompt of the world, the student streams one video of the long
 for (the same rollout `generate` runs); its first 1x, 5x, ... the teacher's horizon are the videos
 of those lengths (a causal student's first frames do not depend on how long it goes on), each cut
 into horizon-long segments and scored against real clips of the same scene. Prints a table, writes JSON, plots metrics over time and
-logs everything to MLflow.
+logs everything to MLflow. With evaluation.long_stream, one more stream of that many horizons (the first
+prompt) shows whether the student still makes a world at its end: its last segment is scored and checked
+for collapse (blank or frozen frames).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from sfpp_ray.tracking import Tracker
 from sfpp_ray.video_io import write_video
 from sfpp_ray.world.sprites import prompt, render, sample_scenes
 
+GIF_MAX_HORIZON = 10  # example gifs of longer videos would weigh megabytes; the long stream's last segment has its own
+BLANK_STD = 4.0  # pixel levels: a frame whose pixels spread less than this shows no world (real clips: 40-60)
 TABLE_KEYS = ("stability", "stability_last", "exposure_drift", "colour_drift", "count_error", "dynamic_degree",
               "flicker", "repetition", "frechet")
 
@@ -65,22 +69,51 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
             segments = segment_metrics(video, horizon, reference=reference, block_frames=block_starts(gen.codec, nf, fpb))
             rows.append({"prompt": prompt(scene), "horizon": mult, **summarise(segments)})
             curves.setdefault(mult, []).append([s["stability"] for s in segments])
-            if i == 0:
+            if i == 0 and mult <= GIF_MAX_HORIZON:
                 write_video(video, out / f"example_{mult}x.gif", cfg.video.fps)
     table = {}
     for mult in ev.horizons:
         sel = [r for r in rows if r["horizon"] == mult]
         table[mult] = {k: nanmean([r[k] for r in sel]) for k in TABLE_KEYS}
     result = {"label": label, "checkpoint": checkpoint, "horizon_frames": horizon, "table": table, "rows": rows}
+    if ev.long_stream:
+        result["long_stream"] = long_stream(gen, cfg, scenes[0], ev.long_stream, out)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     plot = _plot(curves, horizon, cfg.video.fps, out / "stability_over_time.png", label)
     print(format_table(table, label))
+    if ev.long_stream:
+        ls = result["long_stream"]
+        print(f"{label}: {ls['horizon']}x stream of {ls['video_frames']} frames, last segment stability "
+              f"{ls['stability_last']:.1f}{', COLLAPSED' if ls['collapsed'] else ''}")
     if tracker is not None:
         for mult, metrics in table.items():
             tracker.log_metrics({f"eval/{label}/{k}_{mult}x": v for k, v in metrics.items()}, step=0)
+        if ev.long_stream:
+            last = result["long_stream"]
+            tracker.log_metrics({f"eval/{label}/long_{ev.long_stream}x_{k}": float(last[k])
+                                 for k in ("stability_last", "pixel_std", "change", "collapsed")}, step=0)
         for f in (out / "metrics.json", plot, *sorted(out.glob("*.gif"))):
             tracker.log_artifact(f, f"eval/{label}")
     return result
+
+
+def long_stream(gen: VideoGenerator, cfg: Config, scene, mult: int, out: Path) -> dict:
+    """Streams `scene`'s prompt for `mult` teacher horizons and scores the last horizon-long segment. Collapsed: a
+    frame of the segment is blank (pixels spread less than BLANK_STD levels) or the segment does not change."""
+    horizon = gen.codec.video_frames(cfg.video.teacher_frames)
+    frames = FrameList()
+    nf = cfg.video.teacher_frames * mult
+    gen.stream(prompt(scene), nf, frames, seed=seed_for(cfg.evaluation.seed, "long_stream"))
+    stream = frames.video()
+    last, first = stream[-horizon:], len(stream) - horizon
+    blocks = [b - first for b in block_starts(gen.codec, nf, cfg.student.frames_per_block)]  # the segment's own
+    metrics = segment_metrics(last, horizon, reference=render(scene, 0, 4 * horizon), block_frames=blocks)[0]
+    pixel_std = float(last.reshape(len(last), -1).std(axis=1).min())
+    change = float(np.abs(np.diff(last.astype(np.int16), axis=0)).mean())
+    write_video(last, out / f"long_{mult}x_last.gif", cfg.video.fps)
+    return {"horizon": mult, "prompt": prompt(scene), "video_frames": len(stream), "stability_last": metrics["stability"],
+            "last_segment": metrics, "pixel_std": pixel_std, "change": change,
+            "collapsed": pixel_std < BLANK_STD or change == 0}
 
 
 def nanmean(values: list[float]) -> float:

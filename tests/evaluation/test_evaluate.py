@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import numpy as np
+
 from sfpp_ray.config import load_config
 from sfpp_ray.evaluation.evaluate import evaluate
 
@@ -19,3 +21,24 @@ def test_evaluate_writes_table_json_plot_and_examples(tmp_path):
     assert 0 <= long["stability"] <= 100
     assert (tmp_path / "eval" / "stability_over_time.png").stat().st_size > 0
     assert (tmp_path / "eval" / "example_3x.gif").exists()
+
+
+def test_long_stream_scores_its_last_segment_and_tells_a_world_from_a_collapse(tmp_path, monkeypatch):
+    from sfpp_ray.evaluation import evaluate as ev_module
+
+    cfg = load_config(TINY, ["evaluation.num_prompts=1", "evaluation.horizons=[1]", "evaluation.long_stream=4",
+                             f"run.output_dir={tmp_path}"])
+    result = evaluate(cfg, out_dir=tmp_path / "eval")["long_stream"]
+    assert result["horizon"] == 4 and result["video_frames"] == 24
+    assert result["stability_last"] == result["last_segment"]["stability"] and 0 <= result["stability_last"] <= 100
+    assert (tmp_path / "eval" / "long_4x_last.gif").exists()
+    assert not result["collapsed"], result  # an untrained student's noise is no world, but it is not blank or frozen
+
+    def blank_stream(self, prompt, num_latent_frames, sink, seed, progress=False):  # a student that went black
+        sink.append(np.zeros((self.codec.video_frames(num_latent_frames), 16, 16, 3), np.uint8))
+        return {}
+
+    monkeypatch.setattr(ev_module.VideoGenerator, "stream", blank_stream)
+    blank = ev_module.long_stream(ev_module.VideoGenerator(cfg), cfg, ev_module.sample_scenes(1, 1, "heldout", ev_module.world_of(cfg))[0], 4,
+                                  tmp_path)
+    assert blank["collapsed"] and blank["pixel_std"] == 0 and blank["change"] == 0
