@@ -197,12 +197,12 @@ def whole_gpu(s: Setup) -> list[str]:
 GPU_SHARES = {"trainer": 0.5, "rollout": 0.5}  # of the one GPU a variant's trainer ranks and rollout workers share
 
 
-def gpu_overrides(cfg: Config, cuda: bool, given: Iterable[str] = ()) -> list[str]:
-    """A variant's GPU requests: on a GPU each role's share of GPU_SHARES split over its workers (rounded down to
-    Ray's precision of 1e-4), so the run asks for at most one GPU; CPU ranks and workers otherwise. Keys given on
-    the command line stay as given."""
+def gpu_overrides(cfg: Config, cuda: bool, given: Iterable[str] = (), gpu: float = 1.0) -> list[str]:
+    """A variant's GPU requests: on a GPU each role's share of GPU_SHARES of `gpu` GPUs split over its workers
+    (rounded down to Ray's precision of 1e-4), so the run asks for at most `gpu`; CPU ranks and workers otherwise.
+    Keys given on the command line stay as given."""
     workers = {"trainer": cfg.trainer.num_workers, "rollout": cfg.rollout.num_workers}
-    return changes(cfg, {f"{role}.gpus_per_worker": math.floor(share / workers[role] * 1e4) / 1e4 if cuda else 0.0
+    return changes(cfg, {f"{role}.gpus_per_worker": math.floor(gpu * share / workers[role] * 1e4) / 1e4 if cuda else 0.0
                          for role, share in GPU_SHARES.items()}, given)
 
 
@@ -244,14 +244,15 @@ def student_of(out: Path, name: str, seed: int) -> Path:
     return variant_dir(out, name, seed) / ("student_grpo" if name == "sfpp_grpo" else "student")
 
 
-def variant_run(s: Setup, name: str, seed: int) -> list[str]:
+def variant_run(s: Setup, name: str, seed: int, gpu: float = 1.0) -> list[str]:
     """All a variant adds to the command line: its overrides, then its run directory and stage, training seed,
-    teacher, first student (the ODE student; sfpp's of the same seed for sfpp_grpo) and GPU shares."""
+    teacher, first student (the ODE student; sfpp's of the same seed for sfpp_grpo) and GPU shares (of `gpu` GPUs:
+    less when runs share one)."""
     grpo = name == "sfpp_grpo"
     start = student_of(s.out, "sfpp", seed) if grpo else s.out / "student_ode"
     return [*variant_overrides(s.cfg, name), *run_keys(variant_dir(s.out, name, seed), "grpo" if grpo else "dmd"),
             f"run.seed={seed}", *teacher_overrides(s.cfg, s.teacher_dir), f"student.checkpoint={start}",
-            *gpu_overrides(s.cfg, s.device.type == "cuda", s.given)]
+            *gpu_overrides(s.cfg, s.device.type == "cuda", s.given, gpu)]
 
 
 def trained(student: Path, cfg: Config) -> bool:
@@ -274,12 +275,91 @@ def train_ode(s: Setup, cmd: Command) -> dict:
                                     *changes(s.cfg, sampler), *whole_gpu(s)])
 
 
-def train_variant(s: Setup, cmd: Command, name: str, seed: int) -> dict:
-    start = student_of(s.out, "sfpp", seed) if name == "sfpp_grpo" else s.out / "student_ode"
-    if not finished(start):
-        raise RuntimeError(f"{name} starts from {start}, which is not trained: run the "
+COMMAND_FILE = "command.txt"  # in a variant's run directory: the command line that trained it
+
+
+def start_of(s: Setup, name: str, seed: int) -> Path:
+    return student_of(s.out, "sfpp", seed) if name == "sfpp_grpo" else s.out / "student_ode"
+
+
+def check_start(s: Setup, name: str, seed: int) -> None:
+    if not finished(start_of(s, name, seed)):
+        raise RuntimeError(f"{name} starts from {start_of(s, name, seed)}, which is not trained: run the "
                            f"{'sfpp stage with this seed' if name == 'sfpp_grpo' else 'ode stage'} first")
-    return cmd.train(s.out, f"{name} seed{seed}", variant_run(s, name, seed))
+
+
+def train_variant(s: Setup, cmd: Command, name: str, seed: int) -> dict:
+    check_start(s, name, seed)
+    overrides = variant_run(s, name, seed)
+    write_command(variant_dir(s.out, name, seed), cmd.line(overrides))
+    return cmd.train(s.out, f"{name} seed{seed}", overrides)
+
+
+def write_command(run_dir: Path, line: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / COMMAND_FILE).write_text(line + "\n")
+
+
+def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int]], parallel: int) -> None:
+    """Up to `parallel` variant runs at once, each `sfpp-ray train` in a process of its own, all on this process's
+    Ray cluster (started here unless one is), each with 1/parallel of the GPU; fewer at once where the cluster's
+    CPUs do not hold `parallel` runs. sfpp_grpo starts once sfpp's student of its seed is trained. Each run's output
+    goes to train.log in its run directory; a failed run stops none of the others, and is raised at the end."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from sfpp_ray.distributed.controller import cpus_needed
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(include_dashboard=False)
+    try:
+        per_run = max(cpus_needed(cmd.config_for(variant_run(s, n, k)), ["grpo" if n == "sfpp_grpo" else "dmd"])
+                      for n, k in jobs)
+        fits = max(1, int(ray.cluster_resources().get("CPU", 0) // per_run))
+        if fits < parallel:
+            print(f"[parallel] the cluster's CPUs hold {fits} runs of {per_run:g} CPUs at once, not {parallel}")
+        parallel = min(parallel, fits, len(jobs))
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        waiting, running, failed = list(jobs), {}, []
+        while waiting or running:
+            for name, seed in list(waiting):
+                first = name != "sfpp_grpo" or finished(start_of(s, name, seed))
+                if len(running) == parallel or not first and ("sfpp", seed) in [*waiting, *running]:
+                    continue  # sfpp_grpo waits for sfpp's student of its seed
+                waiting.remove((name, seed))
+                try:
+                    check_start(s, name, seed)
+                except RuntimeError as e:
+                    failed.append(f"{name} seed{seed}: {e}")
+                    continue
+                overrides, run_dir = variant_run(s, name, seed, 1 / parallel), variant_dir(s.out, name, seed)
+                line = cmd.line(overrides)
+                write_command(run_dir, line)
+                print(f"[{name} seed{seed}] {line}", flush=True)
+                log = (run_dir / "train.log").open("w")
+                args = [sys.executable, "-m", "sfpp_ray", "train", "--config", cmd.config, *cmd.overrides, *overrides]
+                running[(name, seed)] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                         time.perf_counter())
+            for (name, seed), (process, log, t0) in list(running.items()):
+                try:
+                    code = process.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    continue
+                log.close()
+                del running[(name, seed)]
+                record_seconds(s.out, f"{name} seed{seed}", time.perf_counter() - t0)
+                print(f"[{name} seed{seed}] {'finished' if code == 0 else f'FAILED (exit {code})'} in "
+                      f"{time.perf_counter() - t0:.0f} s, log {log.name}", flush=True)
+                if code != 0:
+                    failed.append(f"{name} seed{seed}: exit {code}, see {log.name}")
+        if failed:
+            raise RuntimeError("variant runs failed: " + "; ".join(failed))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 # ---------------------------------------------------------------- sampler sweep and evaluation
@@ -401,6 +481,7 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int]) -> d
     print(format_reference(reference))
     scores = {label: {None: rows} for label, rows in reference.items()}  # label -> seed -> horizon -> metrics
     commands: dict[str, dict[int, str]] = {}
+    long_streams: dict[str, dict[int, dict]] = {}  # evaluation.long_stream: each student's one longest stream
     for name in variants:
         for seed in seeds:
             student = student_of(s.out, name, seed)
@@ -412,8 +493,13 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int]) -> d
             if not path.is_file():
                 evaluate(cmd.config_for(overrides), checkpoint=str(student), out_dir=path.parent,
                          label=f"{name} seed{seed}")
-            scores.setdefault(name, {})[seed] = json.loads(path.read_text())["table"]
-            commands.setdefault(name, {})[seed] = cmd.line(overrides)
+            metrics = json.loads(path.read_text())
+            scores.setdefault(name, {})[seed] = metrics["table"]
+            if "long_stream" in metrics:
+                long_streams.setdefault(name, {})[seed] = metrics["long_stream"]
+            recorded = variant_dir(s.out, name, seed) / COMMAND_FILE  # as it ran (its GPU share)
+            commands.setdefault(name, {})[seed] = (recorded.read_text().strip() if recorded.is_file()
+                                                   else cmd.line(overrides))
     table, spread = {}, {}
     for label, by_seed in scores.items():
         table[label], spread[label] = over_seeds(list(by_seed.values()))
@@ -421,7 +507,7 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int]) -> d
     result = {"horizon_frames": s.codec.video_frames(s.cfg.video.teacher_frames), "table": table, "spread": spread,
               "seeds": {label: [k for k in by_seed if k is not None] for label, by_seed in scores.items()},
               "per_seed": {label: by_seed for label, by_seed in scores.items() if None not in by_seed},
-              "commands": commands, "stages": json.loads(seconds.read_text()) if seconds.is_file() else {}}
+              "long_stream": long_streams, "commands": commands, "stages": json.loads(seconds.read_text()) if seconds.is_file() else {}}
     (s.out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     return result
 
@@ -477,10 +563,11 @@ FIXED = {"teacher": "teacher", "sampler": "sampler", "ode": "student_ode"}  # st
 
 
 def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = None,
-        teacher: Path | None = None) -> dict | None:
+        teacher: Path | None = None, parallel: int = 1) -> dict | None:
     """Runs the requested stages in order, skipping finished ones, each variant once per training seed (default: the
     config's run.seed); returns the results when eval ran. `teacher`: a trained teacher directory (the shipped
-    weights/world_teacher) in place of the teacher stage."""
+    weights/world_teacher) in place of the teacher stage. `parallel` > 1: the variants' runs go up to that many at
+    once (train_variants_in_parallel), before eval."""
     cfg, given = cmd.config_for([]), given_keys(cmd.overrides)
     seeds = seeds or [cfg.run.seed]
     out = out if out.name else out.resolve()  # run.name is the directory's name
@@ -494,7 +581,11 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
     for v in variants:  # a bad variant or seed fails before hours of training
         for seed in seeds:
             cmd.config_for([*variant_overrides(cfg, v), f"run.seed={seed}"])
+    jobs: list[tuple[str, int]] = []  # variant runs waiting to go in parallel
     for stage in stages:
+        if jobs and stage in ("eval", "sampler", "ode"):
+            train_variants_in_parallel(s, cmd, jobs, parallel)
+            jobs = []
         if stage == "eval":
             result = run_eval(s, cmd, variants or default_variants(cfg), seeds)
             print(format_results(result))
@@ -517,8 +608,12 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
         for seed in seeds:
             if trained(student_of(out, stage, seed), cfg):
                 print(f"[{stage} seed{seed}] done, skipped")
+            elif parallel > 1:
+                jobs.append((stage, seed))
             else:
                 train_variant(s, cmd, stage, seed)
+    if jobs:
+        train_variants_in_parallel(s, cmd, jobs, parallel)
     return None
 
 
@@ -528,6 +623,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--out", required=True, help="directory every stage writes into (and resumes from)")
     p.add_argument("--stages", help="comma-separated, in order; default: teacher,sampler,ode,<every variant>,eval")
     p.add_argument("--seeds", help="comma-separated training seeds (run.seed) of the variants; default: the config's")
+    p.add_argument("--parallel", type=int, default=1, help="variant runs at once, sharing the GPU (default 1)")
     p.add_argument("--teacher", type=Path, help="a trained teacher directory (weights/world_teacher) in place of the "
                                                 "teacher stage")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
@@ -538,7 +634,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if [x for x in stages if x in FIXED] != [x for x in FIXED if x in stages]:
         raise ValueError("teacher, sampler and ode run in that order")
     seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
-    return run(cmd, Path(args.out), stages, seeds, args.teacher)
+    if args.parallel < 1:
+        p.error(f"--parallel must be >= 1, got {args.parallel}")
+    return run(cmd, Path(args.out), stages, seeds, args.teacher, args.parallel)
 
 
 if __name__ == "__main__":

@@ -165,12 +165,22 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert "sfpp-ray train" not in printed
     assert (out / "sfpp" / "seed0" / "student" / "stage.json").stat().st_mtime == mtime
 
-    # a second training seed: sf trained again from the same ODE student, the table's mean and spread over both
-    two = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sf,eval", "--seeds", "0,1", *guided])
+    # a second training seed: sf and sfpp trained again from the same ODE student, both at once in processes of
+    # their own (`sfpp-ray train` on this cluster); the table's mean and spread over both seeds
+    lean = ["rollout.cpus_per_worker=0"]  # two runs of trainer + data in the test cluster's 4 CPUs
+    two = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sf,sfpp,eval", "--seeds", "0,1",
+                           "--parallel", "2", *guided, *lean])
     printed = capsys.readouterr().out
     assert "[sf seed0] done, skipped" in printed and "run.seed=1" in command_of(printed, "sf seed1")
-    assert json.loads((out / "sf" / "seed1" / "student" / "stage.json").read_text())["steps"] == 2
-    assert set(two["table"]) == {"real", "teacher", "sf"} and two["seeds"]["sf"] == [0, 1]
+    for name in ("sf", "sfpp"):
+        assert json.loads((out / name / "seed1" / "student" / "stage.json").read_text())["steps"] == 2
+        assert f"[{name} seed1] finished" in printed
+        assert two["commands"][name]["1"] == shlex.join(command_of(printed, f"{name} seed1"))
+    lines = printed.splitlines()
+    started = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] sfpp-ray train ", line)]
+    ended = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] finished", line)]
+    assert len(started) == 2 and max(started) < min(ended)  # both were running at once
+    assert set(two["table"]) == {"real", "teacher", "sf", "sfpp"} and two["seeds"]["sf"] == [0, 1]
     for h, spread in two["spread"]["sf"].items():
         per_seed = [json.loads((out / "eval" / "sf" / f"seed{k}" / "metrics.json").read_text())["table"][str(h)]
                     for k in (0, 1)]

@@ -59,7 +59,7 @@ def train(cfg: Config, evaluation_video: bool = True) -> dict:
     pending = [stage for stage in cfg.run.stages if not _finished(cfg, stage)]
     for stage in pending:
         _check_resumable(cfg, stage)
-    _start_ray(_cpus_needed(cfg, pending))
+    _start_ray(cpus_needed(cfg, pending))
     prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
 
     tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
@@ -268,7 +268,7 @@ def _data_cpus(cfg: Config) -> int:
     return 1 + (2 * cfg.data.num_actors if cfg.data.compute == "actors" else 0)
 
 
-def _cpus_needed(cfg: Config, stages: list[str]) -> float:
+def cpus_needed(cfg: Config, stages: list[str]) -> float:
     """Logical CPUs the stages to run hold at once: one per trainer worker, and during DMD the rollout
     workers and Ray Data besides."""
     during_dmd = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + _data_cpus(cfg) if "dmd" in stages else 0

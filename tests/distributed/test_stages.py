@@ -162,12 +162,12 @@ def test_a_run_asks_the_cluster_only_for_the_cpus_of_the_stages_it_runs(ray_clus
     """Rollout workers and Ray Data hold CPUs during the dmd stage only: a teacher stage beside rollout
     settings the 4-CPU cluster could not hold is not refused for them; a dmd stage is, before it starts,
     naming the keys to lower."""
-    from sfpp_ray.distributed.controller import _cpus_needed, train
+    from sfpp_ray.distributed.controller import cpus_needed, train
 
     crowded = ["rollout.num_workers=4", "rollout.cpus_per_worker=1", "trainer.num_workers=2", "tracking.enabled=false",
                f"run.output_dir={tmp_path}", "run.name=cpus"]
     cfg = load_config(CONFIG, [*crowded, "run.stages=[pretrain_teacher,dmd]"])
-    assert _cpus_needed(cfg, ["pretrain_teacher", "ode"]) == 2 and _cpus_needed(cfg, ["dmd"]) >= 7
+    assert cpus_needed(cfg, ["pretrain_teacher", "ode"]) == 2 and cpus_needed(cfg, ["dmd"]) >= 7
     with pytest.raises(RuntimeError, match=r"needs \d+ CPUs .*rollout.num_workers.*has 4"):
         train(cfg)
     assert not (tmp_path / "cpus" / "teacher").exists()  # refused before any stage began
