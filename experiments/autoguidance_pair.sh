@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Autoguidance from a strong teacher, on one GPU: run 10's recipe (7500 steps) saving same-size guides at steps
 # 1000 and 2500, and beside it a small, short-trained guide (4 layers, ffn 512, 1500 steps); two stages share
-# the GPU at about twice the throughput of one (docs/results.md). Then the sampler settings without
+# the GPU at about twice the throughput of one (docs/notes/teacher_runs.md). Then the sampler settings without
 # autoguidance and with each guide at weights 1.5 / 2 / 3, on 32 validation scenes, and the first and the
 # best three on 64 held-out scenes (experiments/teacher_sampler.py).
 #

@@ -6,8 +6,8 @@ stage's own step (its `stage_loader` row) on the machine that will train.
     steps=$(python experiments/steps_for_minutes.py pace.json --minutes 18)
 
 The stage goes slower than the benchmark's step (reading the loss back, logging, Ray: 14.6 against 17.2 steps/s
-on an H200 compiled, 28.7 against 30.0 under CUDA graphs, docs/results.md) and starting it and compiling cost a
-minute or two: --efficiency and --overhead take these off. Prints the steps, rounded down to a multiple of --round.
+on an H200 compiled, 28.7 against 30.0 under CUDA graphs, docs/notes/teacher_runs.md) and starting it and
+compiling cost a minute or two: --efficiency and --overhead take these off. Prints the steps, rounded down to a multiple of --round.
 
 The pace can also come from a teacher stage's own log (any file not ending in .json), e.g. a short run of a
 layout the benchmark cannot time, such as several ranks: the pace between the middle and the last of its

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Teacher recipes compared on one GPU: each recipe's teacher stage runs at the same time as the others' (two
-# or three stages share a GPU at about twice the throughput of one after another, docs/results.md), then
+# or three stages share a GPU at about twice the throughput of one after another, docs/notes/teacher_runs.md), then
 # experiments/teacher_sampler.py scores each teacher's samples against real clips under the same sampler
 # settings, on validation scenes and the first and best settings again on held-out ones.
 #

@@ -230,7 +230,8 @@ class TeacherPretrainConfig:
     timestep_shift: float = 1.0  # of the training noise levels; 1 spends as much training near clean as near noise
     timestep_distribution: Literal["uniform", "logit_normal"] = "uniform"  # logit_normal: most training near sigma 0.5
     # > 0: the loss weighs latents on and around sprites 1 + this, the rest 1. The weight depends on the clean
-    # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites (docs/results.md, runs 15, 17)
+    # clip, so the teacher learns a world re-weighted towards sprite pixels: more sprites
+    # (docs/notes/teacher_runs.md, runs 15, 17)
     sprite_weight: float = 0.0
     checkpoint_every: int = 0  # a resumable checkpoint every this many steps (an interrupted stage goes on from it); 0: none
     # > 0: the stage stops at its first loss read-back (every 20 steps) past this many minutes of its training loop
@@ -243,7 +244,7 @@ class TeacherPretrainConfig:
     train_text_encoder: bool = False  # train the text encoder with the teacher, saved beside it and used from then on
     autocast: bool = False  # forward and backward in bfloat16 autocast; weights, optimizer and EMA stay float32
     # torch.compile backend for the model as it trains ("none": eager). One stage leaves a GPU half idle on the
-    # world's small model (docs/results.md), waiting on kernel launches that inductor fuses; aot_eager traces
+    # world's small model (docs/notes/teacher_runs.md), waiting on kernel launches that inductor fuses; aot_eager traces
     # forward and backward without making kernels (a check on a CPU)
     compile: Literal["none", "inductor", "aot_eager"] = "none"
     # torch.compile mode under inductor. reduce-overhead replays the step's kernels as CUDA graphs, one launch for

@@ -1,6 +1,7 @@
-"""experiments/metric_sensitivity.py: the table it prints and writes says what docs/results.md relies on,
-on fresh scenes: colour drift grows with a shift of every pixel and stays near what the shift moves,
-while the earlier binned distance jumps on shifts nobody can see; blur raises the composition error."""
+"""experiments/metric_sensitivity.py: the table it prints and writes says what docs/notes/metrics.md and
+docs/notes/teacher_runs.md rely on, on fresh scenes: colour drift grows with a shift of every pixel and stays
+near what the shift moves, while the earlier binned distance jumps on shifts nobody can see; blur raises the
+composition error."""
 
 import json
 import random

@@ -1,5 +1,6 @@
 """experiments/shape_classifier.py on fresh scenes: it writes what it returns, and its counts say what
-docs/results.md relies on: squares are recognised, and every true shape is found more often right than wrong."""
+docs/notes/teacher_runs.md relies on: squares are recognised, and every true shape is found more often right
+than wrong."""
 
 import json
 import random

@@ -49,7 +49,8 @@ def sprite_loss_weight(coverage: torch.Tensor, latent_shape: Sequence[int], spri
     where a latent cell holds any sprite pixel or a pixel within SPRITE_RIM of one, 1 elsewhere. Sprites
     fill a small share of each frame, so a plain mean leaves the shapes little of the loss; any codec's
     latent grid works, as the pixel mask is max-pooled to it. The weight depends on the clean clip, so a model
-    trained with it learns a world tilted towards sprite pixels (more sprites: docs/results.md, runs 15, 17)."""
+    trained with it learns a world tilted towards sprite pixels (more sprites: docs/notes/teacher_runs.md,
+    runs 15, 17)."""
     if coverage.ndim != 4:
         raise ValueError(f"coverage must be (B, F, H, W), got shape {tuple(coverage.shape)}")
     mask = (coverage.float() > 0).float()
