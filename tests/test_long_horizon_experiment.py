@@ -175,7 +175,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     for name in ("sf", "sfpp"):
         assert json.loads((out / name / "seed1" / "student" / "stage.json").read_text())["steps"] == 2
         assert f"[{name} seed1] finished" in printed
-        assert two["commands"][name]["1"] == shlex.join(command_of(printed, f"{name} seed1"))
+        assert two["commands"][name][1] == shlex.join(command_of(printed, f"{name} seed1"))
     lines = printed.splitlines()
     started = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] sfpp-ray train ", line)]
     ended = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] finished", line)]

@@ -4,6 +4,8 @@ Short: an interrupted stage starts again, and the pairs already made are kept.""
 
 from __future__ import annotations
 
+import time
+
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -71,11 +73,14 @@ def ode_loop(config: dict) -> None:
     schedule = components.build_schedule(cfg)
     timesteps = schedule.student_timesteps(cfg.schedule)
     uncond = text.encode([cfg.text.negative_prompt])
+    t0 = time.perf_counter()
     store = ode_pairs(cfg, text, codec, schedule, timesteps, uncond, device, dtype)
+    if rank == 0:
+        print(f"[ode] {len(store)} pairs ready in {time.perf_counter() - t0:.0f} s", flush=True)
     engine, *_ = deepspeed.initialize(model=components.build_student(cfg),
                                       config=deepspeed_config(cfg, cfg.ode.lr, micro_batch=cfg.ode.batch_size))
     update = engine_update(engine, cfg)
-    losses = []
+    losses, t0 = [], time.perf_counter()
     with rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for step in range(1, cfg.ode.steps + 1):
             g = generator(cfg.run.seed, "ode", rank, step, device=device)
@@ -86,5 +91,8 @@ def ode_loop(config: dict) -> None:
                            update)
             metrics = step_done(tracker, {"ode/loss": out["loss"].item()}, step, device)
             losses.append(metrics["ode/loss"])
+            if rank == 0 and (step % max(1, cfg.ode.steps // 10) == 0 or step == cfg.ode.steps):
+                print(f"[ode] step {step}/{cfg.ode.steps}  loss {losses[-1]:.4f}  "
+                      f"{step / (time.perf_counter() - t0):.1f} steps/s", flush=True)
     finish(engine, cfg, "student_ode", {"steps": cfg.ode.steps, "losses": losses, "pairs": len(store)}, metrics,
             cfg.ode.steps)
