@@ -161,6 +161,9 @@ class TrainerConfig:
     ema_start_step: int = 200  # before it the average is a copy
     sync_every: int = 1
     checkpoint_every: int = 1  # DMD: a resumable checkpoint every this many steps; 0: only at the end
+    # a step whose loss or gradients are not finite is skipped (no update) and counted (train/bad_steps); this
+    # many in a row stop the stage with an error naming it and the step
+    max_bad_steps: int = 3
 
 
 @dataclass
@@ -566,6 +569,7 @@ def validate(cfg: Config) -> None:
     positive("trainer.sync_every", cfg.trainer.sync_every)
     positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every, allow_zero=True)
     positive("trainer.batch_size", cfg.trainer.batch_size)
+    positive("trainer.max_bad_steps", cfg.trainer.max_bad_steps)
     if not 0 <= cfg.trainer.ema_decay < 1:
         raise ConfigError("trainer.ema_decay", f"must lie in [0, 1), got {cfg.trainer.ema_decay}")
     positive("trainer.ema_start_step", cfg.trainer.ema_start_step, allow_zero=True)
