@@ -12,11 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def weights_dir(path: Path) -> Path:
+    """A directory holding a weights file whose header reads (validation reads no further)."""
+    from safetensors.torch import save_file
+    import torch
+
+    path.mkdir(exist_ok=True)
+    save_file({"x": torch.zeros(2)}, path / "diffusion_pytorch_model.safetensors")
+    return path
+
+
 def test_shipped_configs_load(tmp_path):
     cfg = load_config(TINY)
     assert cfg.student.frames_per_block == 3
-    weights = tmp_path / "w"
-    weights.mkdir()
+    weights = weights_dir(tmp_path / "w")
     wan = load_config(ROOT / "configs" / "wan2.1_t2v_1.3b.yaml",
                       [f"model.pretrained={weights}", f"text.path={weights}", f"codec.path={weights}"])
     assert (wan.student.window_frames, wan.student.sink_frames, wan.schedule.denoising_steps) == (21, 0, [1000, 750, 500, 250])
@@ -157,7 +166,7 @@ def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
     wan = ROOT / "configs" / "wan2.1_t2v_1.3b.yaml"
     with pytest.raises(ConfigError, match="text.path"):  # the whole config wants the encoder's directory
         load_config(wan)
-    whole = load_config(wan, [f"{k}={tmp_path}" for k in ("model.pretrained", "text.path", "codec.path")])
+    whole = load_config(wan, [f"{k}={weights_dir(tmp_path)}" for k in ("model.pretrained", "text.path", "codec.path")])
     assert load_section(wan, "model") == dataclasses.replace(whole.model, pretrained=None)
     layers, heads = random.randint(1, 50), random.randint(1, 16)
     own = tmp_path / "own.yaml"

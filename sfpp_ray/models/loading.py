@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +19,10 @@ from pathlib import Path
 import accelerate
 import torch
 from diffusers import WanTransformer3DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sfpp_ray.checks import CheckError, check_safetensors, check_torch_file
 from sfpp_ray.config import ModelConfig
 
 # ---------------------------------------------------------------- the rename table (original Wan -> diffusers)
@@ -189,15 +192,36 @@ def _unwrap_checkpoint(obj, source: str, entry: str | None) -> Mapping[str, torc
 
 
 def _read_torch_file(path: Path) -> object:
-    # Memory-map zip-format checkpoints so a multi-GB file is not read twice; legacy files cannot be mapped.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    """Tensors and plain containers only (weights_only): a checkpoint that pickles anything else is refused,
+    naming the file, as is one whose header (checks.check_torch_file) or contents do not read."""
+    check_torch_file(path)
+    try:
+        # Memory-map zip-format checkpoints so a multi-GB file is not read twice; legacy files cannot be mapped.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise CheckError(f"{path}: holds objects other than tensors and plain containers, which a weights-only load "
+                         f"refuses ({_first_line(e)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckError(f"{path}: cannot be read as a torch checkpoint ({_first_line(e)})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckError(f"{path}: cannot be read as safetensors ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state_dict: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state_dict.update(load_file(index.parent / shard))
+        state_dict.update(_read_safetensors(index.parent / shard))
     return state_dict
 
 
@@ -222,7 +246,7 @@ def _read_file(path: Path, entry: str | None) -> Mapping[str, torch.Tensor]:
     if path.name.endswith(".safetensors.index.json"):
         return _read_sharded(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return _read_safetensors(path)
     if path.suffix in _TORCH_SUFFIXES:
         return _unwrap_checkpoint(_read_torch_file(path), str(path), entry)
     raise ValueError(f"{path}: unknown weights format {path.suffix!r} "
