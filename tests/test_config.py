@@ -188,6 +188,13 @@ def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
     ("trainer.checkpoint_every=-1", "trainer.checkpoint_every"), ("teacher_pretrain.lr_floor=1.5", "teacher_pretrain.lr_floor"),
     ("teacher_pretrain.prompt_dropout=1", "teacher_pretrain.prompt_dropout"), ("trainer.batch_size=0", "trainer.batch_size"),
     ("trainer.gpus_per_worker=-0.5", "trainer.gpus_per_worker"), ("video.fps=.inf", "video.fps"),
+    ("model.patch_size=[1,0,2]", "model.patch_size"), ("model.eps=0", "model.eps"), ("text.max_length=0", "text.max_length"),
+    ("codec.temporal_factor=0", "codec.temporal_factor"), ("buffer.max_staleness=-1", "buffer.max_staleness"),
+    ("data.num_actors=0", "data.num_actors"), ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
+    ("ode.shift=0", "ode.shift"), ("ode.guidance=-1", "ode.guidance"), ("dmd.guidance=-3", "dmd.guidance"),
+    ("grpo.clip=0", "grpo.clip"), ("grpo.advantage_clip=-1", "grpo.advantage_clip"), ("grpo.kl_coef=-0.1", "grpo.kl_coef"),
+    ("grpo.min_motion=-1", "grpo.min_motion"), ("evaluation.seed=-1", "evaluation.seed"),
+    ("schedule.num_train_timesteps=0", "schedule.num_train_timesteps"), ("trainer.max_bad_steps=0", "trainer.max_bad_steps"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(override, key):
     with pytest.raises(ConfigError) as e:
