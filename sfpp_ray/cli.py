@@ -89,9 +89,31 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError) as e:  # a bad argument or value, on load or against the run directory
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        found = cause(e, NonFiniteError)  # a stage stopped by NaNs: its one line says where, not Ray's traceback
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
         return 1
+
+
+def cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """An error of `kind` among `error`'s causes, as Ray hands back an error raised in a worker: chained, among a
+    worker group's failures (ray.train.WorkerGroupError.worker_failures) or a controller's, or wrapped with its
+    traceback (Ray Train's UserExceptionWithTraceback keeps it as _base_exc, a task's error as .cause)."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        stack += [e.__cause__, e.__context__, getattr(e, "_base_exc", None), getattr(e, "cause", None),
+                  getattr(e, "controller_failure", None), *(failures.values() if isinstance(failures, dict) else [])]
+        stack = [x for x in stack if x is None or isinstance(x, BaseException)]
+    return None
 
 
 def _run(args: argparse.Namespace, cfg) -> int:

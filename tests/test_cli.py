@@ -147,3 +147,30 @@ def test_bad_input_is_refused_before_torch_ray_or_mlflow_is_imported(tmp_path):
                           env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=120)
     codes, heavy = json.loads(done.stdout.strip().splitlines()[-1])
     assert codes == [2] * len(table) and heavy == []
+
+
+def test_a_stage_stopped_by_nans_is_one_line_naming_it(monkeypatch, capsys):
+    """A stage's NonFiniteError comes back from its Ray Train worker wrapped in Ray's own errors (a worker group's
+    failures, each with its traceback): the CLI finds it and prints its one line, exit status 1."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from sfpp_ray import cli
+    from sfpp_ray.checks import NonFiniteError
+
+    step = __import__("random").randint(3, 1000)
+    message = f"stage dmd, step {step}: 3 steps in a row had a non-finite loss or gradient and were skipped"
+
+    def train(args, cfg):  # what the stage's failure looks like where controller.train raises it
+        try:
+            raise NonFiniteError(message)
+        except NonFiniteError as e:
+            wrapped = UserExceptionWithTraceback(e, "Traceback (most recent call last):\n  ...\n" + message)
+        raise WorkerGroupError("[Rank 0]\n" + str(wrapped), {0: wrapped})
+
+    monkeypatch.setattr(cli, "_run", train)
+    assert main(["train", "--config", TINY]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    monkeypatch.setattr(cli, "_run", lambda args, cfg: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # any other failure keeps its traceback
+        main(["train", "--config", TINY])
