@@ -51,6 +51,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "dir.gif").mkdir()
     (tmp / "empty.txt").write_text("\n  \n")
     (tmp / "binary.txt").write_bytes(rng.randbytes(2000) + b"\0")
+    (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n\xff\xfe\n")
     (tmp / "bad.yaml").write_text("trainer: {num_workers: 1\n")
     (tmp / "latin1.yaml").write_bytes(b"run: {name: caf\xe9}\n")
     gen = ["generate", "--config", TINY, "--prompt", "two red squares", "--seconds", "2", "--out", str(tmp / "v.gif")]
@@ -95,6 +96,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*train, f"data.prompts={tmp / 'empty.txt'}"], "data.prompts"),
         ([*train, f"data.prompts={tmp / 'binary.txt'}"], "data.prompts"),
         ([*train, f"data.prompts={tmp / 'missing.txt'}"], "data.prompts"),
+        ([*train, f"data.prompts={tmp / 'latin1.txt'}"], "data.prompts"),
         ([*train, f"model.pretrained={tmp / 'truncated.pt'}"], "model.pretrained"),
         ([*train, f"student.checkpoint={tmp / 'random.pt'}"], "student.checkpoint"),
         ([*train, f"model.pretrained={tmp / 'garbage.safetensors'}"], "model.pretrained"),
