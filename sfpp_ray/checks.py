@@ -90,12 +90,16 @@ def check_weights_file(path: Path) -> None:
                          "(expected .safetensors, .safetensors.index.json, .pt, .pth, .bin, .ckpt)")
 
 
+def weights_directory(path: Path) -> Path:
+    """A diffusers pipeline root keeps the transformer in `transformer/`; a model directory holds it directly."""
+    sub = path / "transformer"
+    return sub if sub.is_dir() and not (path / "config.json").is_file() else path
+
+
 def weights_files(directory: Path) -> list[Path]:
-    """The file(s) a weights directory is read from (models.loading reads what this names): a diffusers pipeline
-    root's transformer/, a shard index, or its one weights file."""
-    sub = directory / "transformer"
-    if sub.is_dir() and not (directory / "config.json").is_file():
-        directory = sub
+    """The one file a weights directory is read from (models.loading reads what this names): a shard index, or
+    its one weights file, in the directory or a pipeline root's transformer/."""
+    directory = weights_directory(directory)
     preferred = directory / "diffusion_pytorch_model.safetensors.index.json"
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     if preferred.is_file() or len(indexes) == 1:

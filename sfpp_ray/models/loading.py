@@ -22,7 +22,8 @@ from diffusers import WanTransformer3DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sfpp_ray.checks import CheckError, check_safetensors, check_torch_file
+from sfpp_ray.checks import (TORCH_SUFFIXES, CheckError, check_safetensors, check_torch_file, weights_directory,
+                             weights_files)
 from sfpp_ray.config import ModelConfig
 
 # ---------------------------------------------------------------- the rename table (original Wan -> diffusers)
@@ -62,7 +63,6 @@ _KEY_PREFIXES = {"model", "diffusion_model", "module"}
 _WRAPPER_SEGMENTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
 # Top-level entries of training checkpoints, in order of preference: the EMA weights are the published model.
 CHECKPOINT_ENTRIES = ("generator_ema", "generator", "model", "state_dict", "module")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 _LIST_LIMIT = 20
 
@@ -225,38 +225,15 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _read_directory(directory: Path) -> Mapping[str, torch.Tensor]:
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    preferred_index = directory / "diffusion_pytorch_model.safetensors.index.json"
-    if preferred_index.is_file() or len(indexes) == 1:
-        return _read_sharded(preferred_index if preferred_index.is_file() else indexes[0])
-    if len(indexes) > 1:
-        raise ValueError(f"{directory} holds several shard indexes {[p.name for p in indexes]}; pass the index to load")
-    for pattern in ("*.safetensors", "*.pt", "*.pth", "*.bin"):
-        files = sorted(directory.glob(pattern))
-        preferred = directory / f"diffusion_pytorch_model{pattern[1:]}"
-        if preferred.is_file() or len(files) == 1:
-            return _read_file(preferred if preferred.is_file() else files[0], entry=None)
-        if len(files) > 1:
-            raise ValueError(f"{directory} holds several weight files {[p.name for p in files]}; pass the one to load")
-    raise FileNotFoundError(f"{directory} holds no .safetensors, .pt, .pth or .bin weights")
-
-
 def _read_file(path: Path, entry: str | None) -> Mapping[str, torch.Tensor]:
     if path.name.endswith(".safetensors.index.json"):
         return _read_sharded(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    if path.suffix in _TORCH_SUFFIXES:
+    if path.suffix in TORCH_SUFFIXES:
         return _unwrap_checkpoint(_read_torch_file(path), str(path), entry)
     raise ValueError(f"{path}: unknown weights format {path.suffix!r} "
                      "(expected .safetensors, .safetensors.index.json, .pt, .pth, .bin, .ckpt)")
-
-
-def _weights_directory(path: Path) -> Path:
-    """A diffusers pipeline root keeps the transformer in `transformer/`; a model directory holds it directly."""
-    sub = path / "transformer"
-    return sub if sub.is_dir() and not (path / "config.json").is_file() else path
 
 
 def load_transformer_state_dict(path: str | Path, entry: str | None = None) -> dict[str, torch.Tensor]:
@@ -268,10 +245,11 @@ def load_transformer_state_dict(path: str | Path, entry: str | None = None) -> d
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights path {str(path)!r} does not exist")
-    if entry is not None and (path.is_dir() or path.suffix not in _TORCH_SUFFIXES):
-        raise ValueError(f"{path} has no top-level entries; `entry` applies to {', '.join(_TORCH_SUFFIXES)} files")
+    if entry is not None and (path.is_dir() or path.suffix not in TORCH_SUFFIXES):
+        raise ValueError(f"{path} has no top-level entries; `entry` applies to {', '.join(TORCH_SUFFIXES)} files")
     if path.is_dir():
-        raw = _read_directory(_weights_directory(path))
+        (file,) = weights_files(path)  # the directory's one weights file or shard index, as checks finds it
+        raw = _read_file(file, entry=None)
     else:
         raw = _read_file(path, entry)
     return normalize_state_dict(raw)
@@ -327,7 +305,7 @@ def _stored_config(path: Path) -> dict | None:
     are checked key by key on load)."""
     if not path.is_dir():
         return None
-    config_file = _weights_directory(path) / "config.json"
+    config_file = weights_directory(path) / "config.json"
     if not config_file.is_file():
         return None
     stored = json.loads(config_file.read_text())

@@ -191,7 +191,7 @@ def test_stored_shape_is_the_directorys_own(source, tmp_path):
 def test_bad_paths_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_transformer_state_dict(tmp_path / "nowhere.pt")
-    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+    with pytest.raises(ValueError, match="no .safetensors"):
         load_transformer_state_dict(tmp_path)
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown weights format"):
