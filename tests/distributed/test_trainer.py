@@ -212,3 +212,56 @@ def test_the_teacher_stage_skips_a_clip_batch_of_nan_and_stops_after_max_bad_ste
     with pytest.raises(NonFiniteError, match="stage pretrain_teacher, step 3"):
         training.bad_steps.after(3)
     assert all(torch.equal(a, b) for a, b in zip(start, weights()))
+
+
+def _two_rank_step(rank: int, port: int, out: str) -> None:
+    """One rank of test_a_loss_bad_on_one_rank_skips_the_step_on_every_rank."""
+    import json
+    import os
+
+    import deepspeed
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2"})
+    results = {}
+    for zero_stage in (0, 2):
+        cfg = load_config(CONFIG, [f"trainer.zero_stage={zero_stage}"])
+        torch.manual_seed(0)
+        engine, *_ = deepspeed.initialize(model=components.build_critic(cfg), config=deepspeed_config(cfg, 1e-2))
+        update = engine_update(engine, cfg)
+        g = torch.Generator().manual_seed(rank)
+        x, t = torch.randn(2, cfg.model.in_channels, 3, 8, 8, generator=g), torch.rand(2, generator=g) * 1000
+        text = torch.randn(2, 5, cfg.model.text_dim, generator=g)
+        skipped = []
+        for step in range(3):
+            loss = engine(x, t, text, return_dict=False)[0].square().mean()
+            if step == 1 and rank == 1:
+                loss = loss + torch.tensor(float("nan"))  # a NaN loss whose gradient is finite
+            update(loss)
+            skipped.append(update.skipped)
+            update.skipped = 0
+            with full_params(engine.module, zero_stage == 3):
+                results[f"{zero_stage}/{step}"] = [sum(float(p.double().sum()) for p in engine.module.parameters())]
+        results[f"{zero_stage}/skipped"] = skipped
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+def test_a_loss_bad_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Two ranks, a NaN loss on one of them whose gradient is finite (nothing in the gradients shows it): both
+    ranks skip that step, under ZeRO-0 and ZeRO-2, so their weights stay the same as each other's, unchanged by
+    that step, and both train on the next."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # forked: the ranks start with what this process imported (spawned, each imports torch and DeepSpeed anew)
+    mp.start_processes(_two_rank_step, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    for zero_stage in (0, 2):
+        assert ranks[0][f"{zero_stage}/skipped"] == [0, 1, 0]
+        assert ranks[0][f"{zero_stage}/1"] == ranks[0][f"{zero_stage}/0"] != ranks[0][f"{zero_stage}/2"]
