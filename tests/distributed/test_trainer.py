@@ -252,14 +252,18 @@ def test_a_loss_bad_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     ranks skip that step, under ZeRO-0 and ZeRO-2, so their weights stay the same as each other's, unchanged by
     that step, and both train on the next."""
     import json
-
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # forked: the ranks start with what this process imported (spawned, each imports torch and DeepSpeed anew)
-    mp.start_processes(_two_rank_step, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # The ranks are forked from a fresh process once it has imported torch and DeepSpeed, so that neither imports
+    # them again; not from this one, whose process group and threads a fork would copy half-alive
+    code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport torch.multiprocessing as mp\n"
+            f"from test_trainer import _two_rank_step\nmp.start_processes(_two_rank_step, args=({port}, "
+            f"{str(tmp_path)!r}), nprocs=2, join=True, start_method='fork')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
     for zero_stage in (0, 2):
