@@ -662,8 +662,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("world.speed", f"needs 0 < lowest < highest, got {w.speed}")
     if not w.backgrounds:
         raise ConfigError("world.backgrounds", "needs at least one kind")
-    if min(cfg.video.height, cfg.video.width) < 8:
-        raise ConfigError("video.height", f"the world needs a video of at least 8x8, got {cfg.video.height}x{cfg.video.width}")
+    for key in ("height", "width"):
+        if getattr(cfg.video, key) < 8:
+            raise ConfigError(f"video.{key}", f"the world needs a video of at least 8x8, got {cfg.video.height}x{cfg.video.width}")
     positive("video.fps", cfg.video.fps)
     if cfg.text.kind == "umt5" and cfg.text.path is None:
         raise ConfigError("text.path", "kind umt5 needs a local directory with the encoder and tokenizer")

@@ -194,6 +194,7 @@ def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
     ("ode.shift=0", "ode.shift"), ("ode.guidance=-1", "ode.guidance"), ("dmd.guidance=-3", "dmd.guidance"),
     ("grpo.clip=0", "grpo.clip"), ("grpo.advantage_clip=-1", "grpo.advantage_clip"), ("grpo.kl_coef=-0.1", "grpo.kl_coef"),
     ("grpo.min_motion=-1", "grpo.min_motion"), ("evaluation.seed=-1", "evaluation.seed"),
+    ("video.width=4", "video.width"), ("video.height=-16", "video.height"),
     ("schedule.num_train_timesteps=0", "schedule.num_train_timesteps"), ("trainer.max_bad_steps=0", "trainer.max_bad_steps"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(override, key):
