@@ -1,16 +1,37 @@
-"""`sfpp-ray <command> --config configs/X.yaml [key=value ...]`: a small CLI; every knob lives in config."""
+"""`sfpp-ray <command> --config configs/X.yaml [key=value ...]`: a small CLI; every knob lives in config.
+
+Arguments and config are checked before torch, Ray or a model is imported: a bad one is one line on stderr naming
+its argument, key or path, and exit status 2, in a fraction of a second."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import sys
+from pathlib import Path
 
+from sfpp_ray.checks import CheckError, NonFiniteError, check_weights
 from sfpp_ray.config import ConfigError, load_config
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; the message starts with the argument's name."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (its usage block is what --help is for)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sfpp-ray", description="Self-Forcing++ on Ray: long-video distillation.")
+    p = Parser(prog="sfpp-ray", description="Self-Forcing++ on Ray: long-video distillation.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -32,13 +53,67 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The command's own arguments, as far as they can be judged without a model."""
+    if args.command == "generate":
+        if not args.prompt.strip():
+            raise UsageError("--prompt: is empty")
+        if not math.isfinite(args.seconds) or args.seconds <= 0:
+            raise UsageError(f"--seconds: must be a finite number > 0, got {args.seconds:g}")
+        if args.seed is not None and not 0 <= args.seed < 2**63:
+            raise UsageError(f"--seed: must lie in [0, 2**63), got {args.seed}")
+        out = Path(args.out)
+        if out.suffix not in VIDEO_SUFFIXES:
+            raise UsageError(f"--out: {args.out!r}: unsupported video format {out.suffix or '(none)'!r}, "
+                             f"use {' or '.join(VIDEO_SUFFIXES)}")
+        if out.is_dir():
+            raise UsageError(f"--out: {args.out!r} is a directory")
+        if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+            raise UsageError(f"--out: {args.out!r}: a parent of it is a file, not a directory")
+        if out.suffix == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise UsageError(f"--out: writing {args.out!r} needs imageio-ffmpeg (pip install imageio-ffmpeg), "
+                             "or write a .gif")
+    if getattr(args, "checkpoint", None) is not None:
+        try:
+            check_weights(args.checkpoint)
+        except CheckError as e:
+            raise UsageError(f"--checkpoint: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args, load_config(args.config, args.overrides))
-    except ConfigError as e:  # a bad value, on load or against what the run directory already holds
+        check_args(args)
+        cfg = load_config(args.config, args.overrides)
+        return _run(args, cfg)
+    except (UsageError, ConfigError) as e:  # a bad argument or value, on load or against the run directory
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        found = cause(e, NonFiniteError)  # a stage stopped by NaNs: its one line says where, not Ray's traceback
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 1
+
+
+def cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """An error of `kind` among `error`'s causes, as Ray hands back an error raised in a worker: chained, among a
+    worker group's failures (ray.train.WorkerGroupError.worker_failures) or a controller's, or wrapped with its
+    traceback (Ray Train's UserExceptionWithTraceback keeps it as _base_exc, a task's error as .cause)."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        stack += [e.__cause__, e.__context__, getattr(e, "_base_exc", None), getattr(e, "cause", None),
+                  getattr(e, "controller_failure", None), *(failures.values() if isinstance(failures, dict) else [])]
+        stack = [x for x in stack if x is None or isinstance(x, BaseException)]
+    return None
 
 
 def _run(args: argparse.Namespace, cfg) -> int:

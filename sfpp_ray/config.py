@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sfpp_ray import checks
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message always starts with the dotted key."""
@@ -26,6 +28,14 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"config key '{key}': {message}")
+
+
+class ConfigFileError(ConfigError):
+    """The config file itself is missing or unreadable; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.key = "--config"
+        ValueError.__init__(self, f"config file {str(path)!r}: {message}")
 
 
 @dataclass
@@ -161,6 +171,9 @@ class TrainerConfig:
     ema_start_step: int = 200  # before it the average is a copy
     sync_every: int = 1
     checkpoint_every: int = 1  # DMD: a resumable checkpoint every this many steps; 0: only at the end
+    # a step whose loss or gradients are not finite is skipped (no update) and counted (train/bad_steps); this
+    # many in a row stop the stage with an error naming it and the step
+    max_bad_steps: int = 3
 
 
 @dataclass
@@ -430,10 +443,17 @@ def _read_tree(path: str | os.PathLike) -> dict:
     """A config file's YAML as a dict, unchecked."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("--config", f"file {str(path)!r} does not exist")
-    loaded = yaml.safe_load(p.read_text())
+        raise ConfigFileError(path, "does not exist" if not p.exists() else "is not a file")
+    try:
+        loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigFileError(path, "is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigFileError(path, f"is not valid YAML{where} ({getattr(e, 'problem', None) or type(e).__name__})") from None
     if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError("<root>", f"{path} must hold a mapping")
+        raise ConfigFileError(path, f"must hold a mapping of sections, holds a {type(loaded).__name__}")
     return loaded or {}
 
 
@@ -504,6 +524,30 @@ def codec_latent_channels(cfg: Config) -> int | None:
     return None
 
 
+def check_inputs(cfg: Config) -> None:
+    """The files the config names, read as far as needed to know they are what they should be (checks: headers of
+    weights, the prompts' text), without torch: a truncated checkpoint or a binary prompts file fails here, in one
+    line naming its key, rather than inside a Ray worker."""
+    def check(key: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except checks.CheckError as e:
+            raise ConfigError(key, str(e)) from None
+
+    for key, path in (("model.pretrained", cfg.model.pretrained), ("student.checkpoint", cfg.student.checkpoint)):
+        if path is not None:
+            check(key, checks.check_weights, path)
+    if cfg.ode.guide is not None and Path(cfg.ode.guide).exists():
+        check("ode.guide", checks.check_weights, cfg.ode.guide)
+    for key, path in (("text.path", cfg.text.path), ("codec.path", cfg.codec.path)):
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(key, f"{path!r} is not a directory")
+    if cfg.grpo.raft_weights is not None:
+        check("grpo.raft_weights", checks.check_torch_file, Path(cfg.grpo.raft_weights))
+    if cfg.data.prompts is not None:
+        check("data.prompts", checks.read_prompts, cfg.data.prompts, cfg.data.max_prompt_chars)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot run."""
 
@@ -513,8 +557,27 @@ def validate(cfg: Config) -> None:
 
     positive("run.seed", cfg.run.seed, allow_zero=True)  # seeds hash (seed, row) pairs, which must be >= 0
     m, s, sch = cfg.model, cfg.student, cfg.schedule
-    if len(m.patch_size) != 3:
-        raise ConfigError("model.patch_size", f"needs 3 entries (t, h, w), got {m.patch_size}")
+    if len(m.patch_size) != 3 or min(m.patch_size) < 1:
+        raise ConfigError("model.patch_size", f"needs 3 entries (t, h, w) >= 1, got {m.patch_size}")
+    positive("model.eps", m.eps)
+    positive("model.init_seed", m.init_seed, allow_zero=True)
+    positive("schedule.num_train_timesteps", sch.num_train_timesteps)
+    positive("text.max_length", cfg.text.max_length)
+    positive("codec.spatial_factor", cfg.codec.spatial_factor)
+    positive("codec.temporal_factor", cfg.codec.temporal_factor)
+    positive("buffer.max_staleness", cfg.buffer.max_staleness, allow_zero=True)
+    positive("data.num_actors", cfg.data.num_actors)
+    positive("data.max_prompt_chars", cfg.data.max_prompt_chars)
+    positive("trainer.weight_decay", cfg.trainer.weight_decay, allow_zero=True)
+    positive("trainer.grad_clip", cfg.trainer.grad_clip, allow_zero=True)  # 0: no clipping
+    positive("ode.shift", cfg.ode.shift)
+    positive("ode.guidance", cfg.ode.guidance, allow_zero=True)  # 0: the unconditional teacher
+    positive("dmd.guidance", cfg.dmd.guidance, allow_zero=True)
+    for key in ("clip", "advantage_clip"):
+        positive(f"grpo.{key}", getattr(cfg.grpo, key))
+    positive("grpo.kl_coef", cfg.grpo.kl_coef, allow_zero=True)
+    positive("grpo.min_motion", cfg.grpo.min_motion, allow_zero=True)
+    positive("evaluation.seed", cfg.evaluation.seed, allow_zero=True)
     for name in ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
                  "freq_dim", "ffn_dim", "num_layers", "rope_max_seq_len"):
         positive(f"model.{name}", getattr(m, name))
@@ -565,11 +628,12 @@ def validate(cfg: Config) -> None:
     positive("trainer.gpus_per_worker", cfg.trainer.gpus_per_worker, allow_zero=True)
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("trainer.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.trainer.zero_stage}")
-    if len(cfg.trainer.betas) != 2:
-        raise ConfigError("trainer.betas", "needs two values")
+    if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):
+        raise ConfigError("trainer.betas", f"needs two values in [0, 1), got {cfg.trainer.betas}")
     positive("trainer.sync_every", cfg.trainer.sync_every)
     positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every, allow_zero=True)
     positive("trainer.batch_size", cfg.trainer.batch_size)
+    positive("trainer.max_bad_steps", cfg.trainer.max_bad_steps)
     if not 0 <= cfg.trainer.ema_decay < 1:
         raise ConfigError("trainer.ema_decay", f"must lie in [0, 1), got {cfg.trainer.ema_decay}")
     positive("trainer.ema_start_step", cfg.trainer.ema_start_step, allow_zero=True)
@@ -602,8 +666,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("world.speed", f"needs 0 < lowest < highest, got {w.speed}")
     if not w.backgrounds:
         raise ConfigError("world.backgrounds", "needs at least one kind")
-    if min(cfg.video.height, cfg.video.width) < 8:
-        raise ConfigError("video.height", f"the world needs a video of at least 8x8, got {cfg.video.height}x{cfg.video.width}")
+    for key in ("height", "width"):
+        if getattr(cfg.video, key) < 8:
+            raise ConfigError(f"video.{key}", f"the world needs a video of at least 8x8, got {cfg.video.height}x{cfg.video.width}")
     positive("video.fps", cfg.video.fps)
     if cfg.text.kind == "umt5" and cfg.text.path is None:
         raise ConfigError("text.path", "kind umt5 needs a local directory with the encoder and tokenizer")
@@ -614,6 +679,7 @@ def validate(cfg: Config) -> None:
                        ("data.prompts", cfg.data.prompts), ("grpo.raft_weights", cfg.grpo.raft_weights)):
         if value is not None and not Path(value).exists():
             raise ConfigError(key, f"path {value!r} does not exist")
+    check_inputs(cfg)
     tp = cfg.teacher_pretrain
     positive("teacher_pretrain.steps", tp.steps)
     positive("teacher_pretrain.batch_size", tp.batch_size)

@@ -13,6 +13,7 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.checks import NonFiniteError
 from sfpp_ray.config import Config
 from sfpp_ray.video_io import VideoWriter, to_uint8
 
@@ -66,11 +67,12 @@ class BlockDecoder:
         else:
             self._decode(latents)
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Wait for the queued blocks; `abandon`: the stream failed, and its error is the one to raise."""
         if self.thread:
             self.queue.put(None)
             self.thread.join()
-        if self.error is not None:
+        if self.error is not None and not abandon:
             raise RuntimeError("decoding a block failed") from self.error
 
 
@@ -102,6 +104,9 @@ class VideoGenerator:
         t0 = time.perf_counter()
 
         def on_block(b: int, x0: torch.Tensor) -> None:
+            if not torch.isfinite(x0).all():  # decoded, NaN becomes black frames that look like a video
+                raise NonFiniteError(f"block {b + 1} of {blocks}: the student's latents hold NaN or inf values; "
+                                     "no video is written (check the student's weights and the schedule)")
             decoder(b, x0)
             if progress:
                 rate = (b + 1) * fpb / (time.perf_counter() - t0)
@@ -109,8 +114,12 @@ class VideoGenerator:
                       file=sys.stderr, flush=True)
 
         cross = self.student.cross_attention_cache(self.text.encode([prompt]))
-        rollout(self.student, cross, noise, self.schedule.student_timesteps(cfg.schedule), self.schedule,
-                context_noise=cfg.schedule.context_noise, generator=g, on_block=on_block)
+        try:
+            rollout(self.student, cross, noise, self.schedule.student_timesteps(cfg.schedule), self.schedule,
+                    context_noise=cfg.schedule.context_noise, generator=g, on_block=on_block)
+        except BaseException:
+            decoder.close(abandon=True)
+            raise
         decoder.close()
         return {"latent_frames": num_latent_frames, "seconds": time.perf_counter() - t0}
 
@@ -125,7 +134,11 @@ def generate(cfg: Config, prompt: str, seconds: float, out: str | Path, checkpoi
     gen = VideoGenerator(cfg, checkpoint)
     cfg = gen.cfg  # the checkpoint's layout: whole blocks of its size
     nf = latent_frames_for(cfg, gen.codec, seconds)
-    with VideoWriter(out, cfg.video.fps) as writer:
-        stats = gen.stream(prompt, nf, writer, cfg.run.seed if seed is None else seed, progress=progress)
+    try:
+        with VideoWriter(out, cfg.video.fps) as writer:
+            stats = gen.stream(prompt, nf, writer, cfg.run.seed if seed is None else seed, progress=progress)
+    except BaseException:
+        Path(out).unlink(missing_ok=True)  # no half-written video left to pass for a result
+        raise
     return {"path": str(out), "latent_frames": nf, "video_frames": writer.frames, "seconds": stats["seconds"],
             "fps": writer.frames / stats["seconds"]}

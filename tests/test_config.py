@@ -12,11 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def weights_dir(path: Path) -> Path:
+    """A directory holding a weights file whose header reads (validation reads no further)."""
+    from safetensors.torch import save_file
+    import torch
+
+    path.mkdir(exist_ok=True)
+    save_file({"x": torch.zeros(2)}, path / "diffusion_pytorch_model.safetensors")
+    return path
+
+
 def test_shipped_configs_load(tmp_path):
     cfg = load_config(TINY)
     assert cfg.student.frames_per_block == 3
-    weights = tmp_path / "w"
-    weights.mkdir()
+    weights = weights_dir(tmp_path / "w")
     wan = load_config(ROOT / "configs" / "wan2.1_t2v_1.3b.yaml",
                       [f"model.pretrained={weights}", f"text.path={weights}", f"codec.path={weights}"])
     assert (wan.student.window_frames, wan.student.sink_frames, wan.schedule.denoising_steps) == (21, 0, [1000, 750, 500, 250])
@@ -157,7 +166,7 @@ def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
     wan = ROOT / "configs" / "wan2.1_t2v_1.3b.yaml"
     with pytest.raises(ConfigError, match="text.path"):  # the whole config wants the encoder's directory
         load_config(wan)
-    whole = load_config(wan, [f"{k}={tmp_path}" for k in ("model.pretrained", "text.path", "codec.path")])
+    whole = load_config(wan, [f"{k}={weights_dir(tmp_path)}" for k in ("model.pretrained", "text.path", "codec.path")])
     assert load_section(wan, "model") == dataclasses.replace(whole.model, pretrained=None)
     layers, heads = random.randint(1, 50), random.randint(1, 16)
     own = tmp_path / "own.yaml"
@@ -179,6 +188,14 @@ def test_a_section_loads_without_the_paths_other_sections_need(tmp_path):
     ("trainer.checkpoint_every=-1", "trainer.checkpoint_every"), ("teacher_pretrain.lr_floor=1.5", "teacher_pretrain.lr_floor"),
     ("teacher_pretrain.prompt_dropout=1", "teacher_pretrain.prompt_dropout"), ("trainer.batch_size=0", "trainer.batch_size"),
     ("trainer.gpus_per_worker=-0.5", "trainer.gpus_per_worker"), ("video.fps=.inf", "video.fps"),
+    ("model.patch_size=[1,0,2]", "model.patch_size"), ("model.eps=0", "model.eps"), ("text.max_length=0", "text.max_length"),
+    ("codec.temporal_factor=0", "codec.temporal_factor"), ("buffer.max_staleness=-1", "buffer.max_staleness"),
+    ("data.num_actors=0", "data.num_actors"), ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
+    ("ode.shift=0", "ode.shift"), ("ode.guidance=-1", "ode.guidance"), ("dmd.guidance=-3", "dmd.guidance"),
+    ("grpo.clip=0", "grpo.clip"), ("grpo.advantage_clip=-1", "grpo.advantage_clip"), ("grpo.kl_coef=-0.1", "grpo.kl_coef"),
+    ("grpo.min_motion=-1", "grpo.min_motion"), ("evaluation.seed=-1", "evaluation.seed"),
+    ("video.width=4", "video.width"), ("video.height=-16", "video.height"),
+    ("schedule.num_train_timesteps=0", "schedule.num_train_timesteps"), ("trainer.max_bad_steps=0", "trainer.max_bad_steps"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -10,6 +10,7 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray import generate as generate_module
+from sfpp_ray.checks import NonFiniteError
 from sfpp_ray.cli import main
 from sfpp_ray.config import load_config
 from sfpp_ray.generate import generate
@@ -43,6 +44,21 @@ def test_generate_is_deterministic_by_seed_and_prompt(tmp_path):
 def test_bad_generate_input_is_refused(tmp_path, prompt, seconds):
     with pytest.raises(ValueError):
         generate(load_config(TINY), prompt, seconds, tmp_path / "x.mp4", progress=False)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_student_that_makes_nan_writes_no_video(tmp_path, overlap):
+    """Non-finite latents (here from a NaN weight) stop the stream with an error naming the block, and leave no
+    file: decoded, NaN becomes black frames that would pass for a video."""
+    cfg = load_config(TINY, [f"rollout.decode_overlap={str(overlap).lower()}"])
+    student = components.build_student(cfg)
+    weight = student.proj_out.bias.data
+    weight[int(torch.randint(weight.numel(), ()))] = float("nan")
+    student.save_pretrained(tmp_path / "student")
+    out = tmp_path / "v.gif"
+    with pytest.raises(NonFiniteError, match="block 1 of .*NaN or inf"):
+        generate(cfg, "a blue circle", 2.0, out, checkpoint=str(tmp_path / "student"), progress=False)
+    assert not out.exists()
 
 
 def _random_layout() -> tuple[int, int, int]:

@@ -63,9 +63,10 @@ def dmd_generator_loss(x0: torch.Tensor, teacher: nn.Module, critic: nn.Module, 
             real_uncond = schedule.x0_from_flow(x_t, _flow(teacher, x_t, t, _batch(uncond, B)), t).double()
             real = real + cfg.guidance * (real - real_uncond)
         fake = schedule.x0_from_flow(x_t, _flow(critic, x_t, t, _batch(cond, B)), t).double()
-        # Per-sample normaliser: keeps the step size independent of how far the sample is from the teacher.
+        # Per-sample normaliser: keeps the step size independent of how far the sample is from the teacher. A sample
+        # on the teacher's own prediction (norm 0) gets no gradient; a NaN or inf stays one, for the update to skip
         norm = (x0.detach().double() - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
-        grad = torch.nan_to_num((fake - real) / norm)
+        grad = torch.where(norm == 0, 0.0, (fake - real) / norm)
     x = x0.double()
     loss = 0.5 * F.mse_loss(x, (x - grad).detach())
     return loss, {"dmd_grad_norm": grad.norm().item(), "timestep": t.float().mean().item()}

@@ -33,7 +33,7 @@ from sfpp_ray.algorithm.dmd import EMA, critic_step, is_generator_step
 from sfpp_ray.algorithm.self_forcing_pp import dmd_generator_step
 from sfpp_ray.config import Config, from_dict
 from sfpp_ray.distributed.data_pipeline import fresh_row
-from sfpp_ray.distributed.engine import (STATE_FILE, deepspeed_config, engine_update, frozen_teacher, full_params,
+from sfpp_ray.distributed.engine import (STATE_FILE, BadSteps, deepspeed_config, engine_update, frozen_teacher, full_params,
                                          global_rank, load_ema, save_ema, stage_dtype, world_size, write_marker,
                                          write_progress)
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
@@ -59,6 +59,7 @@ def dmd_loop(config: dict) -> None:
     critic_engine, *_ = deepspeed.initialize(model=components.build_critic(cfg),
                                              config=deepspeed_config(cfg, cfg.trainer.critic_lr, micro_batch=B))
     student_update, critic_update = engine_update(student_engine, cfg), engine_update(critic_engine, cfg)
+    bad = BadSteps("dmd", cfg, student_update, critic_update)
     teacher = frozen_teacher(cfg, device, dtype)
     schedule = components.build_schedule(cfg)
     timesteps = schedule.student_timesteps(cfg.schedule)
@@ -74,7 +75,7 @@ def dmd_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             student_engine.load_checkpoint(str(Path(d) / "student"), tag="state")
             critic_engine.load_checkpoint(str(Path(d) / "critic"), tag="state")
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
             load_ema(ema, Path(d), rank, state["ema"])
         step = state["step"]
         # Rollout workers were rebuilt from the initial weights: give them the checkpoint's.
@@ -118,6 +119,7 @@ def dmd_loop(config: dict) -> None:
                                 "grad_norm/generator": _float(out["grad_norm"])})
                 if ema is not None:
                     ema.update(student_engine.module, step)
+            metrics.update(bad.after(step))
             metrics["time/step"] = time.perf_counter() - t0
             metrics["time/data_wait"] = waits[-1]
             # How many updates old the consumed rollouts are, and how many rows that Ray Data fetched ahead

@@ -2,8 +2,9 @@
 identities, the moving average's checkpoint files, the stage markers, and logging from rank 0.
 
 A stage trainer (teacher_trainer, ode_trainer, dmd_trainer, grpo_trainer) builds its engines with
-`deepspeed_config`, trains through `engine_update` (the `update` of the algorithm's step functions), and ends
-with `finish`, which saves the model and marks the stage's output directory finished.
+`deepspeed_config`, trains through `engine_update` (the `update` of the algorithm's step functions, which skips a
+step whose loss or gradients are not finite; `BadSteps` counts those and stops a stage that makes only those), and
+ends with `finish`, which saves the model and marks the stage's output directory finished.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from sfpp_ray import components
-from sfpp_ray.algorithm.dmd import EMA, Update
+from sfpp_ray.algorithm.dmd import EMA
+from sfpp_ray.checks import NonFiniteError
 from sfpp_ray.config import Config, from_dict
 from sfpp_ray.tracking import Tracker
 
@@ -61,16 +63,59 @@ def trainer_clips(cfg: Config) -> bool:
     return cfg.trainer.zero_stage == 0 and not cfg.trainer.bf16 and cfg.trainer.grad_clip > 0
 
 
-def optimizer_step(engine, cfg: Config) -> torch.Tensor | None:
+def optimizer_step(engine, cfg: Config, loss_finite: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
     """engine.step(), with the gradients clipped to trainer.grad_clip first where DeepSpeed does not (see
     deepspeed_config): torch's clipping keeps the norm and the factor on the device. Under ZeRO-0 the
     gradients are whole and already averaged over ranks after the backward of a boundary micro-batch.
-    Returns the gradients' norm before clipping, on the device, where the trainer clipped; else None."""
+
+    At the accumulation boundary a step whose loss (`loss_finite` False) or gradients are not finite is skipped:
+    the weights, the optimizer's state and the learning-rate schedule stay as they are, on every rank. DeepSpeed's
+    ZeRO and bf16 optimizers check the gradients' norm themselves and skip such a step (counted in
+    engine.skipped_steps); under ZeRO-0 in float32 nothing does, so the norm is taken here. The decision waits for
+    the step's backward on the device, once a step.
+    Returns (the gradients' norm before clipping, on the device, where the trainer took it, else None; skipped)."""
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()  # DeepSpeed counts the micro-batch; the step waits for the boundary
+        return None, False
     norm = None
-    if trainer_clips(cfg) and engine.is_gradient_accumulation_boundary():
-        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.trainer.grad_clip, foreach=True)
-    engine.step()
-    return norm
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if trainer_clips(cfg):
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip, foreach=True)
+    elif cfg.trainer.zero_stage == 0 and not cfg.trainer.bf16 and params:  # whole gradients nothing else checks
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    flags = [~loss_finite] if loss_finite is not None else []
+    flags += [] if norm is None else [~torch.isfinite(norm)]
+    withhold = False
+    if flags or world_size() > 1:
+        device = flags[0].device if flags else next(engine.module.parameters()).device
+        bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=device)
+        if world_size() > 1:  # a loss that is bad on one rank skips the step on all: the weights stay the same
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        withhold = bool(bad)
+    skipped_before = engine.skipped_steps
+    with _withheld(engine) if withhold else contextlib.nullcontext():
+        engine.step()
+    return norm, withhold or engine.skipped_steps > skipped_before
+
+
+@contextlib.contextmanager
+def _withheld(engine):
+    """engine.step() without its effect: DeepSpeed's bookkeeping runs (the gradients are cleared, the step
+    counted) while torch's optimizer and the learning-rate schedule inside it do nothing. ZeRO's and bf16's
+    wrappers keep torch's optimizer as `.optimizer`; under ZeRO-0 in float32 the engine holds it directly."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    patched = [obj for obj in (inner, engine.lr_scheduler) if obj is not None]
+    saved = [vars(obj).get("step") for obj in patched]  # a scheduler may have wrapped the optimizer's step
+    for obj in patched:
+        obj.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for obj, step in zip(patched, saved):
+            if step is None:
+                del obj.step
+            else:
+                obj.step = step
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str, floor: float = 0.1) -> float:
@@ -119,7 +164,7 @@ def save_ema(ema: EMA | None, directory: Path, rank: int) -> dict | None:
 def load_ema(ema: EMA | None, directory: Path, rank: int, whole: dict | None) -> None:
     """From a checkpoint, as save_ema wrote it; an average the checkpoint lacks starts from the weights."""
     shard = directory / EMA_SHARD_FILE.format(rank=rank)
-    saved = torch.load(shard, weights_only=False) if shard.is_file() else whole
+    saved = torch.load(shard, weights_only=True) if shard.is_file() else whole
     if ema is not None and saved is not None:
         ema.load_state_dict(saved)
 
@@ -135,16 +180,55 @@ def frozen_teacher(cfg: Config, device, dtype):
     return components.cast(teacher, device, dtype)
 
 
-def engine_update(engine, cfg: Config) -> Update:
+class EngineUpdate:
     """The `update` a step function trains through (algorithm.dmd.Update), for a DeepSpeed engine: its backward
     (which divides by its gradient accumulation steps itself, so `weight` is the engine's to apply) and
-    `optimizer_step`, which DeepSpeed applies at the accumulation boundary only. Returns the update's gradient
-    norm before clipping where one is known (on the device under ZeRO-0)."""
-    def update(loss: torch.Tensor, weight: float = 1.0, last: bool = True):
-        engine.backward(loss)
-        norm = optimizer_step(engine, cfg)
-        return norm if norm is not None or not last else engine.get_global_grad_norm()
-    return update
+    `optimizer_step`, which DeepSpeed applies at the accumulation boundary only, and skips where the loss of any
+    part of the step or its gradients are not finite. Returns the update's gradient norm before clipping where one
+    is known (on the device under ZeRO-0). `skipped` counts the skipped steps until `BadSteps` takes them."""
+
+    def __init__(self, engine, cfg: Config):
+        self.engine, self.cfg = engine, cfg
+        self.loss_finite: torch.Tensor | None = None  # over the parts of the step so far
+        self.skipped = 0
+
+    def __call__(self, loss: torch.Tensor, weight: float = 1.0, last: bool = True):
+        finite = torch.isfinite(loss.detach()).all()
+        self.loss_finite = finite if self.loss_finite is None else self.loss_finite & finite
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        norm, skipped = optimizer_step(self.engine, self.cfg, self.loss_finite if boundary else None)
+        if boundary:
+            self.loss_finite, self.skipped = None, self.skipped + skipped
+        return norm if norm is not None or not last else self.engine.get_global_grad_norm()
+
+
+def engine_update(engine, cfg: Config) -> EngineUpdate:
+    return EngineUpdate(engine, cfg)
+
+
+class BadSteps:
+    """A stage's steps that its updates skipped for a non-finite loss or gradient: counted (`train/bad_steps` in
+    the step's metrics), and after trainer.max_bad_steps of them in a row the stage stops with NonFiniteError
+    naming the stage and step, rather than go on training with no update at all. Every rank skips the same
+    steps (optimizer_step agrees over ranks), so every rank stops at the same one."""
+
+    def __init__(self, stage: str, cfg: Config, *updates: EngineUpdate):
+        self.stage, self.limit, self.updates = stage, cfg.trainer.max_bad_steps, updates
+        self.total = self.in_a_row = 0
+
+    def after(self, step: int) -> dict[str, float]:
+        """After each step of the stage: this step's skips taken from the updates; the count as a metric."""
+        bad = sum(u.skipped for u in self.updates) > 0
+        for u in self.updates:
+            u.skipped = 0
+        self.total += bad
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(f"stage {self.stage}, step {step}: {self.in_a_row} steps in a row had a non-finite "
+                                 f"loss or gradient and were skipped (trainer.max_bad_steps={self.limit}); "
+                                 f"{self.total} skipped in all")
+        return {"train/bad_steps": float(self.total)}
 
 
 def stage_dtype(cfg: Config) -> torch.dtype:

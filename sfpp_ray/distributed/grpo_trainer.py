@@ -8,8 +8,8 @@ import deepspeed
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.grpo import grpo_step
-from sfpp_ray.distributed.engine import (deepspeed_config, engine_update, finish, global_rank, rank0_tracker, setup,
-                                         step_done, world_size)
+from sfpp_ray.distributed.engine import (BadSteps, deepspeed_config, engine_update, finish, global_rank, rank0_tracker,
+                                         setup, step_done, world_size)
 from sfpp_ray.seeding import generator
 
 
@@ -27,6 +27,7 @@ def grpo_loop(config: dict) -> None:
     schedule = components.build_schedule(cfg)
     timesteps = schedule.student_timesteps(cfg.schedule)
     update = engine_update(engine, cfg)
+    bad = BadSteps("grpo", cfg, update)
     latent_size = components.latent_shape(cfg, codec, cfg.rollout.num_frames)[-2:]
     rewards_seen = []
     with rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
@@ -36,6 +37,7 @@ def grpo_loop(config: dict) -> None:
             info = grpo_step(engine.module, reference, codec, cond, cfg.rollout.num_frames, latent_size, timesteps,
                              schedule, gp, update, g, cfg.schedule.context_noise)
             metrics = step_done(tracker, {"grpo/loss": info["loss"], "grpo/reward": info["reward"],
-                                           "grpo/kl": info["kl"], "grpo/clip_frac": info["clip_frac"]}, step, device)
+                                           "grpo/kl": info["kl"], "grpo/clip_frac": info["clip_frac"],
+                                           **bad.after(step)}, step, device)
             rewards_seen.append(metrics["grpo/reward"])
     finish(engine, cfg, "student_grpo", {"steps": gp.steps, "rewards": rewards_seen}, metrics, gp.steps)

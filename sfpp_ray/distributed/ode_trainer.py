@@ -13,8 +13,8 @@ import torch.distributed as dist
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, make_ode_trajectories, ode_step
 from sfpp_ray.config import Config
-from sfpp_ray.distributed.engine import (deepspeed_config, engine_update, finish, global_rank, rank0_tracker, setup,
-                                         step_done, world_size)
+from sfpp_ray.distributed.engine import (BadSteps, deepspeed_config, engine_update, finish, global_rank, rank0_tracker,
+                                         setup, step_done, world_size)
 from sfpp_ray.seeding import generator, seed_for
 from sfpp_ray.world.sprites import prompt, sample_scenes
 
@@ -80,6 +80,7 @@ def ode_loop(config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=components.build_student(cfg),
                                       config=deepspeed_config(cfg, cfg.ode.lr, micro_batch=cfg.ode.batch_size))
     update = engine_update(engine, cfg)
+    bad = BadSteps("ode", cfg, update)
     losses, t0 = [], time.perf_counter()
     with rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         for step in range(1, cfg.ode.steps + 1):
@@ -89,7 +90,7 @@ def ode_loop(config: dict) -> None:
             trajectories = torch.stack([p[0] for p in pairs]).to(device, dtype)
             out = ode_step(engine.module, trajectories, timesteps, text.encode([p[1] for p in pairs]), schedule, g,
                            update)
-            metrics = step_done(tracker, {"ode/loss": out["loss"].item()}, step, device)
+            metrics = step_done(tracker, {"ode/loss": out["loss"].item(), **bad.after(step)}, step, device)
             losses.append(metrics["ode/loss"])
             if rank == 0 and (step % max(1, cfg.ode.steps // 10) == 0 or step == cfg.ode.steps):
                 print(f"[ode] step {step}/{cfg.ode.steps}  loss {losses[-1]:.4f}  "

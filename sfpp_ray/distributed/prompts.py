@@ -8,11 +8,11 @@ checkpointed and restored on resume.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from pathlib import Path
 
 import ray
+
+from sfpp_ray.checks import read_prompts
 
 BUILTIN_PROMPTS = [
     "a red ball bouncing across a wooden floor",
@@ -30,60 +30,16 @@ def load_prompts(path: str | Path | None, max_chars: int) -> tuple[list[str], di
     """Read prompts from a .txt (one per line) or .jsonl ({"prompt": ...}) file; None: the built-in list.
 
     Returns (prompts, report); the report counts kept and rejected lines and why, with the first
-    few rejected line numbers per reason. Raises if the file is missing, of an unknown kind, or
-    leaves no prompt at all.
+    few rejected line numbers per reason (checks.read_prompts, which config validation runs too). Raises
+    if the file is missing, binary, of an unknown kind, or leaves no prompt at all.
     """
     if path is None:
         report = {"source": "built-in", "kept": len(BUILTIN_PROMPTS), "rejected": 0, "reasons": {}, "examples": {}}
         print(f"prompts: {len(BUILTIN_PROMPTS)} built-in")
         return list(BUILTIN_PROMPTS), report
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"prompt file {str(path)!r}: expected .txt (one prompt a line) or .jsonl ({{\"prompt\": ...}})")
-    prompts: list[str] = []
-    reasons: Counter[str] = Counter()
-    examples: dict[str, list[int]] = {}
-
-    def reject(reason: str, line_no: int) -> None:
-        reasons[reason] += 1
-        examples.setdefault(reason, [])
-        if len(examples[reason]) < 5:
-            examples[reason].append(line_no)
-
-    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            reject("not utf-8", line_no)
-            continue
-        if path.suffix == ".jsonl":
-            if not line.strip():
-                reject("empty", line_no)
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                reject("bad json", line_no)
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                reject("no string 'prompt' field", line_no)
-                continue
-            line = record["prompt"]
-        prompt = line.strip()
-        if not prompt:
-            reject("empty", line_no)
-        elif len(prompt) > max_chars:
-            reject(f"longer than {max_chars} chars", line_no)
-        else:
-            prompts.append(prompt)
-    report = {"source": str(path), "kept": len(prompts), "rejected": sum(reasons.values()),
-              "reasons": dict(reasons), "examples": examples}
-    why = ", ".join(f"{n} {r} (lines {examples[r]})" for r, n in reasons.items())
+    prompts, report = read_prompts(path, max_chars)
+    why = ", ".join(f"{n} {r} (lines {report['examples'][r]})" for r, n in report["reasons"].items())
     print(f"prompts: {len(prompts)} kept, {report['rejected']} rejected from {path}" + (f": {why}" if why else ""))
-    if not prompts:
-        raise ValueError(f"prompt file {str(path)!r} holds no usable prompt ({why or 'it is empty'})")
     return prompts, report
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_step
 from sfpp_ray.config import Config, ema_dir, guide_dir
-from sfpp_ray.distributed.engine import (STATE_FILE, deepspeed_config, engine_update, finish, full_params,
+from sfpp_ray.distributed.engine import (STATE_FILE, BadSteps, deepspeed_config, engine_update, finish, full_params,
                                          global_rank, load_ema, lr_factor, rank0_tracker, save_ema, setup, world_size,
                                          write_progress)
 from sfpp_ray.models.text_encoder import PromptConditioned
@@ -51,6 +51,7 @@ class TeacherTraining:
         if tp.compile != "none":  # in place: the module's keys, saving and the EMA are unchanged
             self.engine.compile(backend=tp.compile, compile_kwargs={"mode": tp.compile_mode})
         self.update = engine_update(self.engine, cfg)
+        self.bad_steps = BadSteps("pretrain_teacher", cfg, self.update)
         self.cuda_graphs = tp.compile_mode == "reduce-overhead" and device.type == "cuda"
         average = lambda decay: EMA(self.engine.module, decay, tp.ema_start_step,
                                     partitioned=cfg.trainer.zero_stage == 3, ranks=world, rank=rank)
@@ -104,7 +105,7 @@ def pretrain_teacher_loop(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / "teacher"), tag="state")
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
             load_ema(ema, Path(d), rank, state["ema"])
         done, losses = state["step"], state["losses"]
         if rank == 0:
@@ -112,7 +113,7 @@ def pretrain_teacher_loop(config: dict) -> None:
     clips = training.clips(first=done + 1, steps=tp.steps - done)
     t0 = time.perf_counter()
     deadline = t0 + 60 * tp.time_limit_minutes if tp.time_limit_minutes > 0 else None
-    metrics, unread, step = {}, [], done  # unread: (step, loss on the device, lr) not yet read back
+    metrics, unread, step = {}, [], done  # unread: (step, loss on the device, lr, bad steps) not yet read back
     out_of_time = False
     with rank0_tracker(cfg, config["mlflow_run_id"]) as tracker:
         def read_back() -> tuple[dict, bool]:
@@ -120,26 +121,27 @@ def pretrain_teacher_loop(config: dict) -> None:
             Also whether any rank is past teacher_pretrain.time_limit_minutes, in the same all-reduce, so that all
             ranks stop at the same step."""
             late = deadline is not None and time.perf_counter() > deadline
-            values = torch.cat([torch.stack([loss for _, loss, _ in unread]).float(),
+            values = torch.cat([torch.stack([loss for _, loss, _, _ in unread]).float(),
                                 torch.tensor([float(late)], device=unread[0][1].device)])
             if world > 1:
                 dist.all_reduce(values)
                 values /= world
             *values, late_share = values.tolist()
-            for (step, _, lr), value in zip(unread, values):
+            for (step, _, lr, bad), value in zip(unread, values):
                 losses.append(value)
                 if tracker is not None:
-                    tracker.log_metrics({"teacher/loss": value, "teacher/lr": lr}, step)
-            last_lr = unread[-1][2]
+                    tracker.log_metrics({"teacher/loss": value, "teacher/lr": lr} | bad, step)
+            last = unread[-1]
             unread.clear()
-            return {"teacher/loss": losses[-1], "teacher/lr": last_lr}, late_share > 0
+            return {"teacher/loss": losses[-1], "teacher/lr": last[2]} | last[3], late_share > 0
 
         for batch in clips.loader(tp.data_workers, pin_memory=device.type == "cuda"):
             step = batch["step"]
             loss = training.step(batch)
+            bad = training.bad_steps.after(step)  # the step's update already waited for its backward
             if step in tp.guide_steps:  # a weaker model of the same data
                 _save_average(engine, ema, cfg, guide_dir(cfg.run_dir / "teacher", step))
-            unread.append((step, loss, engine.get_lr()[0]))
+            unread.append((step, loss, engine.get_lr()[0], bad))
             printing = step % max(1, tp.steps // 10) == 0 or step == tp.steps
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
             if printing or checkpointing or len(unread) == READ_BACK_EVERY:  # printing: also the last step

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +19,11 @@ from pathlib import Path
 import accelerate
 import torch
 from diffusers import WanTransformer3DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sfpp_ray.checks import (TORCH_SUFFIXES, CheckError, check_safetensors, check_torch_file, weights_directory,
+                             weights_files)
 from sfpp_ray.config import ModelConfig
 
 # ---------------------------------------------------------------- the rename table (original Wan -> diffusers)
@@ -59,7 +63,6 @@ _KEY_PREFIXES = {"model", "diffusion_model", "module"}
 _WRAPPER_SEGMENTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
 # Top-level entries of training checkpoints, in order of preference: the EMA weights are the published model.
 CHECKPOINT_ENTRIES = ("generator_ema", "generator", "model", "state_dict", "module")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 _LIST_LIMIT = 20
 
@@ -189,50 +192,48 @@ def _unwrap_checkpoint(obj, source: str, entry: str | None) -> Mapping[str, torc
 
 
 def _read_torch_file(path: Path) -> object:
-    # Memory-map zip-format checkpoints so a multi-GB file is not read twice; legacy files cannot be mapped.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    """Tensors and plain containers only (weights_only): a checkpoint that pickles anything else is refused,
+    naming the file, as is one whose header (checks.check_torch_file) or contents do not read."""
+    check_torch_file(path)
+    try:
+        # Memory-map zip-format checkpoints so a multi-GB file is not read twice; legacy files cannot be mapped.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise CheckError(f"{path}: holds objects other than tensors and plain containers, which a weights-only load "
+                         f"refuses ({_first_line(e)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckError(f"{path}: cannot be read as a torch checkpoint ({_first_line(e)})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckError(f"{path}: cannot be read as safetensors ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state_dict: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state_dict.update(load_file(index.parent / shard))
+        state_dict.update(_read_safetensors(index.parent / shard))
     return state_dict
-
-
-def _read_directory(directory: Path) -> Mapping[str, torch.Tensor]:
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    preferred_index = directory / "diffusion_pytorch_model.safetensors.index.json"
-    if preferred_index.is_file() or len(indexes) == 1:
-        return _read_sharded(preferred_index if preferred_index.is_file() else indexes[0])
-    if len(indexes) > 1:
-        raise ValueError(f"{directory} holds several shard indexes {[p.name for p in indexes]}; pass the index to load")
-    for pattern in ("*.safetensors", "*.pt", "*.pth", "*.bin"):
-        files = sorted(directory.glob(pattern))
-        preferred = directory / f"diffusion_pytorch_model{pattern[1:]}"
-        if preferred.is_file() or len(files) == 1:
-            return _read_file(preferred if preferred.is_file() else files[0], entry=None)
-        if len(files) > 1:
-            raise ValueError(f"{directory} holds several weight files {[p.name for p in files]}; pass the one to load")
-    raise FileNotFoundError(f"{directory} holds no .safetensors, .pt, .pth or .bin weights")
 
 
 def _read_file(path: Path, entry: str | None) -> Mapping[str, torch.Tensor]:
     if path.name.endswith(".safetensors.index.json"):
         return _read_sharded(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
-    if path.suffix in _TORCH_SUFFIXES:
+        return _read_safetensors(path)
+    if path.suffix in TORCH_SUFFIXES:
         return _unwrap_checkpoint(_read_torch_file(path), str(path), entry)
     raise ValueError(f"{path}: unknown weights format {path.suffix!r} "
                      "(expected .safetensors, .safetensors.index.json, .pt, .pth, .bin, .ckpt)")
-
-
-def _weights_directory(path: Path) -> Path:
-    """A diffusers pipeline root keeps the transformer in `transformer/`; a model directory holds it directly."""
-    sub = path / "transformer"
-    return sub if sub.is_dir() and not (path / "config.json").is_file() else path
 
 
 def load_transformer_state_dict(path: str | Path, entry: str | None = None) -> dict[str, torch.Tensor]:
@@ -244,10 +245,11 @@ def load_transformer_state_dict(path: str | Path, entry: str | None = None) -> d
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights path {str(path)!r} does not exist")
-    if entry is not None and (path.is_dir() or path.suffix not in _TORCH_SUFFIXES):
-        raise ValueError(f"{path} has no top-level entries; `entry` applies to {', '.join(_TORCH_SUFFIXES)} files")
+    if entry is not None and (path.is_dir() or path.suffix not in TORCH_SUFFIXES):
+        raise ValueError(f"{path} has no top-level entries; `entry` applies to {', '.join(TORCH_SUFFIXES)} files")
     if path.is_dir():
-        raw = _read_directory(_weights_directory(path))
+        (file,) = weights_files(path)  # the directory's one weights file or shard index, as checks finds it
+        raw = _read_file(file, entry=None)
     else:
         raw = _read_file(path, entry)
     return normalize_state_dict(raw)
@@ -303,7 +305,7 @@ def _stored_config(path: Path) -> dict | None:
     are checked key by key on load)."""
     if not path.is_dir():
         return None
-    config_file = _weights_directory(path) / "config.json"
+    config_file = weights_directory(path) / "config.json"
     if not config_file.is_file():
         return None
     stored = json.loads(config_file.read_text())

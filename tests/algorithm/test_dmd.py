@@ -35,6 +35,18 @@ def test_generator_gradient_is_the_normalised_score_difference(teacher, schedule
         dmd_generator_loss(x0, teacher, critic, torch.randn(1, 7, 32), None, schedule, DMDConfig(guidance=3.0))
 
 
+def test_a_nan_in_the_scores_reaches_the_loss_and_the_gradient(teacher, schedule, tiny):
+    """A NaN guidance (or any NaN in the teacher's or critic's scores) makes the loss and x0's gradient NaN,
+    so the update skips the step and counts it (distributed.engine.optimizer_step): nothing turns it into zeros."""
+    critic = tiny.teacher(seed=1)
+    x0 = torch.randn(2, 12, 3, 8, 8, requires_grad=True)
+    text = torch.randn(1, 7, 32)
+    loss, metrics = dmd_generator_loss(x0, teacher, critic, text, text, schedule, DMDConfig(guidance=float("nan")),
+                                       torch.Generator().manual_seed(int(torch.randint(1 << 30, ()))))
+    loss.backward()
+    assert loss.isnan() and x0.grad.isnan().all() and metrics["dmd_grad_norm"] != metrics["dmd_grad_norm"]
+
+
 def test_critic_steps_lower_the_critic_loss(tiny, schedule):
     critic = tiny.teacher(seed=1)
     cfg, text = DMDConfig(), torch.randn(4, 7, 32)

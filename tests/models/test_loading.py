@@ -191,7 +191,7 @@ def test_stored_shape_is_the_directorys_own(source, tmp_path):
 def test_bad_paths_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_transformer_state_dict(tmp_path / "nowhere.pt")
-    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+    with pytest.raises(ValueError, match="no .safetensors"):
         load_transformer_state_dict(tmp_path)
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown weights format"):
@@ -202,3 +202,35 @@ def test_bad_paths_and_files(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other_model.pt")
     with pytest.raises(ValueError, match="no Wan transformer keys"):
         load_transformer_state_dict(tmp_path / "other_model.pt")
+
+
+class Pickled:
+    """Not a tensor: a weights-only load refuses it."""
+
+
+def test_a_corrupt_weights_file_is_refused_naming_the_path_and_what_is_wrong(source, tmp_path):
+    """Truncated, random, foreign-pickle and garbage files fail with a CheckError (a ValueError) that starts with
+    the path and says what is wrong, whether read on their own or through the directory that holds them."""
+    from sfpp_ray.checks import CheckError
+
+    torch.save(source.state_dict(), tmp_path / "good.pt")
+    save_file(source.state_dict(), tmp_path / "good.safetensors")
+    cut = lambda name: (tmp_path / name).read_bytes()[:int(torch.randint(100, 2000, ()))]  # noqa: E731
+    bad = {"truncated.pt": (cut("good.pt"), "no zip index"),
+           "random.pt": (bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()), "not a torch checkpoint"),
+           "truncated.safetensors": (cut("good.safetensors"), "truncated|header"),
+           "garbage.safetensors": (b"\xff" * 64, "not a safetensors file")}
+    for name, (data, why) in bad.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": Pickled()}, tmp_path / "pickled.pt")
+    bad["pickled.pt"] = (None, "weights-only load refuses")
+    for name, (_, why) in bad.items():
+        with pytest.raises(CheckError, match=why) as e:
+            load_transformer_state_dict(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+        directory = tmp_path / f"dir_{name}"
+        directory.mkdir()
+        (directory / name).write_bytes((tmp_path / name).read_bytes())
+        with pytest.raises(CheckError, match=why):
+            load_transformer_state_dict(directory)
+    assert load_transformer_state_dict(tmp_path / "good.pt").keys() == source.state_dict().keys()
