@@ -316,8 +316,8 @@ def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int
     if started_here:
         ray.init(include_dashboard=False)
     try:
-        per_run = max(cpus_needed(cmd.config_for(variant_run(s, n, k)), ["grpo" if n == "sfpp_grpo" else "dmd"])
-                      for n, k in jobs)
+        per_run = max(cpus_needed(cmd.config_for(variant_overrides(s.cfg, n)), ["grpo" if n == "sfpp_grpo" else "dmd"])
+                      for n, _ in jobs)  # not variant_run: sfpp_grpo's first student may not be trained yet
         fits = max(1, int(ray.cluster_resources().get("CPU", 0) // per_run))
         if fits < parallel:
             print(f"[parallel] the cluster's CPUs hold {fits} runs of {per_run:g} CPUs at once, not {parallel}")
