@@ -444,14 +444,14 @@ def eval_settings(s: Setup) -> dict:
     teacher's sampler: the sampler stage's choice once it has run)."""
     ev, ode = s.cfg.evaluation, s.teacher_sampler()
     return {"evaluation.num_prompts": ev.num_prompts, "evaluation.horizons": list(ev.horizons),
-            "evaluation.seed": ev.seed, "run.seed": s.cfg.run.seed, "ode.shift": ode.shift,
+            "evaluation.seed": ev.seed, "evaluation.long_stream": ev.long_stream, "run.seed": s.cfg.run.seed, "ode.shift": ode.shift,
             "ode.guidance": ode.guidance, "ode.euler_steps": ode.euler_steps,
             "ode.guidance_interval": list(ode.guidance_interval), "ode.autoguidance": ode.autoguidance,
             "ode.guide": ode.guide, "ode.eta": ode.eta}
 
 
 # keys settings.json gained later: what older ones meant
-RECORDED_LATER = {"ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None, "ode.eta": 0.0}
+RECORDED_LATER = {"evaluation.long_stream": 0, "ode.guidance_interval": [0.0, 1.0], "ode.autoguidance": 1.0, "ode.guide": None, "ode.eta": 0.0}
 
 
 def check_eval_settings(s: Setup) -> None:

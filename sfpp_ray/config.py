@@ -284,6 +284,7 @@ class EvalConfig:
     num_prompts: int = 4  # held-out prompts of the synthetic world
     horizons: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # multiples of the teacher's horizon
     seed: int = 1234
+    batch_size: int = 8  # prompts streamed at once (a small model streams a batch about as fast as one on a GPU)
     # > 0: one more stream (the first prompt) this many times the teacher's horizon, whose last segment is scored
     # and checked for collapse (blank or frozen frames); 0: none
     long_stream: int = 0
@@ -725,6 +726,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ode.guide", f"path {cfg.ode.guide!r} does not exist, and it is not a guide this run's "
                                        "pretrain_teacher stage saves (teacher_pretrain.guide_steps)")
     positive("evaluation.num_prompts", cfg.evaluation.num_prompts)
+    positive("evaluation.batch_size", cfg.evaluation.batch_size)
     if not cfg.evaluation.horizons or min(cfg.evaluation.horizons) < 1:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")
     if cfg.evaluation.long_stream < 0:

@@ -12,7 +12,7 @@ from queue import Queue
 import torch
 
 from sfpp_ray import components
-from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.algorithm.rollout import randn, rollout
 from sfpp_ray.checks import NonFiniteError
 from sfpp_ray.config import Config
 from sfpp_ray.video_io import VideoWriter, to_uint8
@@ -31,7 +31,9 @@ class BlockDecoder:
     """Decodes finished blocks on a second thread so decoding overlaps the next block's generation."""
 
     def __init__(self, codec, writer, overlap: bool, device: torch.device | str = "cpu"):
-        self.codec, self.writer, self.overlap = codec, writer, overlap
+        """writer: where frames (F, H, W, 3) go, or one writer per video of a batch."""
+        self.codec, self.overlap = codec, overlap
+        self.writers = list(writer) if isinstance(writer, (list, tuple)) else [writer]
         cuda = torch.device(device).type == "cuda"
         self.stream = torch.cuda.Stream(device=device) if overlap and cuda else None  # decode beside generation
         self.queue: Queue = Queue(maxsize=2)
@@ -42,7 +44,9 @@ class BlockDecoder:
 
     def _decode(self, latents: torch.Tensor) -> None:
         with torch.no_grad():
-            self.writer.append(to_uint8(self.codec.decode_block(latents)))
+            video = self.codec.decode_block(latents)
+        for writer, one in zip(self.writers, video, strict=True):
+            writer.append(to_uint8(one))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -92,15 +96,24 @@ class VideoGenerator:
     @torch.no_grad()
     def stream(self, prompt: str, num_latent_frames: int, sink, seed: int, progress: bool = False) -> dict:
         """Roll out `num_latent_frames` and hand decoded uint8 frames (F, H, W, 3) to `sink.append` block by block."""
-        if not prompt.strip():
+        return self.stream_batch([prompt], num_latent_frames, [sink], [seed], progress)
+
+    def stream_batch(self, prompts: list[str], num_latent_frames: int, sinks: list, seeds: list[int],
+                     progress: bool = False) -> dict:
+        """`stream` for several prompts at once, each video to its sink: each draws its noise from its own seed's
+        generator, so it is the video `stream` makes of it alone (up to the batch's float rounding); a small model
+        streams a batch about as fast as one video on a GPU."""
+        if not len(prompts) == len(sinks) == len(seeds):
+            raise ValueError(f"{len(prompts)} prompts, {len(sinks)} sinks and {len(seeds)} seeds")
+        if not all(p.strip() for p in prompts):
             raise ValueError("the prompt is empty")
         cfg, fpb = self.cfg, self.cfg.student.frames_per_block
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        noise = torch.randn(components.latent_shape(cfg, self.codec, num_latent_frames), generator=g,
-                            device=self.device, dtype=self.dtype)
+        g = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        noise = randn(components.latent_shape(cfg, self.codec, num_latent_frames, len(prompts)), g, self.device,
+                      self.dtype)
         blocks = num_latent_frames // fpb
         self.codec.reset_stream()
-        decoder = BlockDecoder(self.codec, sink, overlap=cfg.rollout.decode_overlap, device=self.device)
+        decoder = BlockDecoder(self.codec, sinks, overlap=cfg.rollout.decode_overlap, device=self.device)
         t0 = time.perf_counter()
 
         def on_block(b: int, x0: torch.Tensor) -> None:
@@ -113,7 +126,7 @@ class VideoGenerator:
                 print(f"\rblock {b + 1}/{blocks}  {rate:.1f} latent frames/s", end="" if b + 1 < blocks else "\n",
                       file=sys.stderr, flush=True)
 
-        cross = self.student.cross_attention_cache(self.text.encode([prompt]))
+        cross = self.student.cross_attention_cache(self.text.encode(list(prompts)))
         try:
             rollout(self.student, cross, noise, self.schedule.student_timesteps(cfg.schedule), self.schedule,
                     context_noise=cfg.schedule.context_noise, generator=g, on_block=on_block)

@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,29 @@ def test_a_saved_student_streams_with_the_blocks_and_window_it_was_saved_with(tm
     run, unsaved = stream(layout(*other), "weights_only")  # no saved layout: the config's
     assert run == (other[1], other[2], whole_blocks(other[0]))
     assert not torch.allclose(unsaved[:, :, :n], streamed[:, :, :n])
+
+
+def test_a_batch_streams_each_prompt_as_it_streams_alone():
+    """stream_batch: each video is the one `stream` makes of its prompt and seed alone (up to float rounding),
+    with the rolling cache and context noise on; swapping the seeds swaps the videos."""
+    cfg = load_config(TINY, ["rollout.decode_overlap=false", "schedule.context_noise=100"])
+    gen = generate_module.VideoGenerator(cfg)
+    prompts, seeds = ["a blue circle", "two red squares bouncing", "a green triangle"], torch.randint(0, 10**6, (3,)).tolist()
+    nf = 4 * cfg.student.frames_per_block  # past the tiny student's cache window
+
+    class Frames(list):
+        def video(self):
+            return torch.from_numpy(np.concatenate(self)).int()
+
+    alone = []
+    for p, s in zip(prompts, seeds):
+        gen.stream(p, nf, frames := Frames(), s)
+        alone.append(frames.video())
+    batch = [Frames() for _ in prompts]
+    gen.stream_batch(prompts, nf, batch, seeds)
+    for one, together in zip(alone, batch):
+        assert one.shape == together.video().shape
+        assert (one - together.video()).abs().max() <= 1  # uint8 levels
+    swapped = [Frames(), Frames()]
+    gen.stream_batch(prompts[:2], nf, swapped, seeds[1::-1])
+    assert (swapped[0].video() - alone[0]).abs().float().mean() > 1  # another seed, another video

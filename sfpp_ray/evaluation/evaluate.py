@@ -58,10 +58,15 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     scenes = sample_scenes(ev.seed, ev.num_prompts, "heldout", world_of(cfg))
     rows, curves = [], {}
     longest = cfg.video.teacher_frames * max(ev.horizons)
-    for i, scene in enumerate(scenes):
+    streams: list[FrameList] = []
+    for first in range(0, len(scenes), ev.batch_size):  # each prompt's video is the one it streams alone
+        batch = range(first, min(first + ev.batch_size, len(scenes)))
+        sinks = [FrameList() for _ in batch]
+        gen.stream_batch([prompt(scenes[i]) for i in batch], longest, sinks,
+                         [seed_for(ev.seed, "evaluation", i) for i in batch])
+        streams += sinks
+    for i, (scene, frames) in enumerate(zip(scenes, streams)):
         reference = render(scene, 0, 4 * horizon)
-        frames = FrameList()
-        gen.stream(prompt(scene), longest, frames, seed=seed_for(ev.seed, "evaluation", i))
         stream = frames.video()
         for mult in ev.horizons:
             nf = cfg.video.teacher_frames * mult

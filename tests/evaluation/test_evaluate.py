@@ -42,3 +42,14 @@ def test_long_stream_scores_its_last_segment_and_tells_a_world_from_a_collapse(t
     blank = ev_module.long_stream(ev_module.VideoGenerator(cfg), cfg, ev_module.sample_scenes(1, 1, "heldout", ev_module.world_of(cfg))[0], 4,
                                   tmp_path)
     assert blank["collapsed"] and blank["pixel_std"] == 0 and blank["change"] == 0
+
+
+def test_prompts_streamed_in_a_batch_score_as_streamed_one_at_a_time(tmp_path):
+    import pytest
+
+    scores = {}
+    for batch in (1, 3):
+        cfg = load_config(TINY, ["evaluation.num_prompts=3", "evaluation.horizons=[2]", f"evaluation.batch_size={batch}",
+                                 "rollout.decode_overlap=false", f"run.output_dir={tmp_path}"])
+        scores[batch] = [r["stability"] for r in evaluate(cfg, out_dir=tmp_path / f"b{batch}")["rows"]]
+    assert scores[3] == pytest.approx(scores[1], abs=0.5)
