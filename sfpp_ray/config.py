@@ -115,6 +115,7 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 1
     decode_overlap: bool = True  # decode block b while block b+1 is generated (generate only)
+    max_restarts: int = 3  # times Ray replaces a worker's dead process (its prompts in flight are handed out again)
 
 
 @dataclass
@@ -161,6 +162,9 @@ class TrainerConfig:
     ema_start_step: int = 200  # before it the average is a copy
     sync_every: int = 1
     checkpoint_every: int = 1  # DMD: a resumable checkpoint every this many steps; 0: only at the end
+    # DMD: failures of the trainer group Ray Train recovers from, each by restarting the group from the last
+    # checkpoint (a dead rank, a lost node; also an error in the step, which then costs one more attempt)
+    max_failures: int = 2
 
 
 @dataclass
@@ -557,6 +561,8 @@ def validate(cfg: Config) -> None:
     positive("rollout.num_workers", cfg.rollout.num_workers)
     positive("rollout.gpus_per_worker", cfg.rollout.gpus_per_worker, allow_zero=True)
     positive("rollout.batch_size", cfg.rollout.batch_size)
+    positive("rollout.max_restarts", cfg.rollout.max_restarts, allow_zero=True)
+    positive("trainer.max_failures", cfg.trainer.max_failures, allow_zero=True)
     positive("trainer.num_workers", cfg.trainer.num_workers)
     positive("trainer.gpus_per_worker", cfg.trainer.gpus_per_worker, allow_zero=True)
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):

@@ -24,7 +24,7 @@ def pinned_bytes() -> int:
 
 
 def balanced(m: dict) -> bool:
-    return m["puts"] == m["retired"] + m["dropped_stale"] + m["dropped_closed"] + m["fill"]
+    return m["puts"] == m["retired"] + sum(m[k] for k in m if k.startswith("dropped_")) + m["fill"]
 
 
 @ray.remote(num_cpus=0)

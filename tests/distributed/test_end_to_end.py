@@ -1,7 +1,6 @@
 """The whole Self-Forcing++ system on a local Ray cluster: rollout workers, buffer, Ray Data,
 DeepSpeed trainers, weight sync, checkpoint/resume and MLflow, at toy size on CPU."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from mlflow import MlflowClient
 
 from sfpp_ray import components
 from sfpp_ray.config import load_config
+from sfpp_ray.distributed.controller import _registered_resume_state
 from sfpp_ray.distributed.engine import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 
@@ -76,8 +76,8 @@ def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs, saved_aver
     # Version 2 is republished on resume from the checkpoint: the very weights the first run ended with
     # (it saved their moving average as the student, and the resumed run averages on from there).
     assert dict(second["published"])[2] == dict(first["published"])[2] != first["student_checksum"]
-    progress = json.loads((Path(second["student"]).parent / "trainer_progress.json").read_text())
-    assert progress["step"] == 3 and progress["ranks"] == 2 and progress["zero_stage"] == 2
+    saved = _registered_resume_state(Path(second["checkpoints"]))  # what a rerun would go on from
+    assert saved["step"] == 3 and saved["ranks"] == 2 and saved["zero_stage"] == 2
 
 
 def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
