@@ -125,3 +125,40 @@ def test_rejects_what_can_never_fit(ray_cluster):
         ray.get(buffer.put.remote([ray.put(0)], 0, [2 * SAMPLE_BYTES]))
     with pytest.raises(ValueError, match="policy version went back"):
         ray.get(buffer.set_policy_version.remote(-1))
+
+
+def test_read_ahead_is_bounded_until_the_trainer_acknowledges_rows(ray_cluster):
+    rng = np.random.default_rng()
+    cap = int(rng.integers(2, 6))
+    buffer = create_buffer(BufferConfig(max_items=cap, max_bytes=1 << 30, max_staleness=3, max_reuse=1))
+    producer = produce.remote(buffer, 3 * cap, seed=int(rng.integers(1000)))
+    drawn = [ray.get(buffer.get.remote(1, ahead=True)) for _ in range(cap)]
+    assert all(len(d) == 1 for d in drawn)
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []  # samples wait, but the pipeline is full
+    assert len(ray.get(buffer.get.remote(1, timeout=0.2))) == 1  # a row the trainer makes itself is not read-ahead
+    ray.get(buffer.consumed.remote(2, 1))
+    assert len(ray.get(buffer.get.remote(2, ahead=True))) == 2
+    m = ray.get(buffer.metrics.remote())
+    assert m["read_ahead"] == m["read_ahead_max"] == cap and m["served_ahead"] == cap + 2
+    assert m["consumed"] == 2 and m["discarded_stale"] == 1
+    ray.get(buffer.reset_read_ahead.remote())
+    assert ray.get(buffer.metrics.remote())["read_ahead"] == 0
+    ray.get(buffer.close.remote())
+    ray.get(producer)
+
+
+def test_rewind_and_a_dead_workers_samples_are_dropped(ray_cluster):
+    rng = np.random.default_rng()
+    buffer = create_buffer(BufferConfig(max_items=16, max_bytes=1 << 30, max_staleness=4, max_reuse=1))
+    versions = rng.integers(1, 6, size=10)  # none stale at version 5 (max_staleness 4)
+    workers = rng.integers(0, 2, size=10)
+    for v, w in zip(versions, workers):
+        assert offer(buffer, make_sample(rng), int(v), meta={"worker": int(w)})
+    ray.get(buffer.set_policy_version.remote(5))
+    with pytest.raises(ValueError, match="went back"):
+        ray.get(buffer.set_policy_version.remote(2))
+    # A trainer restarted from its checkpoint at version 2: samples of versions 3.. came from discarded weights.
+    assert ray.get(buffer.set_policy_version.remote(2, rewind=True)) == int((versions > 2).sum())
+    assert ray.get(buffer.purge_worker.remote(0)) == int(((versions <= 2) & (workers == 0)).sum())
+    m = ray.get(buffer.metrics.remote())
+    assert m["fill"] == int(((versions <= 2) & (workers == 1)).sum()) and m["policy_version"] == 2 and balanced(m)

@@ -152,3 +152,23 @@ def test_prompt_feed_cycles_and_resumes(ray_cluster):
     assert ray.get(feed.position.remote()) == 3
     ray.get(feed.seek.remote(1))
     assert ray.get(feed.next.remote()) == (1, "b")
+
+
+def test_prompt_feed_hands_a_restarted_workers_prompts_out_again(ray_cluster):
+    import ray
+
+    from sfpp_ray.distributed.prompts import PromptFeed
+
+    prompts = [f"p{i}" for i in range(5)]
+    feed = PromptFeed.remote(prompts)
+    taken = [ray.get(feed.next.remote(w)) for w in (0, 1, 0, 1)]
+    ray.get(feed.done.remote(0, [taken[0][0]]))  # worker 0's first sample reached the buffer, its second did not
+    assert ray.get(feed.restarted.remote(0)) == 1
+    state = ray.get(feed.state_dict.remote())
+    assert state == {"position": 4, "again": [2, 1, 3], "worker_restarts": 1, "lost_in_flight": 1}
+    assert ray.get(feed.next.remote(1)) == (2, "p2")  # the lost prompt first, then new ones
+    assert ray.get(feed.next.remote(1)) == (4, "p4")
+    resumed = PromptFeed.remote(prompts)
+    ray.get(resumed.load_state_dict.remote(state))  # prompts in flight at a checkpoint come again on resume
+    assert [ray.get(resumed.next.remote())[0] for _ in range(4)] == [2, 1, 3, 4]
+    assert ray.get(resumed.stats.remote()) == {"position": 5, "worker_restarts": 1, "lost_in_flight": 1}
