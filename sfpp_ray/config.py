@@ -120,7 +120,7 @@ class RolloutConfig:
 
 @dataclass
 class BufferConfig:
-    max_items: int = 64
+    max_items: int = 64  # also the rows the data pipeline may draw ahead of the trainers (at least two steps' worth)
     max_bytes: int = 2 * 1024**3
     max_staleness: int = 4  # the buffer drops samples older than this many policy versions, and the trainer replaces
     # any window Ray Data fetched ahead that grew older than that while it waited (data/replaced_stale)
@@ -580,6 +580,11 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.dmd.min_timestep < cfg.dmd.max_timestep <= sch.num_train_timesteps:
         raise ConfigError("dmd.max_timestep", "needs 0 <= dmd.min_timestep < dmd.max_timestep <= num_train_timesteps")
     positive("buffer.max_items", cfg.buffer.max_items)
+    rows = 2 * cfg.trainer.num_workers * cfg.trainer.batch_size  # a step each rank trains on and one it fetches ahead
+    if "dmd" in cfg.run.stages and cfg.buffer.max_items < rows:
+        raise ConfigError("buffer.max_items", f"the data pipeline draws at most this many rows ahead of the trainers, "
+                          f"which need two steps' rows (2 x trainer.num_workers x trainer.batch_size = {rows}), "
+                          f"got {cfg.buffer.max_items}")
     positive("buffer.max_bytes", cfg.buffer.max_bytes)
     positive("buffer.max_reuse", cfg.buffer.max_reuse)
     if "grpo" in cfg.run.stages and cfg.grpo.group_size < 2:

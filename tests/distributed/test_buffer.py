@@ -162,3 +162,15 @@ def test_rewind_and_a_dead_workers_samples_are_dropped(ray_cluster):
     assert ray.get(buffer.purge_worker.remote(0)) == int(((versions <= 2) & (workers == 0)).sum())
     m = ray.get(buffer.metrics.remote())
     assert m["fill"] == int(((versions <= 2) & (workers == 1)).sum()) and m["policy_version"] == 2 and balanced(m)
+
+
+def test_the_read_ahead_bound_must_hold_two_steps_of_rows():
+    from pathlib import Path
+
+    from sfpp_ray.config import ConfigError, load_config
+
+    tiny = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+    ok = load_config(tiny, ["trainer.num_workers=2", "trainer.batch_size=2", "buffer.max_items=8"])
+    assert ok.buffer.max_items == 8
+    with pytest.raises(ConfigError, match=r"buffer.max_items.*= 8\), got 7"):
+        load_config(tiny, ["trainer.num_workers=2", "trainer.batch_size=2", "buffer.max_items=7"])

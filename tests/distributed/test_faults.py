@@ -24,22 +24,24 @@ ROLES = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner", "Synchron
 
 def inject(marks: Path, point: str, step: int, rank: int, actors: dict) -> None:
     """Each fault once (a file marks it done), right after a step's report returned, its checkpoint not yet
-    registered. Step 1: ray.kill of rollout worker 0 (restart allowed) and SIGKILL of worker 1's process, waited for
-    until both new processes have taken over. Steps 2 and 3: SIGKILL of the trainer itself."""
+    registered. Step 1: ray.kill of rollout worker 0 (restart allowed) and SIGKILL of worker 1's process. Steps 2
+    and 3: SIGKILL of the trainer itself, at step 2 once both workers' new processes have taken over (so the
+    checkpoints from step 2 on count both restarts)."""
     mark = marks / f"step{step}"
     if point != "after_report" or rank != 0 or step >= STEPS or mark.exists():
         return
     mark.touch()
-    if step > 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    first, second = (ray.get_actor(name) for name in actors["rollout_workers"])
-    pid = ray.get(second.pid.remote())
-    ray.kill(first, no_restart=False)
-    os.kill(pid, signal.SIGKILL)
+    if step == 1:
+        first, second = (ray.get_actor(name) for name in actors["rollout_workers"])
+        pid = ray.get(second.pid.remote())
+        ray.kill(first, no_restart=False)
+        os.kill(pid, signal.SIGKILL)
+        return
     feed, deadline = ray.get_actor(actors["feed"]), time.monotonic() + 120
     while ray.get(feed.stats.remote())["worker_restarts"] < 2:
         assert time.monotonic() < deadline, "the rollout workers were not restarted"
         time.sleep(0.05)  # polling the restarts from the trainer's process, with a deadline
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dirs(storage: Path) -> list[str]:
