@@ -97,7 +97,10 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
             video = _evaluation_video(cfg, prompts[0], student)
             tracker.log_artifact(video, artifact_path="videos")
     except BaseException:
-        tracker.finish("FAILED")
+        try:
+            tracker.finish("FAILED")
+        except Exception as e:  # the run's own error is the one to raise
+            print(f"MLflow run {run_id} not marked failed: {type(e).__name__}: {e}")
         raise
     tracker.finish()
     summary.update(summary["stages"].get("dmd", {}))

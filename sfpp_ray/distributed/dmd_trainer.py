@@ -165,9 +165,15 @@ def dmd_loop(config: dict) -> None:
                 student_engine.module.save_pretrained(cfg.run_dir / "student")
                 write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None, "step_ends": step_ends,
                                                         "data_waits": waits})
-    finally:
+    except BaseException:
         if tracker is not None:
-            tracker.finish()
+            try:
+                tracker.finish("FAILED")
+            except Exception as e:  # the step's own error is the one to raise
+                print(f"trainer: MLflow run not marked failed: {type(e).__name__}: {e}")
+        raise
+    if tracker is not None:
+        tracker.finish()
 
 
 def _float(norm) -> float | None:
