@@ -43,7 +43,7 @@ from ray.train.torch import TorchTrainer
 
 from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
-from sfpp_ray.distributed.data_pipeline import build_dataset
+from sfpp_ray.distributed.data_pipeline import build_dataset, read_ahead_limit
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.dmd_trainer import METRICS_TIMEOUT_S, dmd_loop
 from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE, STAGE_MARKER
@@ -183,7 +183,7 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None, fault_hook=N
     prefix = f"sfpp-{cfg.run.name}-{zlib.crc32(str(cfg.run_dir).encode()):08x}"  # two runs' actors never clash
     names = {"buffer": f"{prefix}-buffer", "feed": f"{prefix}-feed", "broker": f"{prefix}-broker",
              "rollout_workers": [f"{prefix}-rollout-{i}" for i in range(cfg.rollout.num_workers)]}
-    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"])
+    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"], read_ahead=read_ahead_limit(cfg))
     feed = PromptFeed.options(name=names["feed"]).remote(prompts)
     broker = WeightBroker.options(name=names["broker"]).remote()
     if resume:  # counters, policy version and prompt position as the checkpoint left them

@@ -9,7 +9,7 @@ rollout workers fill the buffer (it waits when the buffer is empty). The window 
 re-noising are per-row numpy/torch work that Ray Data runs beside the trainers, keeping the
 trainer's step to the forward and backward passes. Rows fetched ahead can outlive
 buffer.max_staleness while they wait; the trainer swaps such a row for `fresh_row`. The pipeline draws
-ahead of the trainer at most buffer.max_items rows the trainer has not acknowledged (`buffer.consumed`).
+ahead of the trainer at most `read_ahead_limit` rows the trainer has not acknowledged (`buffer.consumed`).
 Every row's randomness (its window, its backward noise, and the "seed" column the trainer's step draws from)
 is a stream of (run.seed, row id) (sfpp_ray.seeding). Only numeric columns, so `iter_torch_batches` can stack
 every column.
@@ -32,7 +32,7 @@ SAMPLE_KEYS = ("latents", "text", "uncond", "prompt_index")
 class FetchRollouts:
     """Takes one buffer sample per row (oldest first) and fetches its arrays from the object store. A sample
     whose object died with its rollout worker is skipped (the buffer counts it) and another taken.
-    ahead: the rows are drawn ahead of the trainer (the pipeline), bounded by buffer.max_items."""
+    ahead: the rows are drawn ahead of the trainer (the pipeline), bounded by `read_ahead_limit`."""
 
     def __init__(self, buffer, first_row: int = 0, ahead: bool = True):
         self.buffer, self.first_row, self.ahead = buffer, first_row, ahead
@@ -128,11 +128,19 @@ def fresh_row(buffer, cfg: Config, seed: int) -> dict[str, np.ndarray]:
     return add_backward_noise(sample_windows(batch, **kwargs), **kwargs)
 
 
+def read_ahead_limit(cfg: Config) -> int:
+    """Rows the pipeline may hold drawn but untrained: the steps a fresh row survives before it is older than
+    buffer.max_staleness (a row drawn d steps ahead is d versions old when trained, with a sync every step), and
+    at least two steps' rows, so no rank waits for rows another holds; never more than buffer.max_items."""
+    steps = max(2, (cfg.buffer.max_staleness + 1) * cfg.trainer.sync_every)
+    return min(cfg.buffer.max_items, steps * cfg.trainer.num_workers * cfg.trainer.batch_size)
+
+
 def build_dataset(cfg: Config, buffer, num_rows: int, first_row: int = 0) -> ray.data.Dataset:
     """The trainers' stream: `num_rows` rows (steps x trainer workers x trainer.batch_size), each a noised rollout
     window; row ids start at `first_row` (a resumed run's rows already trained on), randomness from run.seed.
-    The consumer acknowledges the rows it trained on with `buffer.consumed`: no more than buffer.max_items rows are
-    drawn ahead of it."""
+    The consumer acknowledges the rows it trained on with `buffer.consumed`: no more than the buffer's read-ahead
+    (`read_ahead_limit`) rows are drawn ahead of it."""
     if num_rows <= 0:
         raise ValueError(f"the dataset needs at least one row, got {num_rows}")
     # Many small blocks: one block is the unit an operator handles, and rows must stream one by one.

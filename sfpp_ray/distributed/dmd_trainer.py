@@ -89,13 +89,13 @@ def dmd_loop(config: dict) -> None:
     # (Ray Train restarted this group): either way they get this checkpoint's, or the initial weights again.
     if checkpoint is not None or call(broker.history.remote(), "the weight broker"):
         publish(sync, student_engine.module, step, broker, buffer, rank, rewind=True)
-    if rank == 0:
-        call(buffer.reset_read_ahead.remote(), "the rollout buffer")  # a new pipeline: nothing drawn ahead yet
     total, hook = config["total_steps"], config.get("fault_hook")
 
     published = step  # the version the buffer measures staleness against (rollouts start from version 0)
     tracker, logged_through, served = None, 0, None
     if rank == 0:
+        call(buffer.reset_read_ahead.remote(), "the rollout buffer")  # a new pipeline: nothing drawn ahead yet
+        served = call(buffer.metrics.remote(), "the rollout buffer")["served"]
         tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
         tracker.start(resume_run_id=config["mlflow_run_id"])
         logged_through = tracker.last_step(STEP_KEY)
@@ -215,7 +215,7 @@ def _answers(refs: list, timeout: float = METRICS_TIMEOUT_S) -> list:
     return out
 
 
-def _system_metrics(buffer, feed, worker_names: list[str], served_before: int | None) -> tuple[dict, int | None]:
+def _system_metrics(buffer, feed, worker_names: list[str], served_before: int) -> tuple[dict, int]:
     """Buffer, read-ahead and rollout metrics from the roles that answer in time; a dead or restarting rollout
     worker is left out, never waited for. Returns them and the buffer's samples served so far."""
     workers = []
@@ -235,13 +235,12 @@ def _system_metrics(buffer, feed, worker_names: list[str], served_before: int | 
                 "buffer/dropped_stale": buf["dropped_stale"], "data/read_ahead": buf["read_ahead"],
                 "data/read_ahead_max": buf["read_ahead_max"],
                 # rows the pipeline drew ahead that the trainer threw away as older than buffer.max_staleness
-                "data/stale_share": buf["discarded_stale"] / max(1, buf["served_ahead"])}
-        if served_before is not None:
-            out["data/drawn_per_step"] = buf["served"] - served_before
+                "data/stale_share": buf["discarded_stale"] / max(1, buf["served_ahead"]),
+                "data/drawn_per_step": buf["served"] - served_before}  # rows the pipeline and the trainer drew
     if buf is not None and fed is not None:
         out |= {"rollout/worker_restarts": fed["worker_restarts"],
                 "rollout/lost_samples": fed["lost_in_flight"] + buf["dropped_lost"] + buf["lost_served"]}
-    return out, None if buf is None else buf["served"]
+    return out, served_before if buf is None else buf["served"]
 
 
 def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | None, cfg: Config, rank: int,

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from sfpp_ray.config import load_config
 from sfpp_ray.distributed.controller import SNAPSHOT_FILE, _registered_resume_state, train
+from sfpp_ray.distributed.data_pipeline import read_ahead_limit
 
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 STEPS, MAX_ITEMS = 4, 4
@@ -69,7 +70,7 @@ def faulty_run(ray_cluster, tmp_path_factory):
     cfg = load_config(CONFIG, [
         "run.name=faults", f"run.output_dir={out}", "run.stages=[dmd]", "rollout.num_frames=12",
         "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "trainer.num_workers=1", "trainer.checkpoint_every=1",
-        "trainer.max_failures=1", "rollout.max_restarts=2", f"buffer.max_items={MAX_ITEMS}", "buffer.max_staleness=1",
+        "trainer.max_failures=1", "rollout.max_restarts=2", f"buffer.max_items={MAX_ITEMS}",
         f"dmd.steps={STEPS}", "dmd.update_ratio=1", "tracking.experiment=sfpp-faults"])
     hook = lambda *args: inject(marks, *args)  # noqa: E731
     with pytest.raises(Exception, match="TrainingFailedError|WorkerGroupError|died"):
@@ -81,7 +82,7 @@ def faulty_run(ray_cluster, tmp_path_factory):
     deadline = time.monotonic() + 60
     while (left := stage_processes()) and time.monotonic() < deadline:
         time.sleep(0.2)  # actors end asynchronously once released
-    return summary | {"after_kill": after_kill, "left": left, "marks": sorted(p.name for p in marks.iterdir())}
+    return summary | {"cfg": cfg, "after_kill": after_kill, "left": left, "marks": sorted(p.name for p in marks.iterdir())}
 
 
 def test_the_run_finishes_at_its_step_after_every_fault(faulty_run):
@@ -113,16 +114,18 @@ def test_mlflow_holds_each_step_once_and_counts_restarts_and_lost_samples(faulty
 
 
 def test_read_ahead_stays_within_the_buffer_bound_and_the_stale_share_is_reported(faulty_run):
+    """buffer.max_items=4 bounds the rows drawn ahead (max_staleness 4 would allow 5 steps' rows)."""
+    assert read_ahead_limit(faulty_run["cfg"]) == MAX_ITEMS
     client = MlflowClient(faulty_run["mlflow_uri"])
     run_id = faulty_run["mlflow_run_id"]
     peaks = [m.value for m in client.get_metric_history(run_id, "data/read_ahead_max")]
-    assert len(peaks) == STEPS and 1 <= max(peaks) <= MAX_ITEMS
+    assert len(peaks) == STEPS and 2 <= max(peaks) <= MAX_ITEMS  # it did read ahead, never past the bound
+    drawn = [m.value for m in client.get_metric_history(run_id, "data/drawn_per_step")]
+    assert len(drawn) == STEPS and all(0 <= d <= MAX_ITEMS + 1 for d in drawn)  # the bound, and a row made again
     counters = _registered_resume_state(Path(faulty_run["checkpoints"]))["buffer"]["counters"]
-    share = client.get_metric_history(run_id, "data/stale_share")[-1].value
-    assert 0 <= share <= 1
-    assert counters["consumed"] >= STEPS - 3  # the rerun's steps, each acknowledged
-    drawn = client.get_metric_history(run_id, "data/drawn_per_step")
-    assert all(0 <= m.value <= MAX_ITEMS + 1 for m in drawn)
+    assert counters["read_ahead_max"] <= MAX_ITEMS and counters["consumed"] >= 1
+    shares = client.get_metric_history(run_id, "data/stale_share")
+    assert [m.step for m in shares] == list(range(1, STEPS + 1)) and all(0 <= m.value <= 1 for m in shares)
 
 
 def test_no_process_of_the_stage_outlives_it(faulty_run):
