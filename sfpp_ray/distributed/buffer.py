@@ -91,6 +91,7 @@ class RolloutBuffer:
 
         async with self._changed:
             self._waiting_producers += 1
+            self._changed.notify_all()  # a consumer choosing among samples may now take older ones (see `get`)
             try:
                 if not await self._wait(admissible, timeout):
                     self._counters["refused_full"] += len(refs)
@@ -115,7 +116,8 @@ class RolloutBuffer:
     async def get(self, n: int, timeout: float | None = None, ahead: bool = False) -> list[BufferItem]:
         """The n oldest samples, waiting until n are there; fewer (maybe none) on timeout.
         ahead: drawn ahead of the trainer (the data pipeline), which also waits until no more than `read_ahead`
-        drawn rows are untrained."""
+        drawn rows are untrained, and takes only samples that stay within max_staleness one version on (a row
+        waits in the pipeline) unless the buffer is full of older ones."""
         return await self._take(n, timeout, randomly=False, ahead=ahead)
 
     async def sample(self, n: int, timeout: float | None = None) -> list[BufferItem]:
@@ -126,14 +128,23 @@ class RolloutBuffer:
         if not 0 < n <= self.cfg.max_items:
             raise ValueError(f"can take 1..{self.cfg.max_items} samples at once, asked for {n}")
 
+        def candidates() -> list[int]:
+            every = range(len(self._items))
+            if not ahead or self.cfg.max_staleness == 0:
+                return list(every)
+            lasting = [i for i in every if self._version - self._items[i].policy_version < self.cfg.max_staleness]
+            full = self._waiting_producers > 0 or len(self._items) >= self.cfg.max_items  # fresher ones cannot come
+            return lasting if len(lasting) >= n or not full else list(every)
+
         def ready() -> bool:
-            return self._closed or (len(self._items) >= n and (not ahead or self._ahead + n <= self.read_ahead))
+            return self._closed or (len(candidates()) >= n and (not ahead or self._ahead + n <= self.read_ahead))
 
         async with self._changed:
             if not await self._wait(ready, timeout) and ahead:
                 return []
-            k = 0 if self._closed else min(n, len(self._items))
-            picked = sorted(self._rng.sample(range(len(self._items)), k)) if randomly else list(range(k))
+            pool = [] if self._closed else candidates()
+            k = min(n, len(pool))
+            picked = sorted(self._rng.sample(pool, k)) if randomly else pool[:k]
             chosen = [self._items[i] for i in picked]
             for i in reversed(picked):
                 del self._items[i]

@@ -174,3 +174,21 @@ def test_the_read_ahead_bound_must_hold_two_steps_of_rows():
     assert ok.buffer.max_items == 8
     with pytest.raises(ConfigError, match=r"buffer.max_items.*= 8\), got 7"):
         load_config(tiny, ["trainer.num_workers=2", "trainer.batch_size=2", "buffer.max_items=7"])
+
+
+def test_the_pipeline_takes_samples_that_outlast_their_wait(ray_cluster):
+    """A row drawn ahead waits in the pipeline: it gets a sample still within max_staleness a version on, older ones
+    only once the buffer is full of them (fresher ones could not come)."""
+    rng = np.random.default_rng()
+    cap = int(rng.integers(3, 6))
+    buffer = create_buffer(BufferConfig(max_items=cap, max_bytes=1 << 30, max_staleness=2, max_reuse=1))
+    ray.get(buffer.set_policy_version.remote(5))
+    for version in [3] * (cap - 2) + [4]:
+        assert offer(buffer, make_sample(rng), version)
+    (item,) = ray.get(buffer.get.remote(1, ahead=True))
+    assert item.policy_version == 4  # newer than the older samples queued before it
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []  # only version 3 left, room for fresh ones
+    assert offer(buffer, make_sample(rng), 3)
+    assert offer(buffer, make_sample(rng), 3)  # full: the pipeline takes what there is
+    assert [i.policy_version for i in ray.get(buffer.get.remote(2, ahead=True))] == [3, 3]
+    assert ray.get(buffer.get.remote(1))[0].policy_version == 3  # the trainer's own draws stay oldest first
