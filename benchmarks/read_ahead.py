@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from sfpp_ray.config import load_config
 from sfpp_ray.distributed.controller import train
 
-KEYS = ("data/read_ahead_max", "data/drawn_per_step", "data/replaced_stale", "data/stale_share", "data/staleness")
+KEYS = ("data/read_ahead_max", "data/drawn_per_step", "data/replaced_stale", "data/stale_share", "data/staleness",
+        "time/data_wait")
 
 
 def main() -> None:

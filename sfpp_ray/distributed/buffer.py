@@ -13,8 +13,10 @@ Why each bound exists:
 - `max_reuse`: a sample is served at most this many times, then retired.
 - `read_ahead` (at most `max_items`): the data pipeline draws rows ahead of the trainer (`get(..., ahead=True)`),
   and the trainer acknowledges the rows it trained on (`consumed`). At most `read_ahead` rows are drawn and not
-  yet trained on, so the pipeline never holds more samples than the buffer itself may, and rows that wait in it
-  do not outlive `max_staleness` (data_pipeline.read_ahead_limit).
+  yet trained on, so the pipeline never holds more samples than the buffer itself may. A row waits in the
+  pipeline behind the rows drawn before it, a version for each `rows_per_version` of them: the pipeline takes a
+  sample young enough to be within `max_staleness` when trained. A buffer full of older ones drops its oldest
+  (`dropped_aged`), making room for a rollout of the newest weights, rather than hand them on to go stale.
 
 Every dropped or retired sample's reference is deleted at once, which is what frees its object.
 Objects are owned by the worker that put them: if that worker dies, its samples are lost and
@@ -55,9 +57,10 @@ class BufferItem:
 class RolloutBuffer:
     """Asyncio actor body (see `create_buffer`); all methods run on one event loop, so no locks."""
 
-    def __init__(self, cfg: BufferConfig, seed: int = 0, read_ahead: int | None = None):
+    def __init__(self, cfg: BufferConfig, seed: int = 0, read_ahead: int | None = None, rows_per_version: int = 1):
         self.cfg = cfg
         self.read_ahead = cfg.max_items if read_ahead is None else min(read_ahead, cfg.max_items)
+        self.rows_per_version = rows_per_version  # rows the trainers take between two policy versions
         self._items: deque[BufferItem] = deque()
         self._bytes = 0
         self._version = 0
@@ -116,8 +119,8 @@ class RolloutBuffer:
     async def get(self, n: int, timeout: float | None = None, ahead: bool = False) -> list[BufferItem]:
         """The n oldest samples, waiting until n are there; fewer (maybe none) on timeout.
         ahead: drawn ahead of the trainer (the data pipeline), which also waits until no more than `read_ahead`
-        drawn rows are untrained, and takes only samples that stay within max_staleness one version on (a row
-        waits in the pipeline) unless the buffer is full of older ones."""
+        drawn rows are untrained, and takes only samples that will still be within max_staleness when trained,
+        behind the rows drawn before them."""
         return await self._take(n, timeout, randomly=False, ahead=ahead)
 
     async def sample(self, n: int, timeout: float | None = None) -> list[BufferItem]:
@@ -130,19 +133,35 @@ class RolloutBuffer:
 
         def candidates() -> list[int]:
             every = range(len(self._items))
-            if not ahead or self.cfg.max_staleness == 0:
+            if not ahead:
                 return list(every)
-            lasting = [i for i in every if self._version - self._items[i].policy_version < self.cfg.max_staleness]
-            full = self._waiting_producers > 0 or len(self._items) >= self.cfg.max_items  # fresher ones cannot come
-            return lasting if len(lasting) >= n or not full else list(every)
+            max_age = max(0, self.cfg.max_staleness - self._ahead // self.rows_per_version)  # versions it will wait
+            return [i for i in every if self._version - self._items[i].policy_version <= max_age]
+
+        def full() -> bool:  # no fresher sample can come in
+            biggest = max((item.nbytes for item in self._items), default=0)
+            return len(self._items) >= self.cfg.max_items or (
+                self._waiting_producers > 0 and self._bytes + biggest > self.cfg.max_bytes)
 
         def ready() -> bool:
-            return self._closed or (len(candidates()) >= n and (not ahead or self._ahead + n <= self.read_ahead))
+            if self._closed:
+                return True
+            if ahead and self._ahead + n > self.read_ahead:
+                return False
+            return len(candidates()) >= n or (ahead and full())
 
         async with self._changed:
-            if not await self._wait(ready, timeout) and ahead:
-                return []
-            pool = [] if self._closed else candidates()
+            while True:
+                if not await self._wait(ready, timeout) and ahead:
+                    return []
+                pool = [] if self._closed else candidates()
+                if len(pool) >= n or not ahead or self._closed:
+                    break
+                aged = next(i for i in range(len(self._items)) if i not in pool)  # the oldest that would go stale
+                self._bytes -= self._items[aged].nbytes
+                del self._items[aged]
+                self._counters["dropped_aged"] += 1
+                self._changed.notify_all()  # room for a producer
             k = min(n, len(pool))
             picked = sorted(self._rng.sample(pool, k)) if randomly else pool[:k]
             chosen = [self._items[i] for i in picked]
@@ -277,16 +296,17 @@ class RolloutBuffer:
 # to the pipeline, consumed of those were trained on (discarded_stale of them thrown away as too old first);
 # lost_served were served but their objects were gone.
 _COUNTERS = ("puts", "served", "retired", "dropped_stale", "dropped_closed", "dropped_lost", "dropped_rewound",
+             "dropped_aged",
              "refused_full", "refused_stale", "refused_closed", "served_ahead", "consumed", "discarded_stale",
              "lost_served", "read_ahead_max")
 
 RolloutBufferActor = ray.remote(RolloutBuffer)
 
 
-def create_buffer(cfg: BufferConfig, seed: int = 0, name: str | None = None,
-                  read_ahead: int | None = None) -> ray.actor.ActorHandle:
+def create_buffer(cfg: BufferConfig, seed: int = 0, name: str | None = None, read_ahead: int | None = None,
+                  rows_per_version: int = 1) -> ray.actor.ActorHandle:
     """Start the buffer actor. It needs no CPU slot: it only moves references and counters."""
-    return RolloutBufferActor.options(num_cpus=0, name=name).remote(cfg, seed, read_ahead)
+    return RolloutBufferActor.options(num_cpus=0, name=name).remote(cfg, seed, read_ahead, rows_per_version)
 
 
 def offer(buffer: ray.actor.ActorHandle, sample: dict[str, Any], policy_version: int,

@@ -183,7 +183,9 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None, fault_hook=N
     prefix = f"sfpp-{cfg.run.name}-{zlib.crc32(str(cfg.run_dir).encode()):08x}"  # two runs' actors never clash
     names = {"buffer": f"{prefix}-buffer", "feed": f"{prefix}-feed", "broker": f"{prefix}-broker",
              "rollout_workers": [f"{prefix}-rollout-{i}" for i in range(cfg.rollout.num_workers)]}
-    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"], read_ahead=read_ahead_limit(cfg))
+    rows_a_step = cfg.trainer.num_workers * cfg.trainer.batch_size
+    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"], read_ahead=read_ahead_limit(cfg),
+                           rows_per_version=rows_a_step * cfg.trainer.sync_every)
     feed = PromptFeed.options(name=names["feed"]).remote(prompts)
     broker = WeightBroker.options(name=names["broker"]).remote()
     if resume:  # counters, policy version and prompt position as the checkpoint left them
@@ -194,7 +196,6 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None, fault_hook=N
     print(f"run {cfg.run.name!r}: steps {start_step + 1}..{total}, {len(workers)} rollout workers, "
           f"{cfg.trainer.num_workers} trainer workers")
 
-    rows_a_step = cfg.trainer.num_workers * cfg.trainer.batch_size
     dataset = build_dataset(cfg, buffer, (total - start_step) * rows_a_step, first_row=start_step * rows_a_step)
     trainer = TorchTrainer(
         dmd_loop,

@@ -129,9 +129,10 @@ def fresh_row(buffer, cfg: Config, seed: int) -> dict[str, np.ndarray]:
 
 
 def read_ahead_limit(cfg: Config) -> int:
-    """Rows the pipeline may hold drawn but untrained: the steps a fresh row survives before it is older than
-    buffer.max_staleness (a row drawn d steps ahead is d versions old when trained, with a sync every step), and
-    at least two steps' rows, so no rank waits for rows another holds; never more than buffer.max_items."""
+    """Rows the pipeline may hold drawn but untrained: as many as the trainers take while a sample of the newest
+    weights grows to buffer.max_staleness (rows further ahead would be stale when trained, however fresh when
+    drawn), and at least two steps' rows, so no rank waits for rows another holds; never more than
+    buffer.max_items."""
     steps = max(2, (cfg.buffer.max_staleness + 1) * cfg.trainer.sync_every)
     return min(cfg.buffer.max_items, steps * cfg.trainer.num_workers * cfg.trainer.batch_size)
 

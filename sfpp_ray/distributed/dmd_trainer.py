@@ -133,7 +133,6 @@ def dmd_loop(config: dict) -> None:
                                 "grad_norm/generator": _float(out["grad_norm"])})
                 if ema is not None:
                     ema.update(student_engine.module, step)
-            buffer.consumed.remote(B, stale)  # the pipeline may draw B rows more; no answer awaited
             metrics["time/step"] = time.perf_counter() - t0
             metrics["time/data_wait"] = waits[-1]
             # How many updates old the consumed rollouts are, and how many rows that Ray Data fetched ahead
@@ -145,6 +144,7 @@ def dmd_loop(config: dict) -> None:
                 publish(sync, student_engine.module, step, broker, buffer, rank)
                 published = step
                 metrics["time/sync"] = time.perf_counter() - t1
+            buffer.consumed.remote(B, stale)  # after the publish: rows drawn next are of the new weights
             if rank == 0:
                 system, served = _system_metrics(buffer, feed, names["rollout_workers"], served)
                 metrics.update(system)

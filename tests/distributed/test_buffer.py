@@ -177,18 +177,27 @@ def test_the_read_ahead_bound_must_hold_two_steps_of_rows():
 
 
 def test_the_pipeline_takes_samples_that_outlast_their_wait(ray_cluster):
-    """A row drawn ahead waits in the pipeline: it gets a sample still within max_staleness a version on, older ones
-    only once the buffer is full of them (fresher ones could not come)."""
+    """A row drawn ahead waits a version for each row drawn before it (one row a version here): it gets a sample
+    that will still be within max_staleness then; a buffer full of older ones makes room for a newer one."""
     rng = np.random.default_rng()
-    cap = int(rng.integers(3, 6))
-    buffer = create_buffer(BufferConfig(max_items=cap, max_bytes=1 << 30, max_staleness=2, max_reuse=1))
+    cap = int(rng.integers(4, 7))
+    buffer = create_buffer(BufferConfig(max_items=cap, max_bytes=1 << 30, max_staleness=2, max_reuse=1),
+                           rows_per_version=1)
     ray.get(buffer.set_policy_version.remote(5))
     for version in [3] * (cap - 2) + [4]:
         assert offer(buffer, make_sample(rng), version)
-    (item,) = ray.get(buffer.get.remote(1, ahead=True))
-    assert item.policy_version == 4  # newer than the older samples queued before it
-    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []  # only version 3 left, room for fresh ones
-    assert offer(buffer, make_sample(rng), 3)
-    assert offer(buffer, make_sample(rng), 3)  # full: the pipeline takes what there is
-    assert [i.policy_version for i in ray.get(buffer.get.remote(2, ahead=True))] == [3, 3]
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 3  # trained next: 2 versions old will do
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 4  # a version later: skips the older
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []  # two later: only version 5 would do
+    assert offer(buffer, make_sample(rng), 5)
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 5
+    while ray.get(buffer.metrics.remote())["fill"] < cap:
+        assert offer(buffer, make_sample(rng), 3)
+    ray.get(buffer.consumed.remote(1))
+    # Full of samples that would go stale: the oldest makes room for a rollout of the newest weights.
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []
+    m = ray.get(buffer.metrics.remote())
+    assert m["dropped_aged"] == 1 and m["fill"] == cap - 1 and balanced(m)
+    assert offer(buffer, make_sample(rng), 5)
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 5
     assert ray.get(buffer.get.remote(1))[0].policy_version == 3  # the trainer's own draws stay oldest first

@@ -2,6 +2,7 @@
 between a checkpoint's report and its registration, twice (Ray Train recovers the first, a rerun the second), and
 the data pipeline's read-ahead. One run and its rerun; the run ends at its configured step, each step in MLflow once."""
 
+import functools
 import json
 import os
 import signal
@@ -72,7 +73,7 @@ def faulty_run(ray_cluster, tmp_path_factory):
         "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "trainer.num_workers=1", "trainer.checkpoint_every=1",
         "trainer.max_failures=1", "rollout.max_restarts=2", f"buffer.max_items={MAX_ITEMS}",
         f"dmd.steps={STEPS}", "dmd.update_ratio=1", "tracking.experiment=sfpp-faults"])
-    hook = lambda *args: inject(marks, *args)  # noqa: E731
+    hook = functools.partial(inject, marks)
     with pytest.raises(Exception, match="TrainingFailedError|WorkerGroupError|died"):
         train(cfg, evaluation_video=False, fault_hook=hook)
     storage = cfg.run_dir / "ray_train" / cfg.run.name
