@@ -232,7 +232,8 @@ def _system_metrics(buffer, feed, worker_names: list[str], served_before: int) -
                 "rollout/min_policy_version": min(s["policy_version"] for s in stats)}
     if buf is not None:
         out |= {"buffer/fill": buf["fill"], "buffer/age_mean": buf["age_mean"], "buffer/age_max": buf["age_max"],
-                "buffer/dropped_stale": buf["dropped_stale"], "data/read_ahead": buf["read_ahead"],
+                "buffer/dropped_stale": buf["dropped_stale"], "buffer/dropped_aged": buf["dropped_aged"],
+                "data/read_ahead": buf["read_ahead"],
                 "data/read_ahead_max": buf["read_ahead_max"],
                 # rows the pipeline drew ahead that the trainer threw away as older than buffer.max_staleness
                 "data/stale_share": buf["discarded_stale"] / max(1, buf["served_ahead"]),

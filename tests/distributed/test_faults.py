@@ -39,7 +39,7 @@ def inject(marks: Path, point: str, step: int, rank: int, actors: dict) -> None:
         ray.kill(first, no_restart=False)
         os.kill(pid, signal.SIGKILL)
         return
-    feed, deadline = ray.get_actor(actors["feed"]), time.monotonic() + 120
+    feed, deadline = ray.get_actor(actors["feed"]), time.monotonic() + 600  # a loaded machine restarts slowly
     while ray.get(feed.stats.remote())["worker_restarts"] < 2:
         assert time.monotonic() < deadline, "the rollout workers were not restarted"
         time.sleep(0.05)  # polling the restarts from the trainer's process, with a deadline
