@@ -24,26 +24,38 @@ ROLES = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner", "Synchron
          "SplitCoordinator", "MapWorker", "RolloutWorker", "RolloutBuffer", "PromptFeed", "WeightBroker")  # a stage's
 
 
-def inject(marks: Path, point: str, step: int, rank: int, actors: dict) -> None:
+def inject(marks: Path, storage: Path, point: str, step: int, rank: int, actors: dict) -> None:
     """Each fault once (a file marks it done), right after a step's report returned, its checkpoint not yet
-    registered. Step 1: ray.kill of rollout worker 0 (restart allowed) and SIGKILL of worker 1's process. Steps 2
-    and 3: SIGKILL of the trainer itself, at step 2 once both workers' new processes have taken over (so the
-    checkpoints from step 2 on count both restarts)."""
+    registered. Step 1: ray.kill of rollout worker 0 (restart allowed) and SIGKILL of worker 1's process, waited
+    for until both new processes have taken over (so the checkpoints from step 2 on count both restarts). Steps 2
+    and 3: SIGKILL of the trainer itself, once the step before is registered (so the rerun's checkpoint, step 2,
+    counts the restarts); its mark records the steps Ray Train had registered then."""
     mark = marks / f"step{step}"
     if point != "after_report" or rank != 0 or step >= STEPS or mark.exists():
         return
+    deadline = time.monotonic() + 600  # a loaded machine restarts slowly
+    if step > 1:
+        while step - 1 not in registered_steps(storage):
+            assert time.monotonic() < deadline, f"step {step - 1} was not registered"
+            time.sleep(0.05)  # polling Ray Train's record from the trainer's process, with a deadline
+        mark.write_text(json.dumps(registered_steps(storage)))
+        os.kill(os.getpid(), signal.SIGKILL)
     mark.touch()
-    if step == 1:
-        first, second = (ray.get_actor(name) for name in actors["rollout_workers"])
-        pid = ray.get(second.pid.remote())
-        ray.kill(first, no_restart=False)
-        os.kill(pid, signal.SIGKILL)
-        return
-    feed, deadline = ray.get_actor(actors["feed"]), time.monotonic() + 600  # a loaded machine restarts slowly
+    first, second = (ray.get_actor(name) for name in actors["rollout_workers"])
+    pid = ray.get(second.pid.remote())
+    ray.kill(first, no_restart=False)
+    os.kill(pid, signal.SIGKILL)
+    feed = ray.get_actor(actors["feed"])
     while ray.get(feed.stats.remote())["worker_restarts"] < 2:
         assert time.monotonic() < deadline, "the rollout workers were not restarted"
         time.sleep(0.05)  # polling the restarts from the trainer's process, with a deadline
-    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def registered_steps(storage: Path) -> list[int]:
+    snapshot = storage / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return []
+    return [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
 
 
 def checkpoint_dirs(storage: Path) -> list[str]:
@@ -63,8 +75,8 @@ def stage_processes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def faulty_run(ray_cluster, tmp_path_factory):
-    """Ray Train may restart the trainer once (trainer.max_failures=1): the kill at step 2 it recovers from, the
-    one at step 3 ends the run, which the same command then finishes."""
+    """Ray Train may restart the trainer once (trainer.max_failures=1): the kill at step 2 it recovers from (from
+    step 1), the one at step 3 ends the run, which the same command then finishes (from step 2)."""
     out = tmp_path_factory.mktemp("faults")
     marks = out / "marks"
     marks.mkdir()
@@ -73,28 +85,32 @@ def faulty_run(ray_cluster, tmp_path_factory):
         "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "trainer.num_workers=1", "trainer.checkpoint_every=1",
         "trainer.max_failures=1", "rollout.max_restarts=2", f"buffer.max_items={MAX_ITEMS}",
         f"dmd.steps={STEPS}", "dmd.update_ratio=1", "tracking.experiment=sfpp-faults"])
-    hook = functools.partial(inject, marks)
+    storage = cfg.run_dir / "ray_train" / cfg.run.name
+    hook = functools.partial(inject, marks, storage)
     with pytest.raises(Exception, match="TrainingFailedError|WorkerGroupError|died"):
         train(cfg, evaluation_video=False, fault_hook=hook)
-    storage = cfg.run_dir / "ray_train" / cfg.run.name
     after_kill = {"dirs": checkpoint_dirs(storage),
                   "resume": _registered_resume_state(storage)}
     summary = train(cfg, evaluation_video=False, fault_hook=hook)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while (left := stage_processes()) and time.monotonic() < deadline:
         time.sleep(0.2)  # actors end asynchronously once released
-    return summary | {"cfg": cfg, "after_kill": after_kill, "left": left, "marks": sorted(p.name for p in marks.iterdir())}
+    return summary | {"cfg": cfg, "after_kill": after_kill, "left": left, "marks": {p.name: p.read_text() for p in marks.iterdir()}}
 
 
 def test_the_run_finishes_at_its_step_after_every_fault(faulty_run):
-    assert faulty_run["marks"] == ["step1", "step2", "step3"]  # every fault happened
-    # The rerun went on from step 2, the last registered checkpoint, not from step 3's unregistered one.
-    assert faulty_run["after_kill"]["resume"]["step"] == 2
-    assert faulty_run["after_kill"]["dirs"] == checkpoint_dirs(Path(faulty_run["checkpoints"]))[:2]  # steps 1, 2
-    assert faulty_run["steps"] == (2, STEPS) and faulty_run["metrics"]["step"] == STEPS
+    marks = faulty_run["marks"]
+    assert sorted(marks) == ["step1", "step2", "step3"]  # every fault happened
+    # Each trainer kill came before its step's checkpoint was registered.
+    assert json.loads(marks["step2"]) == [1] and json.loads(marks["step3"]) == [1, 2]
+    # The rerun went on from the last registered checkpoint, not from the unregistered one after it.
+    resumed = faulty_run["after_kill"]["resume"]["step"]
+    assert resumed == 2 and faulty_run["steps"] == (resumed, STEPS)
+    assert faulty_run["metrics"]["step"] == STEPS
     storage = Path(faulty_run["checkpoints"])
+    assert faulty_run["after_kill"]["dirs"] == checkpoint_dirs(storage)[:resumed]  # the failed run left no orphan
     registered = json.loads((storage / SNAPSHOT_FILE).read_text())["checkpoint_results"]
-    assert checkpoint_dirs(storage) == sorted(r["checkpoint_dir_name"] for r in registered)  # no orphan left
+    assert checkpoint_dirs(storage) == sorted(r["checkpoint_dir_name"] for r in registered)  # nor did the rerun
     assert [r["metrics"]["step"] for r in registered] == list(range(1, STEPS + 1))
 
 
