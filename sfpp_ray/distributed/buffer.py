@@ -211,9 +211,19 @@ class RolloutBuffer:
             self._changed.notify_all()
             return lost
 
-    async def lost(self, n: int) -> None:
-        """A consumer found n served samples' objects gone (their worker died)."""
-        self._counters["lost_served"] += n
+    async def lost(self, refs: list[ray.ObjectRef]) -> None:
+        """A consumer found these served samples' objects gone (their worker died): a copy still queued for reuse
+        is dropped (`dropped_lost`), one already retired counted (`lost_served`), so each sample counts once."""
+        async with self._changed:
+            queued = {item.ref: item for item in self._items}
+            for ref in refs:
+                if ref in queued:
+                    self._items.remove(queued[ref])
+                    self._bytes -= queued[ref].nbytes
+                    self._counters["dropped_lost"] += 1
+                else:
+                    self._counters["lost_served"] += 1
+            self._changed.notify_all()
 
     async def consumed(self, n: int, stale: int = 0) -> None:
         """The trainer trained on n rows the pipeline drew ahead, `stale` of which had grown too old and were

@@ -44,17 +44,17 @@ class FetchRollouts:
             taken = ray.get(self.buffer.get.remote(n - len(samples), ahead=self.ahead))
             if not taken:
                 raise RuntimeError(f"rollout buffer closed with {len(samples)} of {n} samples delivered")
-            lost = 0
+            lost = []
             for item in taken:
                 try:
                     samples.append(ray.get(item.ref))
                     items.append(item)
                 except ray.exceptions.ObjectLostError:
-                    lost += 1
+                    lost.append(item.ref)
             if lost:
-                ray.get(self.buffer.lost.remote(lost))
+                ray.get(self.buffer.lost.remote(lost))  # a list: Ray passes the references, not their objects
                 if self.ahead:  # a lost row was never delivered: it does not count against the read-ahead
-                    ray.get(self.buffer.consumed.remote(lost))
+                    ray.get(self.buffer.consumed.remote(len(lost)))
         out = {key: np.stack([s[key] for s in samples]) for key in SAMPLE_KEYS}
         out["id"] = batch["id"] + self.first_row
         out["policy_version"] = np.array([item.policy_version for item in items], dtype=np.int64)

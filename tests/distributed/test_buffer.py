@@ -201,3 +201,18 @@ def test_the_pipeline_takes_samples_that_outlast_their_wait(ray_cluster):
     assert offer(buffer, make_sample(rng), 5)
     assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 5
     assert ray.get(buffer.get.remote(1))[0].policy_version == 3  # the trainer's own draws stay oldest first
+
+
+def test_samples_of_a_dead_worker_are_counted_lost_once(ray_cluster):
+    """A sample reported lost by a consumer is not counted again when its worker's samples are purged, nor served
+    again from the reuse queue."""
+    rng = np.random.default_rng()
+    buffer = create_buffer(BufferConfig(max_items=8, max_bytes=1 << 30, max_staleness=2, max_reuse=2))
+    count = int(rng.integers(2, 6))
+    for _ in range(count):
+        assert offer(buffer, make_sample(rng), 0, meta={"worker": 0})
+    (served,) = ray.get(buffer.get.remote(1))  # served once, queued again for its second use
+    ray.get(buffer.lost.remote([served.ref]))  # its object turned out gone
+    assert ray.get(buffer.purge_worker.remote(0)) == count - 1
+    m = ray.get(buffer.metrics.remote())
+    assert m["dropped_lost"] == count and m["lost_served"] == 0 and m["fill"] == 0 and balanced(m)
