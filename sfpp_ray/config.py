@@ -125,11 +125,12 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 1
     decode_overlap: bool = True  # decode block b while block b+1 is generated (generate only)
+    max_restarts: int = 3  # times Ray replaces a worker's dead process (its prompts in flight are handed out again)
 
 
 @dataclass
 class BufferConfig:
-    max_items: int = 64
+    max_items: int = 64  # also the rows the data pipeline may draw ahead of the trainers (at least two steps' worth)
     max_bytes: int = 2 * 1024**3
     max_staleness: int = 4  # the buffer drops samples older than this many policy versions, and the trainer replaces
     # any window Ray Data fetched ahead that grew older than that while it waited (data/replaced_stale)
@@ -174,6 +175,9 @@ class TrainerConfig:
     # a step whose loss or gradients are not finite is skipped (no update) and counted (train/bad_steps); this
     # many in a row stop the stage with an error naming it and the step
     max_bad_steps: int = 3
+    # DMD: failures of the trainer group Ray Train recovers from, each by restarting the group from the last
+    # checkpoint (a dead rank, a lost node; also an error in the step, which then costs one more attempt)
+    max_failures: int = 2
 
 
 @dataclass
@@ -625,6 +629,8 @@ def validate(cfg: Config) -> None:
     positive("rollout.num_workers", cfg.rollout.num_workers)
     positive("rollout.gpus_per_worker", cfg.rollout.gpus_per_worker, allow_zero=True)
     positive("rollout.batch_size", cfg.rollout.batch_size)
+    positive("rollout.max_restarts", cfg.rollout.max_restarts, allow_zero=True)
+    positive("trainer.max_failures", cfg.trainer.max_failures, allow_zero=True)
     positive("trainer.num_workers", cfg.trainer.num_workers)
     positive("trainer.gpus_per_worker", cfg.trainer.gpus_per_worker, allow_zero=True)
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
@@ -643,6 +649,11 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.dmd.min_timestep < cfg.dmd.max_timestep <= sch.num_train_timesteps:
         raise ConfigError("dmd.max_timestep", "needs 0 <= dmd.min_timestep < dmd.max_timestep <= num_train_timesteps")
     positive("buffer.max_items", cfg.buffer.max_items)
+    rows = 2 * cfg.trainer.num_workers * cfg.trainer.batch_size  # a step each rank trains on and one it fetches ahead
+    if "dmd" in cfg.run.stages and cfg.buffer.max_items < rows:
+        raise ConfigError("buffer.max_items", f"the data pipeline draws at most this many rows ahead of the trainers, "
+                          f"which need two steps' rows (2 x trainer.num_workers x trainer.batch_size = {rows}), "
+                          f"got {cfg.buffer.max_items}")
     positive("buffer.max_bytes", cfg.buffer.max_bytes)
     positive("buffer.max_reuse", cfg.buffer.max_reuse)
     if "grpo" in cfg.run.stages and cfg.grpo.group_size < 2:

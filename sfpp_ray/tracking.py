@@ -120,6 +120,14 @@ class Tracker:
         self._client.log_batch(self.run_id, metrics=[Metric(sanitize_key(k), float(v), now, int(step))
                                                      for k, v in metrics.items() if v is not None])
 
+    def last_step(self, key: str) -> int:
+        """The highest step `key` was logged at in this run (0: never). A stage resumed from a checkpoint replays
+        the steps after it; those logged before the interruption keep their first values, so each step is in the
+        run once."""
+        if not self._active():
+            return 0
+        return max((m.step for m in self._client.get_metric_history(self.run_id, sanitize_key(key))), default=0)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self._active():
             self._client.log_artifact(self.run_id, str(path), artifact_path)

@@ -34,6 +34,9 @@ def test_run_roundtrip_and_resume(tmp_path):
 
     resumed = Tracker(TrackingConfig(experiment="sfpp-test"), run_dir, "tiny")
     assert resumed.start({**params, "run": {"name": "tiny", "seed": 1}}) == run_id
+    # What a resumed stage asks before logging: the last step each key holds (a replayed step is not logged again).
+    assert resumed.last_step("loss/generator") == 1 and resumed.last_step("buffer:fill") == 1
+    assert resumed.last_step("never/logged") == 0
     resumed.log_metrics({"loss/generator": 0.5}, step=2)
     resumed.finish()
     history = client.get_metric_history(run_id, "loss/generator")

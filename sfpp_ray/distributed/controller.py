@@ -16,6 +16,11 @@ output directory finished, so running the config again skips it. The DMD stage w
 Rollout workers and trainers run concurrently and scale separately; the buffer bounds how far
 rollouts may run ahead and how stale they may be. A run is identified by `run.name`: running the
 same name again continues in the same MLflow run, and DMD resumes from its last checkpoint.
+
+Faults (docs/faults.md): a dead rollout worker is restarted by Ray (rollout.max_restarts); a failed trainer group
+by Ray Train (trainer.max_failures), from its last checkpoint. Resuming has one source of truth, the last
+checkpoint Ray Train registered: its step, prompt feed and buffer state; checkpoint directories it never
+registered (a kill between a report and its registration) are removed. Every actor a stage starts ends with it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -30,15 +38,15 @@ from pathlib import Path
 import ray
 import torch
 from ray.data import ExecutionResources
-from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
-from sfpp_ray.distributed.data_pipeline import build_dataset
+from sfpp_ray.distributed.data_pipeline import build_dataset, read_ahead_limit
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
-from sfpp_ray.distributed.dmd_trainer import dmd_loop
-from sfpp_ray.distributed.engine import PROGRESS_FILES, STAGE_MARKER
+from sfpp_ray.distributed.dmd_trainer import METRICS_TIMEOUT_S, dmd_loop
+from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE, STAGE_MARKER
 from sfpp_ray.distributed.grpo_trainer import grpo_loop
 from sfpp_ray.distributed.ode_trainer import ode_loop
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
@@ -49,12 +57,13 @@ from sfpp_ray.tracking import Tracker
 
 STAGE_OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "student", "grpo": "student_grpo"}
 STUDENT_FROM = {"dmd": "ode", "grpo": "dmd"}  # the stage whose student a stage starts from
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
-def train(cfg: Config, evaluation_video: bool = True) -> dict:
+def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
     skipped, each stage's result, the evaluation video unless `evaluation_video` is off (a benchmark timing
-    the stages alone); the DMD stage's details at the top level)."""
+    the stages alone); the DMD stage's details at the top level). fault_hook: see dmd_trainer.dmd_loop."""
     cfg = _absolute_paths(cfg)
     pending = [stage for stage in cfg.run.stages if not _finished(cfg, stage)]
     for stage in pending:
@@ -76,7 +85,7 @@ def train(cfg: Config, evaluation_video: bool = True) -> dict:
             t0 = time.perf_counter()
             stage_cfg = _stage_config(cfg, stage)
             if stage == "dmd":
-                result = _train_dmd(stage_cfg, prompts, run_id)
+                result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
             else:
                 result = _fit(stage_cfg, stage, run_id, prompts=prompts)
             summary["stages"][stage] = result | {"seconds": time.perf_counter() - t0}
@@ -88,7 +97,10 @@ def train(cfg: Config, evaluation_video: bool = True) -> dict:
             video = _evaluation_video(cfg, prompts[0], student)
             tracker.log_artifact(video, artifact_path="videos")
     except BaseException:
-        tracker.finish("FAILED")
+        try:
+            tracker.finish("FAILED")
+        except Exception as e:  # the run's own error is the one to raise
+            print(f"MLflow run {run_id} not marked failed: {type(e).__name__}: {e}")
         raise
     tracker.finish()
     summary.update(summary["stages"].get("dmd", {}))
@@ -142,51 +154,107 @@ def _fit(cfg: Config, stage: str, run_id: str | None, prompts: list[str]) -> dic
         run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=str(cfg.run_dir / "ray_train")),
     )
     output = cfg.run_dir / STAGE_OUTPUTS[stage]
-    return {"metrics": trainer.fit().metrics, "output": str(output),
+    return {"metrics": _run(trainer).metrics, "output": str(output),
             "record": json.loads((output / STAGE_MARKER).read_text())}
 
 
-def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None) -> dict:
+def _run(trainer: TorchTrainer):
+    """trainer.fit(), leaving nothing of it running. Ray Train's fit installs a Ctrl-C handler that holds its
+    TrainController actor, which so outlived the stage (until the next fit replaced the handler, or the process
+    ended); putting the previous handler back releases the actor as soon as the stage ends."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+
+
+def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None, fault_hook=None) -> dict:
     """The Self-Forcing++ loop: rollout workers feed the buffer while the trainers distil on it."""
-    progress = _progress(cfg)
-    start_step, total = progress["step"], cfg.dmd.steps
+    storage = cfg.run_dir / "ray_train" / cfg.run.name
+    resume = _registered_resume_state(storage)
+    _remove_unregistered_checkpoints(storage)
+    start_step, total = resume.get("step", 0), cfg.dmd.steps
     if start_step >= total:
         raise ValueError(f"run {cfg.run.name!r} already reached step {start_step} of dmd.steps={total}; "
                          "raise dmd.steps to train further or pick a new run.name")
     prefix = f"sfpp-{cfg.run.name}-{zlib.crc32(str(cfg.run_dir).encode()):08x}"  # two runs' actors never clash
     names = {"buffer": f"{prefix}-buffer", "feed": f"{prefix}-feed", "broker": f"{prefix}-broker",
              "rollout_workers": [f"{prefix}-rollout-{i}" for i in range(cfg.rollout.num_workers)]}
-    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"])
-    feed = PromptFeed.options(name=names["feed"]).remote(prompts, progress["feed_position"])
+    rows_a_step = cfg.trainer.num_workers * cfg.trainer.batch_size
+    buffer = create_buffer(cfg.buffer, seed=cfg.run.seed, name=names["buffer"], read_ahead=read_ahead_limit(cfg),
+                           rows_per_version=rows_a_step * cfg.trainer.sync_every)
+    feed = PromptFeed.options(name=names["feed"]).remote(prompts)
     broker = WeightBroker.options(name=names["broker"]).remote()
+    if resume:  # counters, policy version and prompt position as the checkpoint left them
+        ray.get([buffer.load_state_dict.remote(resume["buffer"]), feed.load_state_dict.remote(resume["feed"])])
     workers = [create_rollout_worker(cfg, i, name=n) for i, n in enumerate(names["rollout_workers"])]
-    # After a resume the workers wait for the trainer to publish the checkpoint's weights.
+    # After a resume the workers wait for the trainer to publish the checkpoint's weights, version start_step.
     runs = [w.run.remote(buffer, feed, broker, min_version=start_step) for w in workers]
     print(f"run {cfg.run.name!r}: steps {start_step + 1}..{total}, {len(workers)} rollout workers, "
           f"{cfg.trainer.num_workers} trainer workers")
 
-    rows_a_step = cfg.trainer.num_workers * cfg.trainer.batch_size
     dataset = build_dataset(cfg, buffer, (total - start_step) * rows_a_step, first_row=start_step * rows_a_step)
     trainer = TorchTrainer(
         dmd_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total},
+        train_loop_config={"cfg": cfg.to_dict(), "actors": names, "mlflow_run_id": run_id, "total_steps": total,
+                           "fault_hook": fault_hook},
         scaling_config=_scaling(cfg),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train")),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)),
         datasets={"train": dataset},
         dataset_config=_data_config(cfg),
     )
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_rollouts, args=(runs, buffer, done), daemon=True)
+    watcher.start()
     try:
-        result = trainer.fit()
-    finally:
-        for w in workers:
-            w.stop.remote()
-        ray.get([buffer.close.remote(), broker.close.remote()])  # releases workers blocked on either
-        stats = [_rollout_stats(w, r) for w, r in zip(workers, runs)]
-        published = ray.get(broker.history.remote())
-        for actor in [*workers, buffer, feed, broker]:
-            ray.kill(actor)
+        result = _run(trainer)
+    finally:  # never raises: an error of the run itself is the one that propagates
+        done.set()
+        stats, published = _stop_rollouts(workers, runs, buffer, feed, broker)
+        watcher.join()
+        try:
+            _remove_unregistered_checkpoints(storage)
+        except (OSError, RuntimeError) as e:
+            print(f"stage shutdown: unregistered checkpoints left in {storage}: {e}")
     return {"steps": (start_step, total), "metrics": result.metrics, "published": published, "rollout": stats,
-            "checkpoints": str(cfg.run_dir / "ray_train" / cfg.run.name), "student": str(cfg.run_dir / "student")}
+            "checkpoints": str(storage), "student": str(cfg.run_dir / "student")}
+
+
+def _watch_rollouts(runs: list, buffer, done: threading.Event) -> None:
+    """A worker's `run` ends before the stage only when the worker is gone for good (its restarts ran out). Once
+    every one has, close the buffer: the data pipeline then fails the stage instead of waiting forever."""
+    pending = list(runs)
+    while pending and not done.is_set():
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+    if not pending and not done.is_set():
+        print("every rollout worker is gone (rollout.max_restarts ran out): closing the buffer, the stage fails")
+        buffer.close.remote()
+
+
+def _stop_rollouts(workers: list, runs: list, buffer, feed, broker) -> tuple[list[dict], list]:
+    """Stop the rollout side and kill its actors; returns each worker's stats and the broker's history. Never
+    raises and never waits on a dead actor beyond a deadline: what does not answer is reported as such."""
+    for w in workers:
+        w.stop.remote()
+    _wait_all([buffer.close.remote(), broker.close.remote()], "closing the buffer and broker")  # releases workers
+    stats = [_rollout_stats(i, w, r) for i, (w, r) in enumerate(zip(workers, runs))]
+    published = _wait_all([broker.history.remote()], "the broker's history")
+    for actor in [*workers, buffer, feed, broker]:
+        ray.kill(actor)
+    return stats, published[0] if published else []
+
+
+def _wait_all(refs: list, what: str, timeout: float = 60.0) -> list | None:
+    """The refs' values, or None (and a line saying why) if any failed or ran past `timeout`."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        print(f"stage shutdown: {what} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
 
 
 def _scaling(cfg: Config) -> ScalingConfig:
@@ -197,14 +265,15 @@ def _scaling(cfg: Config) -> ScalingConfig:
     return ScalingConfig(num_workers=t.num_workers, use_gpu=True, resources_per_worker={"GPU": t.gpus_per_worker})
 
 
-def _rollout_stats(worker, run) -> dict:
+def _rollout_stats(index: int, worker, run) -> dict:
     """A worker's stats once it has left `run`. The final weights live in the trainer rank that
     published them; a worker that fetched them as that rank exited loses them and leaves `run` with
-    OwnerDiedError, its stats up to then intact."""
+    OwnerDiedError, its stats up to then intact. A worker gone for good has none."""
     try:
-        return ray.get(run)
-    except ray.exceptions.OwnerDiedError:
-        return ray.get(worker.stats.remote())
+        return ray.get(run, timeout=60.0)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        stats = _wait_all([worker.stats.remote()], f"rollout worker {index}'s stats", timeout=METRICS_TIMEOUT_S)
+        return stats[0] if stats else {"worker": index, "error": type(e).__name__}
 
 
 def _data_config(cfg: Config) -> DataConfig:
@@ -229,21 +298,57 @@ def _evaluation_video(cfg: Config, prompt: str, student: str) -> Path:
     return out
 
 
-def _progress(cfg: Config) -> dict:
-    """Where the DMD stage's last checkpoint left off (step, prompt feed position); zeros for a new run."""
-    path = cfg.run_dir / PROGRESS_FILES["dmd"]
+def _snapshot(storage: Path) -> dict:
+    """Ray Train's record of a run's registered checkpoints ({} before the first)."""
+    path = storage / SNAPSHOT_FILE
     if not path.is_file():
-        return {"step": 0, "feed_position": 0}
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"{path} is not readable JSON ({e}); it is Ray Train's record of the checkpoints of this "
+                           "run: restore it or pick a new run.name") from None
+
+
+def _registered_resume_state(storage: Path) -> dict:
+    """The resume state in the last checkpoint Ray Train registered, the one a rerun restores ({} for a new run):
+    the one source of the step a DMD stage goes on from."""
+    latest = _snapshot(storage).get("latest_checkpoint_result")
+    if latest is None:
+        return {}
+    path = storage / latest["checkpoint_dir_name"] / RESUME_FILE
+    if not path.is_file():
+        raise RuntimeError(f"the last registered checkpoint has no {RESUME_FILE} ({path}): it was not written by "
+                           "this DMD stage; pick a new run.name")
     return json.loads(path.read_text())
+
+
+def _remove_unregistered_checkpoints(storage: Path) -> None:
+    """Checkpoint directories Ray Train never registered: their run was killed between a report and its
+    registration. Nothing restores them; they only take space."""
+    registered = {r["checkpoint_dir_name"] for r in _snapshot(storage).get("checkpoint_results", [])}
+    for path in sorted(storage.glob("checkpoint_*")):
+        if path.is_dir() and path.name not in registered:
+            print(f"removing {path}: a checkpoint that was never registered")
+            shutil.rmtree(path)
+
+
+def _saved_progress(cfg: Config, stage: str) -> dict | None:
+    """Where a stage's last checkpoint left off, if it has one."""
+    if stage == "dmd":
+        return _registered_resume_state(cfg.run_dir / "ray_train" / cfg.run.name) or None
+    if stage in PROGRESS_FILES and (path := cfg.run_dir / PROGRESS_FILES[stage]).is_file():
+        return json.loads(path.read_text())
+    return None
 
 
 def _check_resumable(cfg: Config, stage: str) -> None:
     """A stage that goes on from a checkpoint needs the trainer layout that saved it: DeepSpeed's optimizer
     shards (ZeRO and the bf16 optimizer) and a ZeRO-3 moving average are one file per rank. Fail here, naming the
     key, rather than in every rank after the cluster has started."""
-    if stage not in PROGRESS_FILES or not (path := cfg.run_dir / PROGRESS_FILES[stage]).is_file():
+    saved = _saved_progress(cfg, stage)
+    if saved is None:
         return
-    saved = json.loads(path.read_text())
     where = (f"run {cfg.run.name!r} goes on from its {stage} checkpoint at step {saved['step']}, saved by "
              f"{saved.get('ranks')} trainer ranks under ZeRO-{saved.get('zero_stage')}")
     for key, value, now in (("trainer.num_workers", saved.get("ranks"), cfg.trainer.num_workers),

@@ -8,7 +8,8 @@ replaces each with a rollout taken from the buffer, so the dataset streams as fa
 rollout workers fill the buffer (it waits when the buffer is empty). The window sampling and
 re-noising are per-row numpy/torch work that Ray Data runs beside the trainers, keeping the
 trainer's step to the forward and backward passes. Rows fetched ahead can outlive
-buffer.max_staleness while they wait; the trainer swaps such a row for `fresh_row`.
+buffer.max_staleness while they wait; the trainer swaps such a row for `fresh_row`. The pipeline draws
+ahead of the trainer at most `read_ahead_limit` rows the trainer has not acknowledged (`buffer.consumed`).
 Every row's randomness (its window, its backward noise, and the "seed" column the trainer's step draws from)
 is a stream of (run.seed, row id) (sfpp_ray.seeding). Only numeric columns, so `iter_torch_batches` can stack
 every column.
@@ -29,17 +30,31 @@ SAMPLE_KEYS = ("latents", "text", "uncond", "prompt_index")
 
 
 class FetchRollouts:
-    """Takes one buffer sample per row (oldest first) and fetches its arrays from the object store."""
+    """Takes one buffer sample per row (oldest first) and fetches its arrays from the object store. A sample
+    whose object died with its rollout worker is skipped (the buffer counts it) and another taken.
+    ahead: the rows are drawn ahead of the trainer (the pipeline), bounded by `read_ahead_limit`."""
 
-    def __init__(self, buffer, first_row: int = 0):
-        self.buffer, self.first_row = buffer, first_row
+    def __init__(self, buffer, first_row: int = 0, ahead: bool = True):
+        self.buffer, self.first_row, self.ahead = buffer, first_row, ahead
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
-        items = ray.get(self.buffer.get.remote(n))
-        if len(items) < n:
-            raise RuntimeError(f"rollout buffer closed with {len(items)} of {n} samples delivered")
-        samples = ray.get([item.ref for item in items])
+        items, samples = [], []
+        while len(samples) < n:
+            taken = ray.get(self.buffer.get.remote(n - len(samples), ahead=self.ahead))
+            if not taken:
+                raise RuntimeError(f"rollout buffer closed with {len(samples)} of {n} samples delivered")
+            lost = []
+            for item in taken:
+                try:
+                    samples.append(ray.get(item.ref))
+                    items.append(item)
+                except ray.exceptions.ObjectLostError:
+                    lost.append(item.ref)
+            if lost:
+                ray.get(self.buffer.lost.remote(lost))  # a list: Ray passes the references, not their objects
+                if self.ahead:  # a lost row was never delivered: it does not count against the read-ahead
+                    ray.get(self.buffer.consumed.remote(len(lost)))
         out = {key: np.stack([s[key] for s in samples]) for key in SAMPLE_KEYS}
         out["id"] = batch["id"] + self.first_row
         out["policy_version"] = np.array([item.policy_version for item in items], dtype=np.int64)
@@ -109,13 +124,24 @@ def fresh_row(buffer, cfg: Config, seed: int) -> dict[str, np.ndarray]:
     on instead of a row that went stale while Ray Data held it ahead (the buffer serves nothing past
     buffer.max_staleness)."""
     kwargs = {"cfg": cfg.to_dict(), "seed": seed}
-    batch = FetchRollouts(buffer)({"id": np.array([0], dtype=np.int64)})
+    batch = FetchRollouts(buffer, ahead=False)({"id": np.array([0], dtype=np.int64)})
     return add_backward_noise(sample_windows(batch, **kwargs), **kwargs)
+
+
+def read_ahead_limit(cfg: Config) -> int:
+    """Rows the pipeline may hold drawn but untrained: as many as the trainers take while a sample of the newest
+    weights grows to buffer.max_staleness (rows further ahead would be stale when trained, however fresh when
+    drawn), and at least two steps' rows, so no rank waits for rows another holds; never more than
+    buffer.max_items."""
+    steps = max(2, (cfg.buffer.max_staleness + 1) * cfg.trainer.sync_every)
+    return min(cfg.buffer.max_items, steps * cfg.trainer.num_workers * cfg.trainer.batch_size)
 
 
 def build_dataset(cfg: Config, buffer, num_rows: int, first_row: int = 0) -> ray.data.Dataset:
     """The trainers' stream: `num_rows` rows (steps x trainer workers x trainer.batch_size), each a noised rollout
-    window; row ids start at `first_row` (a resumed run's rows already trained on), randomness from run.seed."""
+    window; row ids start at `first_row` (a resumed run's rows already trained on), randomness from run.seed.
+    The consumer acknowledges the rows it trained on with `buffer.consumed`: no more than the buffer's read-ahead
+    (`read_ahead_limit`) rows are drawn ahead of it."""
     if num_rows <= 0:
         raise ValueError(f"the dataset needs at least one row, got {num_rows}")
     # Many small blocks: one block is the unit an operator handles, and rows must stream one by one.

@@ -9,7 +9,11 @@ start and its own random stream, seeded by the row):
      window re-generated with gradient on top of its own rollout's frames, DMD against the frozen teacher;
   3. every `trainer.sync_every` steps the student's weights are published to the rollout workers
      (every rank takes part: ZeRO-3 gathers are collectives), and the buffer learns the version;
-  4. every `trainer.checkpoint_every` steps (0: only at the end), a checkpoint every rank writes its shards into.
+  4. every `trainer.checkpoint_every` steps (0: only at the end), a checkpoint every rank writes its shards into,
+     with the run's resume state (RESUME_FILE: step, prompt feed, buffer counters) from rank 0.
+A rank restarted by Ray Train (trainer.max_failures) goes on from the last registered checkpoint: it publishes that
+checkpoint's weights as a new epoch (rollout workers drop what they hold, the buffer drops samples of later
+versions). Steps after the checkpoint that MLflow already holds are trained again but not logged again.
 At the end the student is saved as the moving average of its weights (trainer.ema_decay > 0), as
 inference and the GRPO stage want it; the rollout workers always ran the live weights.
 Student and critic are DeepSpeed engines; the teacher is frozen and sharded with ZeRO-3 only when
@@ -18,6 +22,7 @@ training shards with ZeRO-3 too. Rank 0 logs to MLflow.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +38,18 @@ from sfpp_ray.algorithm.dmd import EMA, critic_step, is_generator_step
 from sfpp_ray.algorithm.self_forcing_pp import dmd_generator_step
 from sfpp_ray.config import Config, from_dict
 from sfpp_ray.distributed.data_pipeline import fresh_row
-from sfpp_ray.distributed.engine import (STATE_FILE, BadSteps, deepspeed_config, engine_update, frozen_teacher, full_params,
-                                         global_rank, load_ema, save_ema, stage_dtype, world_size, write_marker,
-                                         write_progress)
+from sfpp_ray.distributed.engine import (RESUME_FILE, STATE_FILE, BadSteps, deepspeed_config, engine_update,
+                                         frozen_teacher, full_params, global_rank, load_ema, save_ema, stage_dtype,
+                                         world_size, write_marker)
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
 
 
 def dmd_loop(config: dict) -> None:
-    """Ray Train entry point. config: {"cfg": Config dict, "actors": names, "mlflow_run_id", "total_steps"}."""
+    """Ray Train entry point. config: {"cfg": Config dict, "actors": names, "mlflow_run_id", "total_steps",
+    "fault_hook"}. fault_hook(point, step, rank, actors), when given, is called at "after_report" (a step's
+    report returned, its checkpoint not yet registered): how tests stop a run at the moments that matter."""
     cfg = from_dict(config["cfg"])
     names = config["actors"]
     buffer, broker = ray.get_actor(names["buffer"]), ray.get_actor(names["broker"])
@@ -69,7 +76,7 @@ def dmd_loop(config: dict) -> None:
                   ranks=world, rank=rank)
     sync = ObjectStoreWeightSync()
 
-    step = 0
+    step, replaced = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -77,19 +84,25 @@ def dmd_loop(config: dict) -> None:
             critic_engine.load_checkpoint(str(Path(d) / "critic"), tag="state")
             state = torch.load(Path(d) / STATE_FILE, weights_only=True)
             load_ema(ema, Path(d), rank, state["ema"])
+            replaced = json.loads((Path(d) / RESUME_FILE).read_text())["replaced"]
         step = state["step"]
-        # Rollout workers were rebuilt from the initial weights: give them the checkpoint's.
-        publish(sync, student_engine.module, step, broker, buffer, rank)
-    total = config["total_steps"]
+    # Rollout workers hold the initial weights (a new run's controller built them) or a dead attempt's later ones
+    # (Ray Train restarted this group): either way they get this checkpoint's, or the initial weights again.
+    if checkpoint is not None or call(broker.history.remote(), "the weight broker"):
+        publish(sync, student_engine.module, step, broker, buffer, rank, rewind=True)
+    total, hook = config["total_steps"], config.get("fault_hook")
 
     published = step  # the version the buffer measures staleness against (rollouts start from version 0)
-    replaced = 0
-    tracker = None
+    tracker, logged_through, served = None, 0, None
     if rank == 0:
+        call(buffer.reset_read_ahead.remote(), "the rollout buffer")  # a new pipeline: nothing drawn ahead yet
+        served = call(buffer.metrics.remote(), "the rollout buffer")["served"]
         tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
         tracker.start(resume_run_id=config["mlflow_run_id"])
+        logged_through = tracker.last_step(STEP_KEY)
         print(f"trainer: {world} ranks, ZeRO-{cfg.trainer.zero_stage}, {B} windows a rank a step, "
-              f"steps {step + 1}..{total}")
+              f"steps {step + 1}..{total}" + (f"; MLflow holds steps up to {logged_through} already, which are "
+                                               "trained again but not logged again" if logged_through > step else ""))
     step_ends, waits = [], []  # wall clock at each step's end, and how long each step waited for its batch
     try:
         shard = ray.train.get_dataset_shard("train")
@@ -100,7 +113,9 @@ def dmd_loop(config: dict) -> None:
             step += 1
             t0 = time.perf_counter()
             waits.append(t0 - t_ready)
+            stale = 0
             for i in range(B):  # the weights each rollout was made with
+                stale += published - int(batch["policy_version"][i]) > cfg.buffer.max_staleness
                 while published - int(batch["policy_version"][i]) > cfg.buffer.max_staleness:
                     row = fresh_row(buffer, cfg, seed_for(cfg.run.seed, "replacement", rank, step, replaced))
                     for key, value in row.items():
@@ -131,12 +146,18 @@ def dmd_loop(config: dict) -> None:
                 publish(sync, student_engine.module, step, broker, buffer, rank)
                 published = step
                 metrics["time/sync"] = time.perf_counter() - t1
+            buffer.consumed.remote(B, stale)  # after the publish: rows drawn next are of the new weights
             if rank == 0:
-                metrics.update(_system_metrics(buffer, names["rollout_workers"]))
-                tracker.log_metrics(metrics, step)
+                system, served = _system_metrics(buffer, feed, names["rollout_workers"], served)
+                metrics.update(system)
+                if step > logged_through:
+                    tracker.log_metrics(metrics, step)
             every = cfg.trainer.checkpoint_every
-            report(metrics, step, student_engine, critic_engine, ema, feed, cfg, rank,
-                   save=(every > 0 and step % every == 0) or step == total)
+            report(metrics, step, student_engine, critic_engine, ema, cfg, rank,
+                   save=(every > 0 and step % every == 0) or step == total,
+                   resume={"feed": feed, "buffer": buffer, "replaced": replaced})
+            if hook is not None:
+                hook("after_report", step, rank, names)
             t_ready = time.perf_counter()
             step_ends.append(t_ready)
         if ema is not None:
@@ -146,35 +167,89 @@ def dmd_loop(config: dict) -> None:
                 student_engine.module.save_pretrained(cfg.run_dir / "student")
                 write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None, "step_ends": step_ends,
                                                         "data_waits": waits})
-    finally:
+    except BaseException:
         if tracker is not None:
-            tracker.finish()
+            try:
+                tracker.finish("FAILED")
+            except Exception as e:  # the step's own error is the one to raise
+                print(f"trainer: MLflow run not marked failed: {type(e).__name__}: {e}")
+        raise
+    if tracker is not None:
+        tracker.finish()
 
 
 def _float(norm) -> float | None:
     return None if norm is None else float(norm)
 
 
-def publish(sync: ObjectStoreWeightSync, student, version: int, broker, buffer, rank: int) -> None:
-    """Every rank publishes (ZeRO-3 gathers); rank 0 hands the handle on and advances the buffer."""
+STEP_KEY = "loss/critic"  # logged at every DMD step: the step MLflow last holds
+ACTOR_TIMEOUT_S = 60.0  # the buffer, broker and feed answer at once; silence this long means one is gone
+METRICS_TIMEOUT_S = 5.0  # a step's metrics do without the roles that do not answer in this time
+
+
+def call(ref, what: str, timeout: float = ACTOR_TIMEOUT_S):
+    """ray.get with a deadline: an actor that died or hangs fails the step with its name, never blocks it."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{what} did not answer in {timeout:g}s") from None
+
+
+def publish(sync: ObjectStoreWeightSync, student, version: int, broker, buffer, rank: int, rewind: bool = False) -> None:
+    """Every rank publishes (ZeRO-3 gathers); rank 0 hands the handle on and advances the buffer.
+    rewind: a restarted trainer's checkpoint weights, older than what the rollout workers may hold."""
     handle = sync.publish(student, version)
     if rank == 0:
-        ray.get(broker.publish.remote([handle]))
-        ray.get(buffer.set_policy_version.remote(version))
+        call(broker.publish.remote([handle], rewind=rewind), "the weight broker")
+        call(buffer.set_policy_version.remote(version, rewind=rewind), "the rollout buffer")
 
 
-def _system_metrics(buffer, worker_names: list[str]) -> dict:
-    buf = ray.get(buffer.metrics.remote())
-    stats = ray.get([ray.get_actor(n).stats.remote() for n in worker_names])
-    return {"buffer/fill": buf["fill"], "buffer/age_mean": buf["age_mean"], "buffer/age_max": buf["age_max"],
-            "buffer/dropped_stale": buf["dropped_stale"],
-            "rollout/fps": sum(s["fps"] for s in stats), "rollout/samples": sum(s["samples"] for s in stats),
-            "rollout/min_policy_version": min(s["policy_version"] for s in stats)}
+def _answers(refs: list, timeout: float = METRICS_TIMEOUT_S) -> list:
+    """Each ref's value, or None where its actor is dead, restarting or slower than `timeout`."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref) if ref in ready else None)
+        except ray.exceptions.RayError as e:
+            print(f"trainer: a rollout role did not answer for metrics: {type(e).__name__}")
+            out.append(None)
+    return out
 
 
-def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | None, feed, cfg: Config, rank: int,
-           save: bool) -> None:
-    """Report on every rank (Ray Train expects it); with `save`, every rank writes its shards first."""
+def _system_metrics(buffer, feed, worker_names: list[str], served_before: int) -> tuple[dict, int]:
+    """Buffer, read-ahead and rollout metrics from the roles that answer in time; a dead or restarting rollout
+    worker is left out, never waited for. Returns them and the buffer's samples served so far."""
+    workers = []
+    for name in worker_names:
+        try:
+            workers.append(ray.get_actor(name).stats.remote())
+        except ValueError:  # gone for good: its restarts ran out
+            print(f"trainer: rollout worker {name} is gone")
+    buf, fed, *stats = _answers([buffer.metrics.remote(), feed.stats.remote(), *workers])
+    stats = [s for s in stats if s is not None]
+    out = {"rollout/workers_answering": len(stats)}
+    if stats:
+        out |= {"rollout/fps": sum(s["fps"] for s in stats), "rollout/samples": sum(s["samples"] for s in stats),
+                "rollout/min_policy_version": min(s["policy_version"] for s in stats)}
+    if buf is not None:
+        out |= {"buffer/fill": buf["fill"], "buffer/age_mean": buf["age_mean"], "buffer/age_max": buf["age_max"],
+                "buffer/dropped_stale": buf["dropped_stale"], "buffer/dropped_aged": buf["dropped_aged"],
+                "data/read_ahead": buf["read_ahead"],
+                "data/read_ahead_max": buf["read_ahead_max"],
+                # rows the pipeline drew ahead that the trainer threw away as older than buffer.max_staleness
+                "data/stale_share": buf["discarded_stale"] / max(1, buf["served_ahead"]),
+                "data/drawn_per_step": buf["served"] - served_before}  # rows the pipeline and the trainer drew
+    if buf is not None and fed is not None:
+        out |= {"rollout/worker_restarts": fed["worker_restarts"],
+                "rollout/lost_samples": fed["lost_in_flight"] + buf["dropped_lost"] + buf["lost_served"]}
+    return out, served_before if buf is None else buf["served"]
+
+
+def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | None, cfg: Config, rank: int,
+           save: bool, resume: dict) -> None:
+    """Report on every rank (Ray Train expects it); with `save`, every rank writes its shards first and rank 0 the
+    run's resume state (RESUME_FILE), which the controller reads from the last registered checkpoint."""
     reported = {k: v for k, v in metrics.items() if v is not None} | {"step": step}
     if not save:
         ray.train.report(reported)
@@ -182,10 +257,12 @@ def report(metrics: dict, step: int, student_engine, critic_engine, ema: EMA | N
     with tempfile.TemporaryDirectory() as d:
         student_engine.save_checkpoint(str(Path(d) / "student"), tag="state")
         critic_engine.save_checkpoint(str(Path(d) / "critic"), tag="state")
-        feed_position = ray.get(feed.position.remote())
         whole_ema = save_ema(ema, Path(d), rank)
         if rank == 0:
-            torch.save({"step": step, "ema": whole_ema, "feed_position": feed_position}, Path(d) / STATE_FILE)
+            torch.save({"step": step, "ema": whole_ema}, Path(d) / STATE_FILE)
+            feed, buffer = call(resume["feed"].state_dict.remote(), "the prompt feed"), call(
+                resume["buffer"].state_dict.remote(), "the rollout buffer")
+            (Path(d) / RESUME_FILE).write_text(json.dumps(
+                {"step": step, "ranks": world_size(), "zero_stage": cfg.trainer.zero_stage, "feed": feed,
+                 "buffer": buffer, "replaced": resume["replaced"]}) + "\n")
         ray.train.report(reported, checkpoint=Checkpoint.from_directory(d))
-    if rank == 0:
-        write_progress(cfg, "dmd", step, feed_position=feed_position)

@@ -27,9 +27,11 @@ from sfpp_ray.config import Config, from_dict
 from sfpp_ray.tracking import Tracker
 
 STATE_FILE = "trainer_state.pt"
+RESUME_FILE = "resume.json"  # in a DMD checkpoint: its step, trainer layout, prompt feed and buffer state
 EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a rank's part of the moving average (EMA.split)
-# In the run dir, per resumable stage: the controller's view of the stage's last checkpoint
-PROGRESS_FILES = {"dmd": "trainer_progress.json", "pretrain_teacher": "teacher_progress.json"}
+# In the run dir, per resumable stage: the controller's view of the stage's last checkpoint. DMD has none: its
+# controller reads the last checkpoint Ray Train registered (RESUME_FILE in it), the one a rerun restores.
+PROGRESS_FILES = {"pretrain_teacher": "teacher_progress.json"}
 STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
 
 

@@ -45,22 +45,65 @@ def load_prompts(path: str | Path | None, max_chars: int) -> tuple[list[str], di
 
 @ray.remote(num_cpus=0)
 class PromptFeed:
-    """Hands out (index, prompt) in file order, cycling; its position is the resume point."""
+    """Hands out (index, prompt) in file order, cycling; its position is the resume point.
+
+    A rollout worker takes prompts under its index and marks them done once their samples reached the
+    buffer; a restarted worker's prompts still in flight are lost samples, handed out again first.
+    """
 
     def __init__(self, prompts: list[str], position: int = 0):
         if not prompts:
             raise ValueError("PromptFeed needs at least one prompt")
         self.prompts = prompts
         self._position = position
+        self._in_flight: dict[int, list[int]] = {}  # worker -> indices taken, not yet done
+        self._again: list[int] = []  # indices of lost samples, served before new ones
+        self._restarts = 0
+        self._lost = 0
 
-    def next(self) -> tuple[int, str]:
-        index = self._position % len(self.prompts)
-        self._position += 1
+    def next(self, worker: int | None = None) -> tuple[int, str]:
+        index = self._again.pop(0) if self._again else self._fresh()
+        if worker is not None:
+            self._in_flight.setdefault(worker, []).append(index)
         return index, self.prompts[index]
 
+    def _fresh(self) -> int:
+        index = self._position % len(self.prompts)
+        self._position += 1
+        return index
+
+    def done(self, worker: int, indices: list[int]) -> None:
+        """The worker's samples of these prompts reached the buffer (or were refused by it)."""
+        pending = self._in_flight.get(worker, [])
+        for index in indices:
+            pending.remove(index)
+
+    def restarted(self, worker: int) -> int:
+        """The worker's process died and was replaced: its prompts in flight are lost; returns how many."""
+        lost = self._in_flight.pop(worker, [])
+        self._again.extend(lost)
+        self._restarts += 1
+        self._lost += len(lost)
+        return len(lost)
+
+    def stats(self) -> dict[str, int]:
+        return {"position": self._position, "worker_restarts": self._restarts, "lost_in_flight": self._lost}
+
     def position(self) -> int:
-        """Prompts handed out so far (across cycles)."""
+        """Prompts handed out so far (across cycles), not counting those handed out again."""
         return self._position
+
+    def state_dict(self) -> dict[str, int | list[int]]:
+        """The resume point: what was handed out, what is to be handed out again, and the counts so far. Prompts in
+        flight at a checkpoint are handed out again on resume (their samples never reached the checkpoint)."""
+        again = self._again + [i for indices in self._in_flight.values() for i in indices]
+        return {"position": self._position, "again": again, "worker_restarts": self._restarts,
+                "lost_in_flight": self._lost}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seek(int(state["position"]))
+        self._again = [int(i) for i in state["again"]]
+        self._restarts, self._lost = int(state["worker_restarts"]), int(state["lost_in_flight"])
 
     def seek(self, position: int) -> None:
         if position < 0:

@@ -4,10 +4,15 @@ Each worker owns a full copy of the student and runs the same gradient-free roll
 rollout that `generate` runs, to `rollout.num_frames` latent frames, far past the teacher's
 horizon. Between rollouts it pulls the newest weights from the broker, so every sample is
 tagged with the policy version that made it and a sync never lands in the middle of a rollout.
+
+Workers are restartable actors (rollout.max_restarts): Ray replaces a dead one's process and runs `run`
+again on it. The new process tells the feed, which hands the prompts the old one had in flight out again
+and counts them lost, and the buffer, which drops the old process's samples (their objects died with it).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -46,6 +51,8 @@ class RolloutWorker:
         self.samples = 0
         self.frames = 0
         self.rollout_seconds = 0.0
+        self.epoch = 0  # the broker's epoch of the weights applied
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
     def run(self, buffer, feed, broker, max_samples: int | None = None, min_version: int = 0) -> dict:
         """Roll out rollout.batch_size prompts at once until `stop()` (or `max_samples`); returns `stats()`.
@@ -55,15 +62,19 @@ class RolloutWorker:
         A full buffer blocks `offer`; closing the buffer releases it, which is how shutdown
         reaches a worker that is waiting for room.
         """
+        if self.restarted:
+            self.restarted = False
+            lost = ray.get(feed.restarted.remote(self.index)) + ray.get(buffer.purge_worker.remote(self.index))
+            print(f"rollout worker {self.index}: restarted, {lost} samples lost")
         if self.version < min_version:
-            handle = ray.get(broker.latest.remote(min_version - 1, wait=True))
+            handle = ray.get(broker.latest.remote(min_version - 1, wait=True, epoch=self.epoch))
             if handle is None:  # the broker closed: training ended before it published
                 return self.stats()
             self._apply(handle)
         n_frames, batch = self.cfg.rollout.num_frames, self.cfg.rollout.batch_size
         while not self._stop.is_set() and (max_samples is None or self.samples < max_samples):
             self.pull_weights(broker)
-            indexed = ray.get([feed.next.remote() for _ in range(batch)])
+            indexed = ray.get([feed.next.remote(self.index) for _ in range(batch)])
             with self._lock, torch.no_grad():
                 cond = self.text.encode([prompt for _, prompt in indexed])
                 cross = self.student.cross_attention_cache(cond)
@@ -81,18 +92,19 @@ class RolloutWorker:
                 self.samples += 1
                 self.frames += n_frames
                 offer(buffer, sample, version, meta={"worker": self.index, "prompt_index": index})
+            ray.get(feed.done.remote(self.index, [index for index, _ in indexed]))
         return self.stats()
 
     def pull_weights(self, broker) -> int:
         """Apply the broker's newest weights if they are newer than ours; returns our version."""
-        handle = ray.get(broker.latest.remote(self.version))
+        handle = ray.get(broker.latest.remote(self.version, epoch=self.epoch))
         if handle is not None:
             self._apply(handle)
         return self.version
 
     def _apply(self, handle) -> None:
         with self._lock:
-            self.version = self.sync.apply(self.student, handle)
+            self.version, self.epoch = self.sync.apply(self.student, handle), handle.epoch
             self.applied.append((self.version, state_checksum(self.student)))
 
     def stop(self) -> None:
@@ -111,10 +123,16 @@ class RolloutWorker:
     def policy_version(self) -> int:
         return self.version
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def create_rollout_worker(cfg, index: int, name: str | None = None, checkpoint: str | None = None):
     """Start one worker with the resources the config asks for; two threads so that `stop` and
-    `stats` answer while `run` loops."""
+    `stats` answer while `run` loops. Up to rollout.max_restarts times a dead process is replaced and the
+    call it was in (`run`) made again on the new one."""
+    restarts = cfg.rollout.max_restarts
     actor = ray.remote(RolloutWorker).options(
-        num_gpus=cfg.rollout.gpus_per_worker, num_cpus=cfg.rollout.cpus_per_worker, max_concurrency=2, name=name)
+        num_gpus=cfg.rollout.gpus_per_worker, num_cpus=cfg.rollout.cpus_per_worker, max_concurrency=2, name=name,
+        max_restarts=restarts, max_task_retries=-1 if restarts else 0)
     return actor.remote(cfg.to_dict(), index, checkpoint)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import warnings
 from abc import ABC, abstractmethod
@@ -33,6 +34,7 @@ class WeightsHandle:
     bucket_refs: list[ray.ObjectRef]
     checksum: str  # sha256 over names, shapes, dtypes and bytes as sent; "" when not verified
     nbytes: int
+    epoch: int = 0  # the broker's count of trainer restarts (rewinds) when it was published
 
 
 class WeightSync(ABC):
@@ -75,6 +77,7 @@ class ObjectStoreWeightSync(WeightSync):
         self.verify = verify
         self.published_version: int | None = None
         self.applied_version: int | None = None
+        self.applied_epoch = 0
 
     def publish(self, params: nn.Module | NamedParams, version: int) -> WeightsHandle | None:
         if self.published_version is not None and version <= self.published_version:
@@ -103,8 +106,10 @@ class ObjectStoreWeightSync(WeightSync):
         return WeightsHandle(version, refs, digest.hexdigest() if self.verify else "", nbytes)
 
     def apply(self, model: nn.Module, handle: WeightsHandle) -> int:
-        """Copy the published weights into `model`'s parameters in place; returns the version."""
-        if self.applied_version is not None and handle.version < self.applied_version:
+        """Copy the published weights into `model`'s parameters in place; returns the version. An older version
+        is refused unless a restarted trainer published it (a later epoch)."""
+        if (self.applied_version is not None and handle.version < self.applied_version
+                and handle.epoch <= self.applied_epoch):
             raise ValueError(f"weights version {handle.version} is older than the applied {self.applied_version}")
         targets = dict(model.named_parameters())
         missing = set(targets)
@@ -129,7 +134,7 @@ class ObjectStoreWeightSync(WeightSync):
         if handle.checksum and digest.hexdigest() != handle.checksum:
             raise RuntimeError(f"weights version {handle.version} failed its checksum: the model now "
                                "holds corrupt weights; apply a good handle before generating")
-        self.applied_version = handle.version
+        self.applied_version, self.applied_epoch = handle.version, handle.epoch
         return handle.version
 
 
@@ -196,6 +201,8 @@ class WeightBroker:
     and the trainer never waits for workers. Only the newest handle is kept: dropping the older
     one lets its buckets be freed. `history` records (version, checksum) of every publish.
     An asyncio actor, so a worker that must not roll out stale weights can wait for a version.
+    A trainer restarted from a checkpoint publishes its (older) weights with `rewind`: a new epoch, which every
+    worker applies whatever version it holds.
     """
 
     def __init__(self):
@@ -203,22 +210,25 @@ class WeightBroker:
         self._history: list[tuple[int, str]] = []
         self._published = asyncio.Condition()
         self._closed = False
+        self._epoch = 0
 
-    async def publish(self, handle: list[WeightsHandle]) -> None:
+    async def publish(self, handle: list[WeightsHandle], rewind: bool = False) -> None:
         """`handle` is a one-element list so the handle's bucket references pass through unresolved."""
         (new,) = handle
-        if self._handle is not None and new.version <= self._handle.version:
+        if self._handle is not None and new.version <= self._handle.version and not rewind:
             raise ValueError(f"published version {new.version} is not newer than {self._handle.version}")
         async with self._published:
+            self._epoch += rewind
+            new = dataclasses.replace(new, epoch=self._epoch)
             self._handle = new
             self._history.append((new.version, new.checksum))
             self._published.notify_all()
 
-    async def latest(self, after_version: int, wait: bool = False) -> WeightsHandle | None:
-        """The newest handle if it is newer than `after_version`; else None, or with `wait` the
-        first one published that is (None if the broker is closed meanwhile)."""
+    async def latest(self, after_version: int, wait: bool = False, epoch: int = 0) -> WeightsHandle | None:
+        """The newest handle if it is newer than `after_version` or of another epoch than `epoch`; else None, or
+        with `wait` the first one published that is (None if the broker is closed meanwhile)."""
         def newer() -> bool:
-            return self._handle is not None and self._handle.version > after_version
+            return self._handle is not None and (self._handle.version > after_version or self._handle.epoch != epoch)
 
         if wait:
             async with self._published:

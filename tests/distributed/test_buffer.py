@@ -24,7 +24,7 @@ def pinned_bytes() -> int:
 
 
 def balanced(m: dict) -> bool:
-    return m["puts"] == m["retired"] + m["dropped_stale"] + m["dropped_closed"] + m["fill"]
+    return m["puts"] == m["retired"] + sum(m[k] for k in m if k.startswith("dropped_")) + m["fill"]
 
 
 @ray.remote(num_cpus=0)
@@ -125,3 +125,94 @@ def test_rejects_what_can_never_fit(ray_cluster):
         ray.get(buffer.put.remote([ray.put(0)], 0, [2 * SAMPLE_BYTES]))
     with pytest.raises(ValueError, match="policy version went back"):
         ray.get(buffer.set_policy_version.remote(-1))
+
+
+def test_read_ahead_is_bounded_until_the_trainer_acknowledges_rows(ray_cluster):
+    rng = np.random.default_rng()
+    cap = int(rng.integers(2, 6))
+    buffer = create_buffer(BufferConfig(max_items=cap, max_bytes=1 << 30, max_staleness=3, max_reuse=1))
+    producer = produce.remote(buffer, 3 * cap, seed=int(rng.integers(1000)))
+    drawn = [ray.get(buffer.get.remote(1, ahead=True)) for _ in range(cap)]
+    assert all(len(d) == 1 for d in drawn)
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []  # samples wait, but the pipeline is full
+    assert len(ray.get(buffer.get.remote(1, timeout=0.2))) == 1  # a row the trainer makes itself is not read-ahead
+    ray.get(buffer.consumed.remote(2, 1))
+    assert len(ray.get(buffer.get.remote(2, ahead=True))) == 2
+    m = ray.get(buffer.metrics.remote())
+    assert m["read_ahead"] == m["read_ahead_max"] == cap and m["served_ahead"] == cap + 2
+    assert m["consumed"] == 2 and m["discarded_stale"] == 1
+    ray.get(buffer.reset_read_ahead.remote())
+    assert ray.get(buffer.metrics.remote())["read_ahead"] == 0
+    ray.get(buffer.close.remote())
+    ray.get(producer)
+
+
+def test_rewind_and_a_dead_workers_samples_are_dropped(ray_cluster):
+    rng = np.random.default_rng()
+    buffer = create_buffer(BufferConfig(max_items=16, max_bytes=1 << 30, max_staleness=4, max_reuse=1))
+    versions = rng.integers(1, 6, size=10)  # none stale at version 5 (max_staleness 4)
+    workers = rng.integers(0, 2, size=10)
+    for v, w in zip(versions, workers):
+        assert offer(buffer, make_sample(rng), int(v), meta={"worker": int(w)})
+    ray.get(buffer.set_policy_version.remote(5))
+    with pytest.raises(ValueError, match="went back"):
+        ray.get(buffer.set_policy_version.remote(2))
+    # A trainer restarted from its checkpoint at version 2: samples of versions 3.. came from discarded weights.
+    assert ray.get(buffer.set_policy_version.remote(2, rewind=True)) == int((versions > 2).sum())
+    assert ray.get(buffer.purge_worker.remote(0)) == int(((versions <= 2) & (workers == 0)).sum())
+    m = ray.get(buffer.metrics.remote())
+    assert m["fill"] == int(((versions <= 2) & (workers == 1)).sum()) and m["policy_version"] == 2 and balanced(m)
+
+
+def test_the_read_ahead_bound_must_hold_two_steps_of_rows():
+    from pathlib import Path
+
+    from sfpp_ray.config import ConfigError, load_config
+
+    tiny = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+    ok = load_config(tiny, ["trainer.num_workers=2", "trainer.batch_size=2", "buffer.max_items=8"])
+    assert ok.buffer.max_items == 8
+    with pytest.raises(ConfigError, match=r"buffer.max_items.*= 8\), got 7"):
+        load_config(tiny, ["trainer.num_workers=2", "trainer.batch_size=2", "buffer.max_items=7"])
+
+
+def test_the_pipeline_takes_samples_that_outlast_their_wait(ray_cluster):
+    """A row drawn ahead waits a version for each row drawn before it (one row a version here): it gets a sample
+    that will still be within max_staleness then; a buffer full of older ones makes room for a newer one."""
+    rng = np.random.default_rng()
+    cap = int(rng.integers(4, 7))
+    buffer = create_buffer(BufferConfig(max_items=cap, max_bytes=1 << 30, max_staleness=2, max_reuse=1),
+                           rows_per_version=1)
+    ray.get(buffer.set_policy_version.remote(5))
+    for version in [3] * (cap - 2) + [4]:
+        assert offer(buffer, make_sample(rng), version)
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 3  # trained next: 2 versions old will do
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 4  # a version later: skips the older
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []  # two later: only version 5 would do
+    assert offer(buffer, make_sample(rng), 5)
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 5
+    while ray.get(buffer.metrics.remote())["fill"] < cap:
+        assert offer(buffer, make_sample(rng), 3)
+    ray.get(buffer.consumed.remote(1))
+    # Full of samples that would go stale: the oldest makes room for a rollout of the newest weights.
+    assert ray.get(buffer.get.remote(1, timeout=0.2, ahead=True)) == []
+    m = ray.get(buffer.metrics.remote())
+    assert m["dropped_aged"] == 1 and m["fill"] == cap - 1 and balanced(m)
+    assert offer(buffer, make_sample(rng), 5)
+    assert ray.get(buffer.get.remote(1, ahead=True))[0].policy_version == 5
+    assert ray.get(buffer.get.remote(1))[0].policy_version == 3  # the trainer's own draws stay oldest first
+
+
+def test_samples_of_a_dead_worker_are_counted_lost_once(ray_cluster):
+    """A sample reported lost by a consumer is not counted again when its worker's samples are purged, nor served
+    again from the reuse queue."""
+    rng = np.random.default_rng()
+    buffer = create_buffer(BufferConfig(max_items=8, max_bytes=1 << 30, max_staleness=2, max_reuse=2))
+    count = int(rng.integers(2, 6))
+    for _ in range(count):
+        assert offer(buffer, make_sample(rng), 0, meta={"worker": 0})
+    (served,) = ray.get(buffer.get.remote(1))  # served once, queued again for its second use
+    ray.get(buffer.lost.remote([served.ref]))  # its object turned out gone
+    assert ray.get(buffer.purge_worker.remote(0)) == count - 1
+    m = ray.get(buffer.metrics.remote())
+    assert m["dropped_lost"] == count and m["lost_served"] == 0 and m["fill"] == 0 and balanced(m)

@@ -1,7 +1,6 @@
 """The whole Self-Forcing++ system on a local Ray cluster: rollout workers, buffer, Ray Data,
 DeepSpeed trainers, weight sync, checkpoint/resume and MLflow, at toy size on CPU."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from mlflow import MlflowClient
 
 from sfpp_ray import components
 from sfpp_ray.config import load_config
+from sfpp_ray.distributed.controller import _registered_resume_state
 from sfpp_ray.distributed.engine import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 
@@ -76,8 +76,8 @@ def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs, saved_aver
     # Version 2 is republished on resume from the checkpoint: the very weights the first run ended with
     # (it saved their moving average as the student, and the resumed run averages on from there).
     assert dict(second["published"])[2] == dict(first["published"])[2] != first["student_checksum"]
-    progress = json.loads((Path(second["student"]).parent / "trainer_progress.json").read_text())
-    assert progress["step"] == 3 and progress["ranks"] == 2 and progress["zero_stage"] == 2
+    saved = _registered_resume_state(Path(second["checkpoints"]))  # what a rerun would go on from
+    assert saved["step"] == 3 and saved["ranks"] == 2 and saved["zero_stage"] == 2
 
 
 def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
@@ -152,3 +152,23 @@ def test_prompt_feed_cycles_and_resumes(ray_cluster):
     assert ray.get(feed.position.remote()) == 3
     ray.get(feed.seek.remote(1))
     assert ray.get(feed.next.remote()) == (1, "b")
+
+
+def test_prompt_feed_hands_a_restarted_workers_prompts_out_again(ray_cluster):
+    import ray
+
+    from sfpp_ray.distributed.prompts import PromptFeed
+
+    prompts = [f"p{i}" for i in range(5)]
+    feed = PromptFeed.remote(prompts)
+    taken = [ray.get(feed.next.remote(w)) for w in (0, 1, 0, 1)]
+    ray.get(feed.done.remote(0, [taken[0][0]]))  # worker 0's first sample reached the buffer, its second did not
+    assert ray.get(feed.restarted.remote(0)) == 1
+    state = ray.get(feed.state_dict.remote())
+    assert state == {"position": 4, "again": [2, 1, 3], "worker_restarts": 1, "lost_in_flight": 1}
+    assert ray.get(feed.next.remote(1)) == (2, "p2")  # the lost prompt first, then new ones
+    assert ray.get(feed.next.remote(1)) == (4, "p4")
+    resumed = PromptFeed.remote(prompts)
+    ray.get(resumed.load_state_dict.remote(state))  # prompts in flight at a checkpoint come again on resume
+    assert [ray.get(resumed.next.remote())[0] for _ in range(4)] == [2, 1, 3, 4]
+    assert ray.get(resumed.stats.remote()) == {"position": 5, "worker_restarts": 1, "lost_in_flight": 1}

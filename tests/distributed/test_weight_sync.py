@@ -85,6 +85,26 @@ def test_apply_rejects_mismatches(ray_cluster):
         receiver_sync.apply(make_model(seed=5), dataclasses.replace(handle, version=2))
 
 
+def test_a_restarted_trainers_older_weights_reach_every_worker(ray_cluster):
+    """After a restart from a checkpoint the trainer publishes an older version as a new epoch: the broker takes it,
+    a worker holding a later version is handed it and applies it."""
+    from sfpp_ray.distributed.weight_sync import WeightBroker
+
+    broker, receiver = WeightBroker.remote(), Receiver.remote(seed=7)
+    later, checkpoint = make_model(seed=int(torch.randint(100, (1,)))), make_model(seed=6)
+    ray.get(broker.publish.remote([ObjectStoreWeightSync().publish(later, 5)]))
+    handle = ray.get(broker.latest.remote(0))
+    assert ray.get(receiver.apply.remote(handle))[0] == 5 and ray.get(broker.latest.remote(5)) is None
+    older = ObjectStoreWeightSync().publish(checkpoint, 3)
+    with pytest.raises(ValueError, match="not newer"):
+        ray.get(broker.publish.remote([older]))
+    ray.get(broker.publish.remote([older], rewind=True))
+    rewound = ray.get(broker.latest.remote(5, epoch=handle.epoch))  # older than the worker's, of a new epoch
+    assert (rewound.version, rewound.epoch) == (3, handle.epoch + 1)
+    assert ray.get(receiver.apply.remote(rewound))[:2] == (3, state_checksum(checkpoint))
+    assert ray.get(broker.latest.remote(3, epoch=rewound.epoch)) is None
+
+
 def zero3_loop(config: dict) -> None:
     """Two ZeRO-3 ranks take one optimizer step, then publish in buckets; rank 0 feeds the receiver."""
     import deepspeed
