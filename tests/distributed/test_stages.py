@@ -188,7 +188,8 @@ def test_a_run_asks_the_cluster_only_for_the_cpus_of_the_stages_it_runs(ray_clus
     naming the keys to lower."""
     from sfpp_ray.distributed.controller import cpus_needed, train
 
-    crowded = ["rollout.num_workers=4", "rollout.cpus_per_worker=1", "trainer.num_workers=2", "tracking.enabled=false",
+    crowded = ["rollout.num_workers=4", "rollout.cpus_per_worker=1", "trainer.num_workers=2",
+               "trainer.cpus_per_worker=1", "tracking.enabled=false",
                f"run.output_dir={tmp_path}", "run.name=cpus"]
     cfg = load_config(CONFIG, [*crowded, "run.stages=[pretrain_teacher,dmd]"])
     assert cpus_needed(cfg, ["pretrain_teacher", "ode"]) == 2 and cpus_needed(cfg, ["dmd"]) >= 7
