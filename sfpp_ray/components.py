@@ -49,8 +49,8 @@ def with_student_layout(cfg: Config, checkpoint: str | None) -> Config:
     if checkpoint is None:
         return cfg
     saved, home = saved_layout(checkpoint), Path(checkpoint)
-    home = home.parent if home.is_file() else home
-    text = (home / "text_encoder" / "config.json").is_file()
+    home = home.parent if home.is_file() and (home.parent / "config.json").is_file() else home  # a model dir's file
+    text = home.is_dir() and (home / "text_encoder" / "config.json").is_file()
     if not saved and not text:
         return cfg
     tree = cfg.to_dict()

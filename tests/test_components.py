@@ -82,6 +82,9 @@ def test_a_student_saved_with_its_run_s_text_encoder_generates_with_it_from_the_
     save_student(components.build_student(base), base, tmp_path / "student_base")  # a built-in encoder: nothing to carry
     assert not (tmp_path / "student_base" / "text_encoder").exists()
     assert components.with_student_layout(base, str(tmp_path / "student")).text.path == str(tmp_path / "student")
+    loose = tmp_path / "teacher" / "student.pt"  # a weights file beside an encoder, not in a model directory
+    torch.save(components.build_student(base).state_dict(), loose)
+    assert components.with_student_layout(base, str(loose)) is base
 
     seed = int(torch.randint(0, 2**31, ()))
 
