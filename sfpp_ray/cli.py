@@ -118,10 +118,11 @@ def cause(error: BaseException, kind: type[BaseException]) -> BaseException | No
 
 def _run(args: argparse.Namespace, cfg) -> int:
     if args.command == "generate":
-        from sfpp_ray.generate import generate
+        from sfpp_ray.generate import generate, summary
 
         result = generate(cfg, args.prompt, args.seconds, args.out, checkpoint=args.checkpoint, seed=args.seed)
-        print(json.dumps(result))
+        print(json.dumps(result))  # stdout stays one JSON line for scripts; the summary is for the terminal
+        print(summary(result), file=sys.stderr)
         return 0
     if args.command == "train":
         from sfpp_ray.distributed.controller import train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -42,13 +43,20 @@ def layout(cfg: Config) -> CausalLayout:
 
 def with_student_layout(cfg: Config, checkpoint: str | None) -> Config:
     """A copy of cfg whose student blocks, window, sinks and position rule are the ones `checkpoint` was saved with,
-    where it saved them: inference streams as the student was trained. Training builds from its config instead
-    (a variant may train a student saved with another window)."""
-    saved = None if checkpoint is None else saved_layout(checkpoint)
-    if not saved:
+    where it saved them, and whose text encoder is the one saved beside it (a trained one the run used, see
+    engine.carry_text_encoder): inference streams as the student was trained from the directory alone. Training
+    builds from its config instead (a variant may train a student saved with another window)."""
+    if checkpoint is None:
+        return cfg
+    saved, home = saved_layout(checkpoint), Path(checkpoint)
+    home = home.parent if home.is_file() and (home.parent / "config.json").is_file() else home  # a model dir's file
+    text = home.is_dir() and (home / "text_encoder" / "config.json").is_file()
+    if not saved and not text:
         return cfg
     tree = cfg.to_dict()
-    tree["student"].update(saved)
+    tree["student"].update(saved or {})
+    if text:
+        tree["text"].update(kind="umt5", path=str(home))
     return from_dict(tree)
 
 

@@ -155,6 +155,7 @@ class DataConfig:
 class TrainerConfig:
     num_workers: int = 1
     gpus_per_worker: float = 0.0  # 0: CPU ranks; a fraction shares a GPU with rollout workers (Ray's fractional GPUs)
+    cpus_per_worker: float = 1.0  # logical CPUs a CPU rank holds (a GPU rank asks for none); a fraction shares a core
     zero_stage: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False  # re-run each block's forward in the backward: less activation memory
@@ -633,6 +634,7 @@ def validate(cfg: Config) -> None:
     positive("trainer.max_failures", cfg.trainer.max_failures, allow_zero=True)
     positive("trainer.num_workers", cfg.trainer.num_workers)
     positive("trainer.gpus_per_worker", cfg.trainer.gpus_per_worker, allow_zero=True)
+    positive("trainer.cpus_per_worker", cfg.trainer.cpus_per_worker)
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("trainer.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.trainer.zero_stage}")
     if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):

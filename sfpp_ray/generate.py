@@ -134,12 +134,13 @@ class VideoGenerator:
             decoder.close(abandon=True)
             raise
         decoder.close()
-        return {"latent_frames": num_latent_frames, "seconds": time.perf_counter() - t0}
+        return {"latent_frames": num_latent_frames, "elapsed_s": time.perf_counter() - t0}
 
 
 def generate(cfg: Config, prompt: str, seconds: float, out: str | Path, checkpoint: str | None = None,
              seed: int | None = None, progress: bool = True) -> dict:
-    """Generate `seconds` of video for `prompt` with the streaming student and write it to `out`."""
+    """Generate `seconds` of video for `prompt` with the streaming student and write it to `out`. Returns the
+    video's path, length (video_seconds, video_frames, latent_frames) and the time taken (elapsed_s)."""
     if not prompt.strip():
         raise ValueError("--prompt is empty")
     if seconds <= 0:
@@ -153,5 +154,12 @@ def generate(cfg: Config, prompt: str, seconds: float, out: str | Path, checkpoi
     except BaseException:
         Path(out).unlink(missing_ok=True)  # no half-written video left to pass for a result
         raise
-    return {"path": str(out), "latent_frames": nf, "video_frames": writer.frames, "seconds": stats["seconds"],
-            "fps": writer.frames / stats["seconds"]}
+    elapsed = stats["elapsed_s"]
+    return {"path": str(out), "video_seconds": writer.frames / cfg.video.fps, "video_frames": writer.frames,
+            "latent_frames": nf, "elapsed_s": elapsed, "frames_per_s": writer.frames / elapsed}
+
+
+def summary(result: dict) -> str:
+    """One line naming what `generate` wrote: the video's path and length, and the time it took."""
+    return (f"wrote {result['path']}: {result['video_seconds']:g} s of video, {result['video_frames']} frames "
+            f"({result['latent_frames']} latent), in {result['elapsed_s']:.1f} s")

@@ -63,3 +63,36 @@ def test_with_student_layout_restores_the_layout_the_student_was_saved_with(tmp_
     # training builds from its config: a variant may train a student saved with another window
     student = components.build_student(cfg, checkpoint=str(tmp_path / "student"))
     assert student.layout == components.layout(cfg) != components.layout(restored)
+
+
+def test_a_student_saved_with_its_run_s_text_encoder_generates_with_it_from_the_base_config(tmp_path):
+    """The stages train with a text encoder loaded from text.path (the one trained with the teacher); the saved
+    student carries it, and streaming from the directory with the base config conditions on it: the same frames
+    as the training config streams, other frames than the base config's own tiny encoder."""
+    from sfpp_ray.distributed.engine import save_student
+    from sfpp_ray.evaluation.evaluate import FrameList
+    from sfpp_ray.generate import VideoGenerator
+    from sfpp_ray.models.text_encoder import TextEncoder
+
+    base = load_config(TINY, [f"run.output_dir={tmp_path}"])
+    TextEncoder.tiny(base.model.text_dim, base.text.max_length, seed=int(torch.randint(1, 2**31, ()))).save_pretrained(
+        tmp_path / "teacher")
+    trained = load_config(TINY, [f"run.output_dir={tmp_path}", "text.kind=umt5", f"text.path={tmp_path / 'teacher'}"])
+    save_student(components.build_student(trained), trained, tmp_path / "student")
+    save_student(components.build_student(base), base, tmp_path / "student_base")  # a built-in encoder: nothing to carry
+    assert not (tmp_path / "student_base" / "text_encoder").exists()
+    assert components.with_student_layout(base, str(tmp_path / "student")).text.path == str(tmp_path / "student")
+    loose = tmp_path / "teacher" / "student.pt"  # a weights file beside an encoder, not in a model directory
+    torch.save(components.build_student(base).state_dict(), loose)
+    assert components.with_student_layout(base, str(loose)) is base
+
+    seed = int(torch.randint(0, 2**31, ()))
+
+    def stream(cfg, checkpoint):
+        frames = FrameList()
+        VideoGenerator(cfg, checkpoint).stream("two red squares", 6, frames, seed=seed)
+        return frames.video()
+
+    from_directory = stream(base, str(tmp_path / "student"))
+    assert (from_directory == stream(trained, str(tmp_path / "student_base"))).all()
+    assert (from_directory != stream(base, str(tmp_path / "student_base"))).any()

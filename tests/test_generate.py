@@ -27,10 +27,15 @@ def test_generate_cli_writes_a_playable_mp4_20x_the_teacher_horizon(tmp_path, ca
     out = tmp_path / "video.mp4"
     assert main(["generate", "--config", str(TINY), "--prompt", "two red squares bouncing",
                  "--seconds", str(20 * horizon_s), "--out", str(out)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)  # stdout: one JSON line
     frames = read_video(out)
     assert frames.shape == (20 * cfg.video.teacher_frames, cfg.video.height, cfg.video.width, 3)
-    assert result["video_frames"] == frames.shape[0]
+    assert result["video_frames"] == frames.shape[0] and result["path"] == str(out)
+    assert result["video_seconds"] == pytest.approx(20 * horizon_s) and result["elapsed_s"] > 0
+    assert "seconds" not in result  # the time taken is elapsed_s, never beside --seconds under its name
+    assert printed.err.strip().splitlines()[-1] == (f"wrote {out}: {20 * horizon_s:g} s of video, {frames.shape[0]} "
+                                                   f"frames ({frames.shape[0]} latent), in {result['elapsed_s']:.1f} s")
 
 
 def test_generate_is_deterministic_by_seed_and_prompt(tmp_path):

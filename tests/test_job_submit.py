@@ -1,4 +1,4 @@
-"""`ray job submit` to a local `ray start --head` cluster runs the tiny config to completion."""
+"""`ray job submit` to a local `ray start --head --num-cpus=2` cluster (a laptop's) runs the tiny config to completion."""
 
 import os
 import socket
@@ -42,7 +42,7 @@ def head_node():
              f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
              f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
     subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}", *ports,
-                    "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                    "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
@@ -50,7 +50,18 @@ def head_node():
         _stop_cluster(temp_dir)
 
 
-def test_ray_job_submit_runs_the_tiny_config(head_node, tmp_path):
+def test_the_tiny_config_fits_two_cpus_and_its_actors_ask_for_the_fractions_it_names():
+    from sfpp_ray.config import load_config
+    from sfpp_ray.distributed.controller import _scaling, cpus_needed
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    assert cpus_needed(cfg, cfg.run.stages) == 2  # 0.5 trainer + 2 x 0.25 rollout + 1 Ray Data
+    assert _scaling(cfg).num_cpus_per_worker == cfg.trainer.cpus_per_worker == 0.5
+    wider = load_config(ROOT / "configs" / "tiny.yaml", ["trainer.num_workers=3", "trainer.cpus_per_worker=1.5"])
+    assert cpus_needed(wider, ["ode"]) == 4.5 and cpus_needed(wider, ["dmd"]) == 6
+
+
+def test_ray_job_submit_runs_the_tiny_config_on_a_two_cpu_cluster(head_node, tmp_path):
     address, env = head_node
     out = tmp_path / "runs"
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
@@ -59,7 +70,7 @@ def test_ray_job_submit_runs_the_tiny_config(head_node, tmp_path):
     submit = (
         [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", str(tmp_path / "runtime_env.yaml"),
          "--", sys.executable, "-m", "sfpp_ray", "train", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-         "run.stages=[dmd]", "rollout.num_workers=1", "rollout.num_frames=12", "dmd.steps=2", "dmd.update_ratio=1"])
+         "run.stages=[dmd]", "rollout.num_frames=12", "dmd.steps=2", "dmd.update_ratio=1"])
     for _ in range(60):  # the head's job agent comes up some seconds after `ray start` returns
         job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         log = job.stdout + job.stderr

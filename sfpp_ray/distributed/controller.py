@@ -258,10 +258,11 @@ def _wait_all(refs: list, what: str, timeout: float = 60.0) -> list | None:
 
 
 def _scaling(cfg: Config) -> ScalingConfig:
-    """trainer.num_workers ranks, each holding trainer.gpus_per_worker of a GPU (a fraction shares it)."""
+    """trainer.num_workers ranks, each holding trainer.gpus_per_worker of a GPU (a fraction shares it), or on CPUs
+    trainer.cpus_per_worker logical CPUs."""
     t = cfg.trainer
     if t.gpus_per_worker == 0:
-        return ScalingConfig(num_workers=t.num_workers, use_gpu=False)
+        return ScalingConfig(num_workers=t.num_workers, use_gpu=False, resources_per_worker={"CPU": t.cpus_per_worker})
     return ScalingConfig(num_workers=t.num_workers, use_gpu=True, resources_per_worker={"GPU": t.gpus_per_worker})
 
 
@@ -374,10 +375,10 @@ def _data_cpus(cfg: Config) -> int:
 
 
 def cpus_needed(cfg: Config, stages: list[str]) -> float:
-    """Logical CPUs the stages to run hold at once: one per trainer worker, and during DMD the rollout
-    workers and Ray Data besides."""
+    """Logical CPUs the stages to run hold at once: trainer.cpus_per_worker per trainer worker, and during DMD the
+    rollout workers and Ray Data besides."""
     during_dmd = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + _data_cpus(cfg) if "dmd" in stages else 0
-    return cfg.trainer.num_workers + during_dmd
+    return cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + during_dmd
 
 
 def _start_ray(cpus_needed: float) -> None:
@@ -399,6 +400,7 @@ def _start_ray(cpus_needed: float) -> None:
             ray.init(address=address)
     available = ray.cluster_resources().get("CPU", 0)
     if available < cpus_needed:
-        raise RuntimeError(f"the run needs {cpus_needed:g} CPUs (trainer.num_workers, and for the dmd stage "
-                           f"rollout.num_workers x rollout.cpus_per_worker and the data transforms) but the cluster "
-                           f"has {available:g}; lower rollout.cpus_per_worker or the worker counts, or add nodes")
+        raise RuntimeError(f"the run needs {cpus_needed:g} CPUs (trainer.num_workers x trainer.cpus_per_worker, and "
+                           f"for the dmd stage rollout.num_workers x rollout.cpus_per_worker and the data transforms) "
+                           f"but the cluster has {available:g}; lower the cpus_per_worker or the worker counts, or add "
+                           "nodes")

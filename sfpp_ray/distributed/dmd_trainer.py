@@ -39,8 +39,8 @@ from sfpp_ray.algorithm.self_forcing_pp import dmd_generator_step
 from sfpp_ray.config import Config, from_dict
 from sfpp_ray.distributed.data_pipeline import fresh_row
 from sfpp_ray.distributed.engine import (RESUME_FILE, STATE_FILE, BadSteps, deepspeed_config, engine_update,
-                                         frozen_teacher, full_params, global_rank, load_ema, save_ema, stage_dtype,
-                                         world_size, write_marker)
+                                         frozen_teacher, full_params, global_rank, load_ema, save_ema, save_student,
+                                         stage_dtype, world_size, write_marker)
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
@@ -164,7 +164,7 @@ def dmd_loop(config: dict) -> None:
             ema.copy_to(student_engine.module)  # training is over: the average is the saved student
         with full_params(student_engine.module, zero3, from_partitions=True):
             if rank == 0:
-                student_engine.module.save_pretrained(cfg.run_dir / "student")
+                save_student(student_engine.module, cfg, cfg.run_dir / "student")
                 write_marker(cfg.run_dir / "student", {"steps": total, "ema": ema is not None, "step_ends": step_ends,
                                                         "data_waits": waits})
     except BaseException:

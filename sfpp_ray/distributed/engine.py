@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import deepspeed
@@ -275,12 +277,43 @@ def step_done(tracker: Tracker | None, metrics: dict[str, float], step: int, dev
     return metrics
 
 
-def finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: int) -> None:
-    """Rank 0 writes the model to run_dir/name and then its marker (ZeRO-3 gathers on every rank);
-    every rank reports the last step's metrics."""
+def carry_text_encoder(cfg: Config, directory: Path) -> None:
+    """Into a saved student: the text encoder and tokenizer the run conditioned it with where that is one loaded from
+    text.path (the encoder trained with the teacher, which the stages switch to), laid out as `with_teacher` reads
+    them, so `generate --checkpoint` from the directory alone embeds prompts as training did. Files are hard-linked
+    where the file system allows (a real umT5 weighs gigabytes), else copied."""
+    if cfg.text.kind != "umt5" or cfg.text.path is None or Path(cfg.text.path).resolve() == directory.resolve():
+        return
+    source = Path(cfg.text.path)
+    encoder = source / "text_encoder" if (source / "text_encoder").is_dir() else source
+    tokenizer = source / "tokenizer" if (source / "tokenizer").is_dir() else source
+    for src, name in ((encoder, "text_encoder"), (tokenizer, "tokenizer")):
+        shutil.rmtree(directory / name, ignore_errors=True)
+        shutil.copytree(src, directory / name, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def save_student(module: torch.nn.Module, cfg: Config, directory: Path) -> None:
+    """A student's weights, causal layout and text encoder: what generating from the directory needs."""
+    module.save_pretrained(directory)
+    carry_text_encoder(cfg, directory)
+
+
+def finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: int, student: bool = True) -> None:
+    """Rank 0 writes the model to run_dir/name (a student with its text encoder, `save_student`) and then its
+    marker (ZeRO-3 gathers on every rank); every rank reports the last step's metrics."""
     with full_params(engine.module, cfg.trainer.zero_stage == 3, from_partitions=True):  # the EMA may be in them
         if global_rank() == 0:
-            engine.module.save_pretrained(cfg.run_dir / name)
+            if student:
+                save_student(engine.module, cfg, cfg.run_dir / name)
+            else:
+                engine.module.save_pretrained(cfg.run_dir / name)
             write_marker(cfg.run_dir / name, record)
     ray.train.report(metrics | {"step": step})
 

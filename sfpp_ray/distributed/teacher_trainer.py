@@ -168,7 +168,8 @@ def pretrain_teacher_loop(config: dict) -> None:
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # more than one: the trace broke somewhere
     finish(engine, cfg, "teacher", {"steps": step, "planned_steps": tp.steps, "losses": losses,
                                      "ema": tp.ema_decay > 0, "extra_emas": tp.extra_ema_decays, "resumed_from": done,
-                                     "seconds": time.perf_counter() - t0, "compiled_graphs": graphs}, metrics, step)
+                                     "seconds": time.perf_counter() - t0, "compiled_graphs": graphs}, metrics, step,
+           student=False)  # its text encoder, trained with it, is saved inside it
 
 
 def _save_average(engine, ema: EMA | None, cfg: Config, directory: Path) -> None:

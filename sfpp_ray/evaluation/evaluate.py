@@ -83,6 +83,10 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     result = {"label": label, "checkpoint": checkpoint, "horizon_frames": horizon, "table": table, "rows": rows}
     if ev.long_stream:
         result["long_stream"] = long_stream(gen, cfg, scenes[0], ev.long_stream, out)
+    gifs = [out / f"example_{mult}x.gif" for mult in ev.horizons if mult <= GIF_MAX_HORIZON]
+    gifs += [out / f"long_{ev.long_stream}x_last.gif"] if ev.long_stream else []
+    result["outputs"] = {"metrics": str(out / "metrics.json"), "plot": str(out / "stability_over_time.png"),
+                         "gifs": [str(f) for f in gifs]}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     plot = _plot(curves, horizon, cfg.video.fps, out / "stability_over_time.png", label)
     print(format_table(table, label))
@@ -90,6 +94,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
         ls = result["long_stream"]
         print(f"{label}: {ls['horizon']}x stream of {ls['video_frames']} frames, last segment stability "
               f"{ls['stability_last']:.1f}{', COLLAPSED' if ls['collapsed'] else ''}")
+    print(f"{label}: wrote {out / 'metrics.json'}, {plot} and gifs {', '.join(f.name for f in gifs) or '(none)'} in {out}")
     if tracker is not None:
         for mult, metrics in table.items():
             tracker.log_metrics({f"eval/{label}/{k}_{mult}x": v for k, v in metrics.items()}, step=0)
@@ -97,7 +102,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
             last = result["long_stream"]
             tracker.log_metrics({f"eval/{label}/long_{ev.long_stream}x_{k}": float(last[k])
                                  for k in ("stability_last", "pixel_std", "change", "collapsed")}, step=0)
-        for f in (out / "metrics.json", plot, *sorted(out.glob("*.gif"))):
+        for f in (out / "metrics.json", plot, *gifs):
             tracker.log_artifact(f, f"eval/{label}")
     return result
 

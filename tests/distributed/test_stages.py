@@ -147,6 +147,30 @@ def test_rerun_skips_finished_stages(runs):
     assert state_checksum(components.build_student(cfg, checkpoint=second["student"])) == grpo_checksum
 
 
+def test_generate_from_a_student_directory_alone_makes_the_run_s_evaluation_video(runs, tmp_path):
+    """Every student carries the text encoder trained with the teacher: `generate --checkpoint` with the base
+    config (a built-in tiny encoder) streams the frames of the run's own evaluation video, for its prompt and
+    seed; the training config streams them from a copy without that encoder, the base config does not."""
+    from sfpp_ray.distributed.controller import _stage_config
+    from sfpp_ray.distributed.prompts import load_prompts
+    from sfpp_ray.generate import generate
+    from sfpp_ray.seeding import seed_for
+
+    cfg, first, _, _ = runs
+    for name in ("student_ode", "student", "student_grpo"):
+        assert (cfg.run_dir / name / "text_encoder" / "config.json").is_file(), name
+    prompt = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)[0][0]
+    seconds = 2 * cfg.video.teacher_frames / cfg.video.fps  # the evaluation video's length
+    made = lambda c, student, out: read_video(generate(c, prompt, seconds, tmp_path / out, checkpoint=str(student),
+                                                       seed=seed_for(cfg.run.seed, "evaluation_video"),
+                                                       progress=False)["path"])
+    evaluation = read_video(first["video"])
+    assert (made(cfg, first["student"], "student.mp4") == evaluation).all()
+    bare = shutil.copytree(first["student"], tmp_path / "bare", ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
+    assert (made(_stage_config(cfg, "grpo"), bare, "trained.mp4") == evaluation).all()
+    assert (made(cfg, bare, "bare.mp4") != evaluation).any()
+
+
 def test_teacher_learning_rate_warms_up_then_decays_to_a_tenth():
     from sfpp_ray.distributed.engine import lr_factor
 
@@ -164,7 +188,8 @@ def test_a_run_asks_the_cluster_only_for_the_cpus_of_the_stages_it_runs(ray_clus
     naming the keys to lower."""
     from sfpp_ray.distributed.controller import cpus_needed, train
 
-    crowded = ["rollout.num_workers=4", "rollout.cpus_per_worker=1", "trainer.num_workers=2", "tracking.enabled=false",
+    crowded = ["rollout.num_workers=4", "rollout.cpus_per_worker=1", "trainer.num_workers=2",
+               "trainer.cpus_per_worker=1", "tracking.enabled=false",
                f"run.output_dir={tmp_path}", "run.name=cpus"]
     cfg = load_config(CONFIG, [*crowded, "run.stages=[pretrain_teacher,dmd]"])
     assert cpus_needed(cfg, ["pretrain_teacher", "ode"]) == 2 and cpus_needed(cfg, ["dmd"]) >= 7

@@ -11,9 +11,19 @@ from sfpp_ray.evaluation.evaluate import evaluate
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
-def test_evaluate_writes_table_json_plot_and_examples(tmp_path):
+def test_evaluate_writes_table_json_plot_and_examples_and_says_where(tmp_path, capsys):
     cfg = load_config(TINY, ["evaluation.num_prompts=1", "evaluation.horizons=[1,3]", f"run.output_dir={tmp_path}"])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "example_7x.gif").write_bytes(b"")  # an earlier evaluation's: not this one's output
     result = evaluate(cfg, out_dir=tmp_path / "eval")
+    out = tmp_path / "eval"
+    gifs = [out / "example_1x.gif", out / "example_3x.gif"]
+    assert result["outputs"] == {"metrics": str(out / "metrics.json"), "plot": str(out / "stability_over_time.png"),
+                                 "gifs": [str(f) for f in gifs]}
+    assert all(f.stat().st_size > 0 for f in gifs)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"student: wrote {out / 'metrics.json'}, {out / 'stability_over_time.png'} and gifs example_1x.gif, "
+        f"example_3x.gif in {out}")
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(saved["table"]) == {"1", "3"} and saved["horizon_frames"] == 6
     long = [r for r in result["rows"] if r["horizon"] == 3][0]
