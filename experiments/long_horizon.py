@@ -470,15 +470,27 @@ def check_eval_settings(s: Setup) -> None:
                                    "remove that directory to score again")
 
 
-def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int]) -> dict:
+def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int], parallel: int = 1) -> dict:
     """Scores every trained variant and seed with the config it trained with (each cached under
-    eval/<variant>/seed<k>), then collects per variant and horizon the mean over seeds and their spread."""
+    eval/<variant>/seed<k>; up to `parallel` students at once, each in a process of its own), then collects per
+    variant and horizon the mean over seeds and their spread."""
     check_eval_settings(s)  # makes eval/
     ref_path = s.out / "eval" / "reference.json"
     if not ref_path.is_file():
         ref_path.write_text(json.dumps(reference_rows(s), indent=2))
     reference = json.loads(ref_path.read_text())
     print(format_reference(reference))
+    todo = [(name, seed) for name in variants for seed in seeds if finished(student_of(s.out, name, seed))
+            and not (s.out / "eval" / name / f"seed{seed}" / "metrics.json").is_file()]
+    if parallel > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(parallel, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for (name, seed), _ in zip(todo, pool.map(
+                    evaluate, *zip(*[(cmd.config_for(variant_run(s, n, k)), str(student_of(s.out, n, k)),
+                                          s.out / "eval" / n / f"seed{k}", f"{n} seed{k}") for n, k in todo]))):
+                print(f"[eval] {name} seed{seed} scored", flush=True)
     scores = {label: {None: rows} for label, rows in reference.items()}  # label -> seed -> horizon -> metrics
     commands: dict[str, dict[int, str]] = {}
     long_streams: dict[str, dict[int, dict]] = {}  # evaluation.long_stream: each student's one longest stream
@@ -491,8 +503,7 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int]) -> d
             path = s.out / "eval" / name / f"seed{seed}" / "metrics.json"
             overrides = variant_run(s, name, seed)
             if not path.is_file():
-                evaluate(cmd.config_for(overrides), checkpoint=str(student), out_dir=path.parent,
-                         label=f"{name} seed{seed}")
+                evaluate(cmd.config_for(overrides), str(student), path.parent, f"{name} seed{seed}")
             metrics = json.loads(path.read_text())
             scores.setdefault(name, {})[seed] = metrics["table"]
             if "long_stream" in metrics:
@@ -567,7 +578,7 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
     """Runs the requested stages in order, skipping finished ones, each variant once per training seed (default: the
     config's run.seed); returns the results when eval ran. `teacher`: a trained teacher directory (the shipped
     weights/world_teacher) in place of the teacher stage. `parallel` > 1: the variants' runs go up to that many at
-    once (train_variants_in_parallel), before eval."""
+    once (train_variants_in_parallel), before eval, which scores as many students at once."""
     cfg, given = cmd.config_for([]), given_keys(cmd.overrides)
     seeds = seeds or [cfg.run.seed]
     out = out if out.name else out.resolve()  # run.name is the directory's name
@@ -587,7 +598,7 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
             train_variants_in_parallel(s, cmd, jobs, parallel)
             jobs = []
         if stage == "eval":
-            result = run_eval(s, cmd, variants or default_variants(cfg), seeds)
+            result = run_eval(s, cmd, variants or default_variants(cfg), seeds, parallel)
             print(format_results(result))
             return result
         if stage in FIXED:
