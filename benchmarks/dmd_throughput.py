@@ -4,9 +4,10 @@ product:  `controller.train` with stages [dmd]: rollout workers, buffer, Ray Dat
           trainer and the rollout workers sharing one GPU by fractional requests (trainer.gpus_per_worker,
           rollout.gpus_per_worker). Steps/s from the trainer's own step clock past `--warmup` steps; how long each
           step waited for its batch; rollout frames/s from the workers.
-single:   one process on the same GPU doing the same work a step: rolling out trainer.batch_size prompts of
-          rollout.num_frames (what a step consumes at buffer.max_reuse 1), the data pipeline's window and
-          backward-noise transforms, then the same `critic_step` / `dmd_generator_step` with plain AdamW.
+single:   one process on the same GPU doing the same work a step: every buffer.max_reuse steps rolling out
+          trainer.batch_size prompts of rollout.num_frames (each rollout feeds max_reuse steps, as the buffer serves
+          it), the data pipeline's window and backward-noise transforms (a fresh window each step), then the same
+          `critic_step` / `dmd_generator_step` with plain AdamW.
 GPU busy: `nvidia-smi` sampled twice a second during each. Prints a table last; writes JSON.
 
     python benchmarks/dmd_throughput.py --config configs/world_gpu.yaml --steps 40 --warmup 10 --out dmd_throughput.json
@@ -98,12 +99,13 @@ def single(cfg, steps: int, warmup: int) -> dict:
     g, B, ends = generator(cfg.run.seed, "benchmark", device=device), t.batch_size, []
     with GpuBusy() as busy:
         for step in range(1, steps + 1):
-            cond = text.encode([prompts[(step * B + i) % len(prompts)] for i in range(B)])
-            noise = torch.randn(components.latent_shape(cfg, codec, cfg.rollout.num_frames, B), generator=g,
-                                device=device, dtype=dtype)
-            with torch.no_grad():
-                latents = extended_rollout(student, student.cross_attention_cache(cond), noise, schedule, timesteps,
-                                           cfg.schedule.context_noise, g)
+            if (step - 1) % cfg.buffer.max_reuse == 0:
+                cond = text.encode([prompts[(step * B + i) % len(prompts)] for i in range(B)])
+                noise = torch.randn(components.latent_shape(cfg, codec, cfg.rollout.num_frames, B), generator=g,
+                                    device=device, dtype=dtype)
+                with torch.no_grad():
+                    latents = extended_rollout(student, student.cross_attention_cache(cond), noise, schedule,
+                                               timesteps, cfg.schedule.context_noise, g)
             rows = {"id": np.arange(step * B, (step + 1) * B), "latents": latents.float().cpu().numpy(),
                     "text": cond.float().cpu().numpy(), "uncond": np.stack([uncond] * B)}
             rows = add_backward_noise(sample_windows(rows, cfg.to_dict(), cfg.run.seed), cfg.to_dict(), cfg.run.seed)

@@ -173,6 +173,9 @@ class TrainerConfig:
     ema_start_step: int = 200  # before it the average is a copy
     sync_every: int = 1
     checkpoint_every: int = 1  # DMD: a resumable checkpoint every this many steps; 0: only at the end
+    # DMD: the newest checkpoints kept (a resume needs only the last; older ones are deleted as new ones register,
+    # each holding student, critic, average and both optimizers); 0 keeps every one
+    keep_checkpoints: int = 3
     # a step whose loss or gradients are not finite is skipped (no update) and counted (train/bad_steps); this
     # many in a row stop the stage with an error naming it and the step
     max_bad_steps: int = 3
@@ -641,6 +644,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.betas", f"needs two values in [0, 1), got {cfg.trainer.betas}")
     positive("trainer.sync_every", cfg.trainer.sync_every)
     positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every, allow_zero=True)
+    positive("trainer.keep_checkpoints", cfg.trainer.keep_checkpoints, allow_zero=True)
     positive("trainer.batch_size", cfg.trainer.batch_size)
     positive("trainer.max_bad_steps", cfg.trainer.max_bad_steps)
     if not 0 <= cfg.trainer.ema_decay < 1:

@@ -38,7 +38,7 @@ from pathlib import Path
 import ray
 import torch
 from ray.data import ExecutionResources
-from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
@@ -203,7 +203,8 @@ def _train_dmd(cfg: Config, prompts: list[str], run_id: str | None, fault_hook=N
                            "fault_hook": fault_hook},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(cfg.run_dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints or None)),
         datasets={"train": dataset},
         dataset_config=_data_config(cfg),
     )
@@ -287,11 +288,14 @@ def _data_config(cfg: Config) -> DataConfig:
 
 
 def _evaluation_video(cfg: Config, prompt: str, student: str) -> Path:
-    """Twice the teacher's horizon in latent frames (the long-video regime), streamed and written as video."""
+    """Twice the teacher's horizon in latent frames (the long-video regime), streamed and written as video: mp4,
+    or gif where imageio's ffmpeg is not installed (a finished stage must not fail on its preview)."""
+    import importlib.util
+
     from sfpp_ray.generate import VideoGenerator
     from sfpp_ray.video_io import VideoWriter
 
-    out = cfg.run_dir / "videos" / "eval.mp4"
+    out = cfg.run_dir / "videos" / ("eval.mp4" if importlib.util.find_spec("imageio_ffmpeg") else "eval.gif")
     out.parent.mkdir(parents=True, exist_ok=True)
     with VideoWriter(out, cfg.video.fps) as writer:
         VideoGenerator(cfg, student).stream(prompt, 2 * cfg.video.teacher_frames, writer,

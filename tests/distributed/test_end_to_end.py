@@ -56,9 +56,10 @@ def run(cfg) -> dict:
 
 @pytest.fixture(scope="module")
 def zero2_runs(ray_cluster, tmp_path_factory):
-    """One run stopped after step 2, then the same run name resumed to step 3."""
+    """One run stopped after step 2, then the same run name resumed to step 3, keeping the 2 newest checkpoints."""
     out = tmp_path_factory.mktemp("e2e")
-    return run(tiny(out, "z2", steps=2)), run(tiny(out, "z2", steps=3))
+    return (run(tiny(out, "z2", 2, 2, "trainer.keep_checkpoints=2")),
+            run(tiny(out, "z2", 3, 2, "trainer.keep_checkpoints=2")))
 
 
 def test_zero2_trains_and_syncs_weights(zero2_runs, saved_average):
@@ -78,6 +79,9 @@ def test_resume_continues_at_next_step_in_same_mlflow_run(zero2_runs, saved_aver
     assert dict(second["published"])[2] == dict(first["published"])[2] != first["student_checksum"]
     saved = _registered_resume_state(Path(second["checkpoints"]))  # what a rerun would go on from
     assert saved["step"] == 3 and saved["ranks"] == 2 and saved["zero_stage"] == 2
+    # trainer.keep_checkpoints: step 1's checkpoint was deleted on disk, not only forgotten
+    kept = sorted(Path(second["checkpoints"]).glob("checkpoint_*/"))
+    assert sorted(torch.load(d / STATE_FILE, weights_only=False)["step"] for d in kept) == [2, 3]
 
 
 def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):

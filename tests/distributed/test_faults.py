@@ -83,7 +83,7 @@ def faulty_run(ray_cluster, tmp_path_factory):
     cfg = load_config(CONFIG, [
         "run.name=faults", f"run.output_dir={out}", "run.stages=[dmd]", "rollout.num_frames=12",
         "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "trainer.num_workers=1", "trainer.checkpoint_every=1",
-        "trainer.max_failures=1", "rollout.max_restarts=2", f"buffer.max_items={MAX_ITEMS}",
+        "trainer.keep_checkpoints=0", "trainer.max_failures=1", "rollout.max_restarts=2", f"buffer.max_items={MAX_ITEMS}",
         f"dmd.steps={STEPS}", "dmd.update_ratio=1", "tracking.experiment=sfpp-faults"])
     storage = cfg.run_dir / "ray_train" / cfg.run.name
     hook = functools.partial(inject, marks, storage)
