@@ -520,7 +520,46 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int], para
               "per_seed": {label: by_seed for label, by_seed in scores.items() if None not in by_seed},
               "long_stream": long_streams, "commands": commands, "stages": json.loads(seconds.read_text()) if seconds.is_file() else {}}
     (s.out / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    plot_over_time(s, [n for n in variants if n in scores], seeds)
     return result
+
+
+def plot_over_time(s: Setup, variants: list[str], seeds: list[int]) -> Path | None:
+    """out/stability_over_time.png: each variant's stability segment by segment over the longest evaluated
+    horizon, the mean over prompts and seeds, shaded between its lowest and highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name in variants:
+        per_seed = []
+        for seed in seeds:
+            path = s.out / "eval" / name / f"seed{seed}" / "metrics.json"
+            curves = json.loads(path.read_text()).get("stability_by_segment") if path.is_file() else None
+            if curves:  # scores of older runs lack it
+                n = min(len(c) for c in curves)
+                per_seed.append(np.mean([c[:n] for c in curves], axis=0))
+        if not per_seed:
+            continue
+        n = min(len(c) for c in per_seed)
+        curves = np.array([c[:n] for c in per_seed])
+        seconds = (np.arange(n) + 0.5) * s.codec.video_frames(s.cfg.video.teacher_frames) / s.cfg.video.fps
+        line, = ax.plot(seconds, curves.mean(0), label=f"{name} ({len(per_seed)} seeds)")
+        if len(per_seed) > 1:
+            ax.fill_between(seconds, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
+    if not ax.lines:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="time (s)", ylabel="stability (0-100)", ylim=(0, 100),
+           title="stability per teacher-horizon segment, mean over held-out prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = s.out / "stability_over_time.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def over_seeds(tables: list[dict]) -> tuple[dict, dict]:

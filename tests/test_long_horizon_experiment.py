@@ -189,6 +189,7 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
             assert two["table"]["sf"][h][key] == pytest.approx(np.mean(values))
             assert spread[key] == pytest.approx({"std": np.std(values, ddof=1), "min": min(values), "max": max(values),
                                                  "n": 2})
+    assert (out / "stability_over_time.png").stat().st_size > 0  # both variants over time, both seeds
     rows = [line for line in printed.splitlines() if re.match(r"sf +\d+x", line)]
     assert len(rows) == 2 and all("±" in row for row in rows)  # the spread column
 

@@ -80,7 +80,9 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
     for mult in ev.horizons:
         sel = [r for r in rows if r["horizon"] == mult]
         table[mult] = {k: nanmean([r[k] for r in sel]) for k in TABLE_KEYS}
-    result = {"label": label, "checkpoint": checkpoint, "horizon_frames": horizon, "table": table, "rows": rows}
+    result = {"label": label, "checkpoint": checkpoint, "horizon_frames": horizon, "table": table, "rows": rows,
+              # the longest horizon's stability segment by segment, per prompt: stability over time
+              "stability_by_segment": curves[max(ev.horizons)]}
     if ev.long_stream:
         result["long_stream"] = long_stream(gen, cfg, scenes[0], ev.long_stream, out)
     gifs = [out / f"example_{mult}x.gif" for mult in ev.horizons if mult <= GIF_MAX_HORIZON]

@@ -29,6 +29,8 @@ def test_evaluate_writes_table_json_plot_and_examples_and_says_where(tmp_path, c
     long = [r for r in result["rows"] if r["horizon"] == 3][0]
     assert long["num_frames"] == 18 and long["num_segments"] == 3
     assert 0 <= long["stability"] <= 100
+    (curve,) = saved["stability_by_segment"]  # the longest horizon's segments: their mean is its stability
+    assert len(curve) == 3 and abs(np.mean(curve) - long["stability"]) < 1e-9
     assert (tmp_path / "eval" / "stability_over_time.png").stat().st_size > 0
     assert (tmp_path / "eval" / "example_3x.gif").exists()
 
