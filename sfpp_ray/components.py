@@ -38,7 +38,7 @@ def resolve_dtype(cfg: Config) -> torch.dtype:
 
 def layout(cfg: Config) -> CausalLayout:
     s = cfg.student
-    return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention)
+    return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention, s.fold_context_pass)
 
 
 def with_student_layout(cfg: Config, checkpoint: str | None) -> Config:

@@ -4,6 +4,9 @@
 re-generation) and GRPO call `rollout`. Per block: denoise through the student's step list,
 re-noising each x0 prediction with fresh noise to the next level (a stochastic sampler: GRPO's
 Gaussian policy), then run the clean context pass that writes the block's K/V into the cache.
+With the student's layout.fold_context_pass, that context pass runs inside the next block's first
+denoising pass (one forward over both blocks, each attending as its own pass would: see
+CausalWanTransformer3DModel.forward), except for the last block and before a gradient step.
 """
 
 from __future__ import annotations
@@ -56,18 +59,26 @@ def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return randn(x.shape, generator, x.device, x.dtype)
 
 
+def _context_input(clean: torch.Tensor, schedule: FlowMatchSchedule | None, context_noise: float,
+                   generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clean block as its context pass sees it (re-noised to context_noise when it is > 0), and its timesteps."""
+    B, _, f = clean.shape[:3]
+    t = _timestep(context_noise, B, f, clean.device)
+    ctx = clean.detach()
+    if context_noise > 0:
+        if schedule is None:
+            raise ValueError("context_noise > 0 needs the schedule to re-noise the context")
+        with torch.no_grad():
+            ctx = schedule.add_noise(ctx, _randn_like(ctx, generator), t)
+    return ctx, t
+
+
 def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, cache: RollingKVCache,
                   clean: torch.Tensor, schedule: FlowMatchSchedule | None, context_noise: float,
                   generator: Generators) -> None:
-    """Write one clean block's K/V into the cache (re-noised to context_noise when it is > 0)."""
-    B, _, f = clean.shape[:3]
-    t = _timestep(context_noise, B, f, clean.device)
+    """Write one clean block's K/V into the cache."""
+    ctx, t = _context_input(clean, schedule, context_noise, generator)
     with torch.no_grad():
-        ctx = clean.detach()
-        if context_noise > 0:
-            if schedule is None:
-                raise ValueError("context_noise > 0 needs the schedule to re-noise the context")
-            ctx = schedule.add_noise(ctx, _randn_like(ctx, generator), t)
         student(ctx, t, cross_cache=cross_cache, kv_cache=cache)
         cache.commit()
 
@@ -103,14 +114,26 @@ def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
     if not 0 <= start_step <= last < K:
         raise ValueError(f"need 0 <= start_step ({start_step}) <= exit_step ({last}) < {K}")
     cache = cache if cache is not None else student.new_cache(B, H, W, dtype=noise.dtype, device=noise.device)
+    fold = student.layout.fold_context_pass
     out, records = [], []
+    pending = None  # a finished block whose context pass waits to be folded into the next block's first pass
     for b, s in enumerate(range(0, nf, fpb)):
         eps = noise[:, :, s:s + fpb]
         x = eps if start_latents is None else schedule.add_noise(start_latents[:, :, s:s + fpb], eps, _timestep(timesteps[start_step], B, fpb, eps.device))
         for k in range(start_step, last + 1):
             t = _timestep(timesteps[k], B, fpb, x.device)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
-                x0 = schedule.x0_from_flow(x, student(x, t, cross_cache=cross_cache, kv_cache=cache), t)
+            grad = torch.is_grad_enabled() and k == exit_step
+            with torch.set_grad_enabled(grad):
+                if pending is not None and not grad:
+                    ctx, t_ctx = _context_input(pending, schedule, context_noise, generator)
+                    flow = student(torch.cat([ctx, x], dim=2), torch.cat([t_ctx, t], dim=1), cross_cache=cross_cache,
+                                   kv_cache=cache, context_frames=fpb)
+                else:
+                    if pending is not None:  # a gradient step: the context pass, which holds no graph, runs on its own
+                        _context_pass(student, cross_cache, cache, pending, schedule, context_noise, generator)
+                    flow = student(x, t, cross_cache=cross_cache, kv_cache=cache)
+                x0 = schedule.x0_from_flow(x, flow, t)
+            pending = None
             x_next = None
             if k < last:
                 fresh = _randn_like(x0, generator)
@@ -119,7 +142,10 @@ def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
                 records.append(StepRecord(b, k, x.detach(), x0.detach(), x_next))
             if x_next is not None:
                 x = x_next
-        _context_pass(student, cross_cache, cache, x0, schedule, context_noise, generator)
+        if fold and s + fpb < nf:
+            pending = x0
+        else:
+            _context_pass(student, cross_cache, cache, x0, schedule, context_noise, generator)
         out.append(x0)
         if on_block is not None:
             on_block(b, x0.detach())

@@ -38,10 +38,11 @@ class CausalLayout:
     sink_frames: int = 0
     position_rule: str = "window_relative"
     attention: str = "auto"  # auto: FlexAttention on CUDA, dense mask on CPU
+    fold_context_pass: bool = False  # the rollout runs each context pass inside the next block's first pass
 
 
 LAYOUT_FILE = "causal_layout.json"
-SAVED_LAYOUT_FIELDS = ("frames_per_block", "window_frames", "sink_frames", "position_rule")  # not `attention`: a kernel choice
+SAVED_LAYOUT_FIELDS = ("frames_per_block", "window_frames", "sink_frames", "position_rule")  # not `attention`, `fold_context_pass`: how it runs
 
 
 def saved_layout(path: str | os.PathLike) -> dict | None:
@@ -189,13 +190,19 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 *, cross_cache: CrossAttentionCache | None = None, kv_cache: RollingKVCache | None = None,
-                causal: bool = True, return_dict: bool = False, **_unused) -> torch.Tensor:
+                causal: bool = True, context_frames: int = 0, return_dict: bool = False, **_unused) -> torch.Tensor:
         """Predict the flow for latents (B, C, F, H, W).
 
         timestep: (B,) or (B, F). With `kv_cache`, the F frames are the next frames of the stream
         (one block); their un-rotated K/V are written into the cache (call `kv_cache.commit()`
         after the clean context pass). Without it, the F frames are a whole sequence starting at
         frame 0, attended block-causally (or bidirectionally with causal=False).
+
+        context_frames > 0 folds the context pass into the next block's first pass: the first
+        context_frames frames are the clean block the cache last began (at the context timestep),
+        the rest the next block. Each group attends exactly as its own pass would (see
+        `RollingKVCache.begin_folded`); the clean K/V are written and committed, and only the
+        next block's flow is returned. One pass instead of two: fewer launches, larger matmuls.
         """
         B, _, nf, H, W = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -218,10 +225,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # (B, F, 6, D)
 
         mask = None
-        if kv_cache is not None:
-            q_pos, k_pos = kv_cache.begin(nf)
-            q_rope = self._rope(q_pos, h, w, x.device)
-            k_rope = None if k_pos is None else self._rope(k_pos, h, w, x.device)
+        recompute = torch.is_grad_enabled() and self.gradient_checkpointing
+        if context_frames and (kv_cache is None or recompute):
+            raise ValueError("a folded context pass streams against a KV cache, without activation checkpointing")
+        if kv_cache is not None:  # q_rope: per group of the pass, rotary (query, cached key or None) cos/sin
+            groups = kv_cache.begin_folded(context_frames, nf - context_frames) if context_frames else [kv_cache.begin(nf)]
+            q_rope = [(self._rope(qp, h, w, x.device), None if kp is None else self._rope(kp, h, w, x.device)) for qp, kp in groups]
+            k_rope = None
         else:
             if causal and self._needs_per_block_positions(nf):
                 q_rope = k_rope = (h, w)  # positions depend on the query block: see _per_block_attention
@@ -230,7 +240,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 if causal:
                     mask = self._mask(nf, tpf, x.device)
 
-        recompute = torch.is_grad_enabled() and self.gradient_checkpointing
         for i, block in enumerate(self.blocks):
             if recompute:  # the block re-runs in the backward, against the cache as this pass saw it
                 layer_cache = None if kv_cache is None else kv_cache.frozen(i)
@@ -239,8 +248,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             else:
                 x = self._block(block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, kv_cache, i, nf)
 
-        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D)
         xo = x.view(B, nf, tpf, -1)
+        if context_frames:  # the clean block's output is not needed
+            xo, temb, hidden_states, timestep = xo[:, context_frames:], temb[:, context_frames:], hidden_states[:, :, context_frames:], timestep[:, context_frames:]
+            nf -= context_frames
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D)
         xo = (self.norm_out(xo.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
         out = self.proj_out(xo).reshape(B, nf, h, w, p_t, p_h, p_w, -1)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
@@ -272,18 +284,29 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
         q, k = a.norm_q(q), a.norm_k(k)
         q, k, v = (t.unflatten(2, (a.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
-        if isinstance(q_rope[0], int):
-            return a.to_out[0](self._per_block_attention(q, k, v, *q_rope).transpose(1, 2).flatten(2).type_as(x))
-        if kv_cache is not None and k_rope is None:  # keys are cached rotated
-            k, v = kv_cache.write(layer, apply_rope(k, *q_rope), v)
-        elif kv_cache is not None:
-            k, v = kv_cache.write(layer, k, v)
-            k = apply_rope(k, *k_rope)
+        if kv_cache is not None:
+            out = self._stream_attention(q, k, v, q_rope, kv_cache, layer)
+        elif isinstance(q_rope[0], int):
+            out = self._per_block_attention(q, k, v, *q_rope)
         else:
-            k = apply_rope(k, *k_rope)
-        q = apply_rope(q, *q_rope)
-        out = self._attend(q, k, v, mask)
+            out = self._attend(apply_rope(q, *q_rope), apply_rope(k, *k_rope), v, mask)
         return a.to_out[0](out.transpose(1, 2).flatten(2).type_as(x))
+
+    def _stream_attention(self, q, k, v, groups, kv_cache, layer):
+        """The pass's frames against the cache, group by group: each group writes its K/V, then attends to
+        what its own pass would see, before the next group's writes can evict any of it."""
+        outs, lo = [], 0
+        for g, (q_rope, k_rope) in enumerate(groups):
+            hi = lo + q_rope[0].shape[0]
+            kg, vg = k[:, :, lo:hi], v[:, :, lo:hi]
+            if k_rope is None:  # keys are cached rotated
+                kc, vc = kv_cache.write(layer, apply_rope(kg, *q_rope), vg, group=g)
+            else:
+                kc, vc = kv_cache.write(layer, kg, vg, group=g)
+                kc = apply_rope(kc, *k_rope)
+            outs.append(self._attend(apply_rope(q[:, :, lo:hi], *q_rope), kc, vc, None))
+            lo = hi
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _per_block_attention(self, q, k, v, h, w):
         """Whole sequence, sinks and a rolled window: each query block sees its window with that window's positions."""

@@ -58,6 +58,7 @@ class RollingKVCache:
         self.keys_rotated = sink_frames == 0 or position_rule == "absolute"
         self.frames_done = 0  # frames whose clean K/V are committed
         self._active: tuple[int, int] | None = None
+        self._groups: list[tuple[torch.Tensor, int]] = []  # (slot token indices, valid prefix tokens) per group of the pass
 
     @staticmethod
     def analytic_bytes(num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
@@ -73,6 +74,7 @@ class RollingKVCache:
         self.slot_frame.fill_(-1)
         self.frames_done = 0
         self._active = None
+        self._groups = []
 
     def slot(self, frame: int) -> int:
         if frame < self.sink:
@@ -87,7 +89,27 @@ class RollingKVCache:
         A pass over the frames being denoised calls this each step (same slots, rewritten);
         `commit` then makes them context for the next block.
         """
-        start, end = self.frames_done, self.frames_done + num_frames
+        self._groups = []
+        return self._claim(self.frames_done, num_frames)
+
+    def begin_folded(self, context_frames: int, num_frames: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One pass over [the uncommitted clean frames ; the next `num_frames` frames]: (query, key positions) of each group.
+
+        Group 0 (write(..., group=0)) is the context pass of the frames claimed by the last `begin`, group 1 the
+        first pass of the next block. Each group's positions and visible slots are those its own pass would have,
+        computed before group 1 claims slots that may evict frames group 0 still sees; so group 0 must attend
+        before group 1 writes. The clean frames count as committed from here on.
+        """
+        start = self.frames_done
+        if self._active != (start, start + context_frames):
+            raise ValueError(f"the folded pass's {context_frames} context frames are not the block the cache last began")
+        self._groups = []
+        ctx = self._claim(start, context_frames)
+        self.frames_done = start + context_frames
+        return [ctx, self._claim(self.frames_done, num_frames)]
+
+    def _claim(self, start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        end = start + num_frames
         if num_frames > self.window - self.sink:
             raise ValueError(f"a pass of {num_frames} frames does not fit the rolling part of the window")
         for n in range(start, end):
@@ -96,6 +118,7 @@ class RollingKVCache:
         self._idx = torch.cat([torch.arange(self.slot(n) * self.tpf, (self.slot(n) + 1) * self.tpf)
                                for n in range(start, end)]).to(self.k.device)
         valid = min(end, self.window)
+        self._groups.append((self._idx, valid * self.tpf))
         frames = self.slot_frame[:valid]
         q_frames = torch.arange(start, end)
         if self.keys_rotated:
@@ -107,16 +130,15 @@ class RollingKVCache:
     def positions(self, frames: torch.Tensor, end: int) -> torch.Tensor:
         return frame_positions(frames, end, self.window, self.sink, self.position_rule, self.max_position)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k (rotated or not, see `keys_rotated`), v (B, H, n*tpf, D) of the active frames; return the valid prefix of the layer.
 
-        The buffer never carries autograd history. When k/v require grad (a training exit step),
-        the returned prefix is an out-of-place copy holding the differentiable k/v in the active
-        slots, so later writes to the buffer cannot invalidate the graph.
+        `group` picks the frames of a folded pass (see `begin_folded`). The buffer never carries autograd
+        history. When k/v require grad (a training exit step), the returned prefix is an out-of-place copy
+        holding the differentiable k/v in the active slots, so later writes to the buffer cannot invalidate the graph.
         """
-        idx = self._idx
+        idx, valid = self._groups[group]
         self._store(layer, idx, k, v)
-        valid = self._valid_tokens()
         kp, vp = self.k[layer, :, :, :valid], self.v[layer, :, :, :valid]
         if k.requires_grad or v.requires_grad:
             kp, vp = kp.index_copy(2, idx, k), vp.index_copy(2, idx, v)
@@ -155,8 +177,10 @@ class FrozenLayerCache:
         self.k, self.v = cache.k[layer, :, :, :valid].clone(), cache.v[layer, :, :, :valid].clone()
         self.written = False
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same contract as RollingKVCache.write; the returned prefix is always out of place."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as RollingKVCache.write, for a pass of one group; the returned prefix is always out of place."""
+        if group:
+            raise ValueError("a folded pass does not run under activation checkpointing")
         if not self.written:
             self.cache._store(self.layer, self.idx, k, v)
             self.written = True

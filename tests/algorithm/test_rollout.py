@@ -1,9 +1,18 @@
-"""Rollout in gradient mode: each block's gradient flows only through its exit-step forward."""
+"""Rollout in gradient mode: each block's gradient flows only through its exit-step forward; the folded context pass."""
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
+from sfpp_ray import components
 from sfpp_ray.algorithm.rollout import prefill, rollout
+from sfpp_ray.algorithm.self_forcing_pp import extended_rollout
+from sfpp_ray.config import load_config
+from sfpp_ray.models.causal_wan import CausalLayout
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def _grads(model):
@@ -63,3 +72,79 @@ def test_context_noise_needs_the_schedule(student, schedule):
             prefill(student, cross, cache, torch.randn(1, 12, 3, 8, 8), context_noise=10.0)
         prefill(student, cross, cache, torch.randn(1, 12, 3, 8, 8), context_noise=10.0, schedule=schedule)
     assert cache.frames_done == 3
+
+
+def _rollout_pair(student, layout, noise, text, schedule, timesteps, **kw):
+    """The same rollout with separate context passes and with each folded into the next block's first pass:
+    (output, final cache, forwards run) of each."""
+    runs = []
+    for fold in (False, True):
+        student.set_layout(dataclasses.replace(layout, fold_context_pass=fold))
+        calls = []
+        hook = student.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[2]))
+        cache = student.new_cache(noise.shape[0], noise.shape[3], noise.shape[4])
+        out = rollout(student, student.cross_attention_cache(text), noise, timesteps, schedule, cache=cache,
+                      generator=torch.Generator().manual_seed(7), **kw)
+        hook.remove()
+        runs.append((out, cache, calls))
+    return runs
+
+
+@pytest.mark.parametrize("fpb,window,sink,rule", [(1, 4, 1, "window_relative"), (3, 9, 3, "window_relative"),
+                                                  (3, 12, 3, "absolute"), (3, 6, 0, "window_relative")])
+def test_folded_context_pass_equals_separate_passes_after_the_window_rolls(tiny, schedule, timesteps, fpb, window, sink, rule):
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), fpb).eval()
+    layout = CausalLayout(fpb, window, sink, rule, attention="sdpa")
+    nf = 3 * window + fpb  # the window rolls more than twice
+    noise, text = torch.randn(2, 12, nf, 8, 8), torch.randn(2, 7, 32)
+    context_noise = float(torch.randint(0, 2, ())) * float(torch.randint(1, 300, ()))
+    with torch.no_grad():
+        (plain, plain_cache, plain_calls), (folded, folded_cache, folded_calls) = _rollout_pair(
+            student, layout, noise, text, schedule, timesteps, context_noise=context_noise, record=True)
+    blocks, K = nf // fpb, len(timesteps)
+    assert plain_calls == ([fpb] * K + [fpb]) * blocks  # each block's steps, then its context pass
+    assert folded_calls == [fpb] * K + ([2 * fpb] + [fpb] * (K - 1)) * (blocks - 1) + [fpb]  # the last context pass alone
+    assert (folded.latents - plain.latents).abs().max() <= 1e-5
+    for a, b in zip(plain.steps, folded.steps, strict=True):
+        assert (a.block, a.step) == (b.block, b.step) and (a.x0_pred - b.x0_pred).abs().max() <= 1e-5
+    # The stream can go on: the same frames committed, in the same slots, with the same keys and values.
+    assert folded_cache.frames_done == plain_cache.frames_done == nf
+    assert torch.equal(folded_cache.slot_frame, plain_cache.slot_frame)
+    assert (folded_cache.k - plain_cache.k).abs().max() <= 1e-5 and (folded_cache.v - plain_cache.v).abs().max() <= 1e-5
+
+
+def test_folded_rollout_keeps_the_exit_step_gradient(tiny, schedule, timesteps):
+    """In gradient mode the folded steps hold no graph, and the exit step's gradient is the unfolded one's."""
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 1)
+    layout = CausalLayout(1, 4, 1, attention="sdpa")
+    noise, text = torch.randn(2, 12, 7, 8, 8), torch.randn(2, 7, 32)
+    weight = torch.randn_like(noise)
+    grads, latents = [], []
+    for out, _, calls in _rollout_pair(student, layout, noise, text, schedule, timesteps, exit_step=1):
+        student.zero_grad()
+        (out.latents * weight).sum().backward()
+        grads.append(_grads(student))
+        latents.append(out.latents.detach())
+    assert (latents[1] - latents[0]).abs().max() <= 1e-5
+    assert calls == [1, 1] + [2, 1] * 6 + [1]  # step 0 folds the previous block's context pass, step 1 holds the graph
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert (grads[1][name] - grads[0][name]).abs().max() <= 1e-5 * max(1.0, grads[0][name].abs().max().item())
+
+
+def test_fold_context_pass_key_reaches_extended_rollout(schedule, timesteps):
+    """student.fold_context_pass on and off: the same extended rollout, one forward fewer per block."""
+    seed, runs = int(torch.randint(0, 2**31, ())), []
+    for fold in ("false", "true"):
+        cfg = load_config(TINY, [f"model.init_seed={seed}", "student.sink_frames=3", "student.window_frames=9",
+                                 "student.attention=sdpa", f"student.fold_context_pass={fold}"])
+        student = components.build_student(cfg).eval()
+        assert student.layout.fold_context_pass == (fold == "true")
+        calls = []
+        student.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[2]))
+        torch.manual_seed(seed)
+        noise, text = torch.randn(1, 12, 24, 8, 8), torch.randn(1, 7, 32)
+        runs.append((extended_rollout(student, student.cross_attention_cache(text), noise, schedule, timesteps,
+                                      context_noise=50.0, generator=torch.Generator().manual_seed(seed)), len(calls)))
+    (plain, plain_calls), (folded, folded_calls) = runs
+    assert (folded - plain).abs().max() <= 1e-5 and plain_calls - folded_calls == 24 // 3 - 1
