@@ -59,3 +59,17 @@ def test_slots_evict_the_oldest_non_sink_frames():
         seen.append(cache.slot_frame.tolist())
     assert seen[-1][:2] == [0, 1]  # sinks stay
     assert sorted(seen[-1][2:]) == [8, 9, 10, 11]  # the newest rolling frames
+
+
+def test_a_folded_pass_needs_the_block_the_cache_last_began():
+    student = CausalWanTransformer3DModel(**TINY).eval().set_layout(CausalLayout(3, 6, 0))
+    cache, cross = student.new_cache(1, 8, 8), student.cross_attention_cache(torch.randn(1, 5, 32))
+    x, t = torch.randn(1, 12, 6, 8, 8), torch.full((1, 6), 500.0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="context frames"):  # nothing began: no clean block to fold
+            student(x, t, cross_cache=cross, kv_cache=cache, context_frames=3)
+        with pytest.raises(ValueError, match="KV cache"):
+            student(x, t, cross_cache=cross, context_frames=3)
+        student(x[:, :, :3], t[:, :3], cross_cache=cross, kv_cache=cache)
+        out = student(x, t, cross_cache=cross, kv_cache=cache, context_frames=3)
+    assert out.shape == (1, 12, 3, 8, 8) and cache.frames_done == 3 and cache._active == (3, 6)
