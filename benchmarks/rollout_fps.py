@@ -10,6 +10,7 @@ runs. Prints a table (last) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -58,7 +59,9 @@ def build(shape: str, device, dtype, window: int, fpb: int):
     return model, codec, spec
 
 
-def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str) -> dict:
+def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str, fold: bool = False) -> dict:
+    """One timed stream; `fold`: each context pass inside the next block's first pass (student.fold_context_pass)."""
+    model.set_layout(dataclasses.replace(model.layout, fold_context_pass=fold))
     h, w = spec["latent_hw"]
     schedule = FlowMatchSchedule(1000, 5.0)
     steps = schedule.student_timesteps(ScheduleConfig())
@@ -80,7 +83,7 @@ def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str)
             torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     video_frames = counter.frames if decoder is not None else codec.video_frames(latent_frames)
-    return {"decode": decode, "latent_frames": latent_frames, "video_frames": video_frames, "seconds": elapsed,
+    return {"decode": decode, "fold_context_pass": fold, "latent_frames": latent_frames, "video_frames": video_frames, "seconds": elapsed,
             "fps": video_frames / elapsed,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
@@ -102,18 +105,19 @@ def main() -> None:
     m = spec["model"]
     kv = RollingKVCache.analytic_bytes(m["num_layers"], 1, m["num_attention_heads"], m["attention_head_dim"],
                                        (h // 2) * (w // 2), a.window, dtype)
-    for d in ("none", "serial", "overlapped"):  # warm-up: kernels, allocator, decoder cache
-        run_once(model, codec, spec, device, dtype, a.window, d)
-    rows = [run_once(model, codec, spec, device, dtype, a.latent_frames, d) for d in ("none", "serial", "overlapped")]
+    settings = [("none", False), ("none", True), ("serial", False), ("overlapped", False)]  # folded and not, one run
+    for d, fold in settings:  # warm-up: kernels, allocator, decoder cache
+        run_once(model, codec, spec, device, dtype, a.window, d, fold)
+    rows = [run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold) for d, fold in settings]
     result = {"shape": a.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": str(dtype), "window_frames": a.window, "frames_per_block": a.frames_per_block,
               "kv_cache_bytes": kv, "rows": rows}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nshape={a.shape} device={result['device']} dtype={dtype} window={a.window} kv_cache={kv / 2**30:.2f} GiB")
-    print(f"{'decode':<12}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
+    print(f"{'decode':<12}{'folded':>7}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['decode']:<12}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
+        print(f"{r['decode']:<12}{'yes' if r['fold_context_pass'] else 'no':>7}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
 
 
 if __name__ == "__main__":
