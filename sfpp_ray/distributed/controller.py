@@ -46,26 +46,35 @@ from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset, read_ahead_limit
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.dmd_trainer import METRICS_TIMEOUT_S, dmd_loop
-from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE, STAGE_MARKER
+from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE
 from sfpp_ray.distributed.grpo_trainer import grpo_loop
 from sfpp_ray.distributed.ode_trainer import ode_loop
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
 from sfpp_ray.distributed.teacher_trainer import pretrain_teacher_loop
 from sfpp_ray.distributed.weight_sync import WeightBroker
+from sfpp_ray import reruns
+from sfpp_ray.reruns import STAGE_MARKER, STAGE_OUTPUTS, absolute_paths, finished
 from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
 
-STAGE_OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "student", "grpo": "student_grpo"}
 STUDENT_FROM = {"dmd": "ode", "grpo": "dmd"}  # the stage whose student a stage starts from
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
-def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
+def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: str | None = None) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
     skipped, each stage's result, the evaluation video unless `evaluation_video` is off (a benchmark timing
-    the stages alone); the DMD stage's details at the top level). fault_hook: see dmd_trainer.dmd_loop."""
-    cfg = _absolute_paths(cfg)
-    pending = [stage for stage in cfg.run.stages if not _finished(cfg, stage)]
+    the stages alone); the DMD stage's details at the top level). fault_hook: see dmd_trainer.dmd_loop.
+    A finished stage that ran with other settings refuses the run (reruns.check_rerun) unless `restart` names it
+    or an earlier stage: that stage's outputs and every later stage's are discarded and they run again."""
+    cfg = absolute_paths(cfg)
+    for stage in reruns.check_rerun(cfg, restart):  # the stages before the restarted one, before it discards
+        print(f"stage {stage}: finished without a saved config (an older version); its settings are not compared")
+    if restart is not None:
+        removed = reruns.restart(cfg, restart)
+        print(f"--restart {restart}: removed {', '.join(str(p.relative_to(cfg.run_dir)) for p in removed) or 'nothing'}"
+              f" in {cfg.run_dir}")
+    pending = [stage for stage in cfg.run.stages if not finished(cfg, stage)]
     for stage in pending:
         _check_resumable(cfg, stage)
     _start_ray(cpus_needed(cfg, pending))
@@ -77,12 +86,13 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
     summary: dict = {"stages_run": [], "stages_skipped": [], "stages": {}}
     try:
         for stage in cfg.run.stages:
-            if _finished(cfg, stage):
+            if finished(cfg, stage):
                 print(f"stage {stage}: finished earlier ({cfg.run_dir / STAGE_OUTPUTS[stage]}), skipped")
                 summary["stages_skipped"].append(stage)
                 continue
             print(f"stage {stage}")
             t0 = time.perf_counter()
+            reruns.save_stage_config(cfg, stage)
             stage_cfg = _stage_config(cfg, stage)
             if stage == "dmd":
                 result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
@@ -111,19 +121,10 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
     return summary
 
 
-def _finished(cfg: Config, stage: str) -> bool:
-    """A stage is finished once its marker exists; DMD only up to the steps it reached, so raising
-    dmd.steps continues it from its last checkpoint."""
-    marker = cfg.run_dir / STAGE_OUTPUTS[stage] / STAGE_MARKER
-    if not marker.is_file():
-        return False
-    return stage != "dmd" or json.loads(marker.read_text())["steps"] >= cfg.dmd.steps
-
-
 def _stage_config(cfg: Config, stage: str) -> Config:
     """The config a stage trains with: the run's pretrained teacher (and text encoder) once it exists, and the student
     of the stage before (the ODE student for DMD, the DMD student for GRPO)."""
-    if _finished(cfg, "pretrain_teacher"):
+    if finished(cfg, "pretrain_teacher"):
         cfg = with_teacher(cfg, cfg.run_dir / STAGE_OUTPUTS["pretrain_teacher"])
     tree = cfg.to_dict()
     source = STUDENT_FROM.get(stage)
@@ -356,17 +357,6 @@ def _check_resumable(cfg: Config, stage: str) -> None:
                             ("trainer.zero_stage", saved.get("zero_stage"), cfg.trainer.zero_stage)):
         if value is not None and value != now:
             raise ConfigError(key, f"{where}: set {key}={value} to resume it (got {now}), or pick a new run.name")
-
-
-def _absolute_paths(cfg: Config) -> Config:
-    """Ray workers run in their own working directories: every path they get must be absolute."""
-    tree = cfg.to_dict()
-    tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
-    for section, key in (("data", "prompts"), ("student", "checkpoint"), ("model", "pretrained"), ("text", "path"),
-                         ("codec", "path")):
-        if tree[section][key] is not None:
-            tree[section][key] = str(Path(tree[section][key]).resolve())
-    return from_dict(tree)
 
 
 def _data_cpus(cfg: Config) -> int:
