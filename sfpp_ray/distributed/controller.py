@@ -115,10 +115,30 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: 
     tracker.finish()
     summary.update(summary["stages"].get("dmd", {}))
     summary.update(student=student, video=video and str(video), mlflow_run_id=run_id, mlflow_uri=tracker.tracking_uri)
-    print(f"stages run: {', '.join(summary['stages_run']) or 'none'}; skipped: "
-          f"{', '.join(summary['stages_skipped']) or 'none'}\nstudent: {student}\nvideo: {video}\n"
-          f"MLflow run {run_id} at {tracker.tracking_uri}")
+    print(closing_summary(cfg, summary))
     return summary
+
+
+def closing_summary(cfg: Config, summary: dict) -> str:
+    """What a run wrote and where, as train's last lines: the run directory, each stage's output (the student the
+    evaluation video shows marked), the video, and the MLflow run with the command that shows it."""
+    run, skipped = summary["stages_run"], summary["stages_skipped"]
+    lines = [f"run {cfg.run.name!r} in {cfg.run_dir}: ran {', '.join(run) or 'no stage'}"
+             + (f"; skipped {', '.join(skipped)} (finished earlier)" if skipped else "")]
+    width = max(map(len, [*STAGE_OUTPUTS, "video", "MLflow"]))
+    for stage in cfg.run.stages:
+        output = cfg.run_dir / STAGE_OUTPUTS[stage]
+        note = "  (student)" if str(output) == summary["student"] else ""
+        lines.append(f"  {stage:<{width}}  {output}{note}" if (output / STAGE_MARKER).is_file()
+                     else f"  {stage:<{width}}  not finished")
+    if summary["video"]:
+        lines.append(f"  {'video':<{width}}  {summary['video']}")
+    if summary["mlflow_run_id"]:
+        lines.append(f"  {'MLflow':<{width}}  run {summary['mlflow_run_id']} at {summary['mlflow_uri']} "
+                     f"(mlflow ui --backend-store-uri {summary['mlflow_uri']})")
+    else:
+        lines.append(f"  {'MLflow':<{width}}  off (tracking.enabled=false)")
+    return "\n".join(lines)
 
 
 def _stage_config(cfg: Config, stage: str) -> Config:

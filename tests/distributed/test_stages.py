@@ -71,6 +71,24 @@ def test_every_stage_runs_in_order_and_leaves_loadable_weights(runs):
 
 
 
+def test_train_ends_with_a_summary_naming_what_it_wrote(runs):
+    """The run directory, each stage's output (the evaluation video's student marked), the video and the MLflow run,
+    each path one that exists."""
+    from sfpp_ray.distributed.controller import closing_summary
+
+    cfg, first, second, _ = runs
+    head, *rows = closing_summary(cfg, first).splitlines()
+    assert head == f"run 'stages' in {cfg.run_dir}: ran {', '.join(STAGES)}"
+    paths = {row.split()[0]: row.split()[1] for row in rows}
+    assert list(paths) == [*STAGES, "video", "MLflow"]
+    assert all(paths[s] == str(cfg.run_dir / OUTPUTS[s]) and Path(paths[s]).is_dir() for s in STAGES)
+    assert rows[STAGES.index("grpo")].endswith("(student)") and paths["video"] == first["video"]
+    assert rows[-1].endswith(f"run {first['mlflow_run_id']} at {first['mlflow_uri']} "
+                             f"(mlflow ui --backend-store-uri {first['mlflow_uri']})")
+    assert closing_summary(cfg, second).splitlines()[0].endswith(f"ran no stage; skipped {', '.join(STAGES)} "
+                                                                 "(finished earlier)")
+
+
 def test_teacher_flow_matching_loss_decreases(runs):
     """Trained under bf16 autocast, saved in float32."""
     cfg, first, _, _ = runs
