@@ -49,10 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     for name, help in (("train", "run the stages the config asks for (teacher pretraining, ODE init, SF++ DMD, GRPO)"),
                        ("pretrain-teacher", "train the bidirectional teacher on the synthetic world")):
-        command(name, help).add_argument(
-            "--restart", choices=list(STAGE_OUTPUTS), metavar="STAGE",
-            help="discard what this stage and every later one left in the run directory, and run them again "
-                 f"({', '.join(STAGE_OUTPUTS)})")
+        c = command(name, help)
+        c.add_argument("--restart", choices=list(STAGE_OUTPUTS), metavar="STAGE",
+                       help="discard what this stage and every later one left in the run directory, and run them "
+                            f"again ({', '.join(STAGE_OUTPUTS)})")
+        c.add_argument("--verbose", action="store_true",
+                       help="show Ray's, DeepSpeed's, MLflow's and the workers' output here instead of in "
+                            "RUN/logs/train.log")
     e = command("evaluate", "score generated videos against the synthetic world's ground truth")
     e.add_argument("--checkpoint", help="student weights to evaluate")
     return p
@@ -135,7 +138,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
         check_rerun(absolute_paths(cfg), args.restart)  # what train checks first, said before Ray and torch load
         from sfpp_ray.distributed.controller import train
 
-        train(cfg, restart=args.restart)
+        train(cfg, restart=args.restart, verbose=args.verbose)
         return 0
     if args.command == "evaluate":
         from sfpp_ray.evaluation.evaluate import evaluate

@@ -44,6 +44,7 @@ from ray.train.torch import TorchTrainer
 from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset, read_ahead_limit
+from sfpp_ray.distributed.progress import StageProgress, run_log
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.dmd_trainer import METRICS_TIMEOUT_S, dmd_loop
 from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE
@@ -59,14 +60,19 @@ from sfpp_ray.tracking import Tracker
 
 STUDENT_FROM = {"dmd": "ode", "grpo": "dmd"}  # the stage whose student a stage starts from
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+STAGE_STEPS = {"pretrain_teacher": lambda c: c.teacher_pretrain.steps, "ode": lambda c: c.ode.steps,
+               "dmd": lambda c: c.dmd.steps, "grpo": lambda c: c.grpo.steps}
 
 
-def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: str | None = None) -> dict:
+def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: str | None = None,
+          verbose: bool = True) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
     skipped, each stage's result, the evaluation video unless `evaluation_video` is off (a benchmark timing
     the stages alone); the DMD stage's details at the top level). fault_hook: see dmd_trainer.dmd_loop.
     A finished stage that ran with other settings refuses the run (reruns.check_rerun) unless `restart` names it
-    or an earlier stage: that stage's outputs and every later stage's are discarded and they run again."""
+    or an earlier stage: that stage's outputs and every later stage's are discarded and they run again.
+    Each stage shows one progress line; without `verbose` (the CLI's default) Ray's, DeepSpeed's, MLflow's and
+    the workers' output goes to run_dir/logs/train.log instead of the terminal (progress.RunLog)."""
     cfg = absolute_paths(cfg)
     for stage in reruns.check_rerun(cfg, restart):  # the stages before the restarted one, before it discards
         print(f"stage {stage}: finished without a saved config (an older version); its settings are not compared")
@@ -77,9 +83,19 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: 
     pending = [stage for stage in cfg.run.stages if not finished(cfg, stage)]
     for stage in pending:
         _check_resumable(cfg, stage)
-    _start_ray(cpus_needed(cfg, pending))
-    prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
+    with run_log(cfg.run_dir, verbose) as log:
+        try:
+            _start_ray(cpus_needed(cfg, pending))
+            log.take_worker_output()
+            return _run_stages(cfg, evaluation_video, fault_hook)
+        except BaseException:
+            if not verbose:
+                print(f"the run stopped; what Ray, DeepSpeed and the workers said is in {log.path}")
+            raise
 
+
+def _run_stages(cfg: Config, evaluation_video: bool, fault_hook) -> dict:
+    prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
     tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
     run_id = tracker.start(cfg.to_dict())
     tracker.log_params({"prompts": {"kept": prompt_report["kept"], "rejected": prompt_report["rejected"]}})
@@ -90,20 +106,26 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: 
                 print(f"stage {stage}: finished earlier ({cfg.run_dir / STAGE_OUTPUTS[stage]}), skipped")
                 summary["stages_skipped"].append(stage)
                 continue
-            print(f"stage {stage}")
+            steps = STAGE_STEPS[stage](cfg)
+            print(f"stage {stage}: {steps} steps")
             t0 = time.perf_counter()
             reruns.save_stage_config(cfg, stage)
             stage_cfg = _stage_config(cfg, stage)
-            if stage == "dmd":
-                result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
-            else:
-                result = _fit(stage_cfg, stage, run_id, prompts=prompts)
+            progress = StageProgress(cfg.run_dir, stage, steps)
+            try:
+                if stage == "dmd":
+                    result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
+                else:
+                    result = _fit(stage_cfg, stage, run_id, prompts=prompts)
+            finally:
+                progress.close()
             summary["stages"][stage] = result | {"seconds": time.perf_counter() - t0}
             summary["stages_run"].append(stage)
-            print(f"stage {stage}: done in {summary['stages'][stage]['seconds']:.0f}s")
+            print(f"stage {stage}: done in {summary['stages'][stage]['seconds']:.0f} s")
         student = _last_student(cfg)
         video = None
         if student is not None and evaluation_video:
+            print(f"evaluation video: {2 * cfg.video.teacher_frames} latent frames from {student}")
             video = _evaluation_video(cfg, prompts[0], student)
             tracker.log_artifact(video, artifact_path="videos")
     except BaseException:
@@ -405,8 +427,11 @@ def _start_ray(cpus_needed: float) -> None:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
+            cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+            print(f"Ray: starting a local cluster of {cpus} CPUs")
+            ray.init(num_cpus=cpus)
         else:
+            print(f"Ray: joining the cluster at {address}")
             ray.init(address=address)
     available = ray.cluster_resources().get("CPU", 0)
     if available < cpus_needed:
