@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sfpp_ray.checks import CheckError, NonFiniteError, check_weights
 from sfpp_ray.config import ConfigError, load_config
+from sfpp_ray.reruns import STAGE_OUTPUTS, RerunRefused, absolute_paths, check_rerun
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -46,8 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output .mp4 or .gif")
     g.add_argument("--checkpoint", help="student weights (a diffusers dir or an original-layout file)")
     g.add_argument("--seed", type=int)
-    command("train", "run the stages the config asks for (teacher pretraining, ODE init, SF++ DMD, GRPO)")
-    command("pretrain-teacher", "train the bidirectional teacher on the synthetic world")
+    for name, help in (("train", "run the stages the config asks for (teacher pretraining, ODE init, SF++ DMD, GRPO)"),
+                       ("pretrain-teacher", "train the bidirectional teacher on the synthetic world")):
+        c = command(name, help)
+        c.add_argument("--restart", choices=list(STAGE_OUTPUTS), metavar="STAGE",
+                       help="discard what this stage and every later one left in the run directory, and run them "
+                            f"again ({', '.join(STAGE_OUTPUTS)})")
+        c.add_argument("--verbose", action="store_true",
+                       help="show Ray's, DeepSpeed's, MLflow's and the workers' output here instead of in "
+                            "RUN/logs/train.log")
     e = command("evaluate", "score generated videos against the synthetic world's ground truth")
     e.add_argument("--checkpoint", help="student weights to evaluate")
     return p
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         cfg = load_config(args.config, args.overrides)
         return _run(args, cfg)
-    except (UsageError, ConfigError) as e:  # a bad argument or value, on load or against the run directory
+    except (UsageError, ConfigError, RerunRefused) as e:  # a bad argument or value, on load or against the run dir
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -124,16 +132,13 @@ def _run(args: argparse.Namespace, cfg) -> int:
         print(json.dumps(result))  # stdout stays one JSON line for scripts; the summary is for the terminal
         print(summary(result), file=sys.stderr)
         return 0
-    if args.command == "train":
+    if args.command in ("train", "pretrain-teacher"):
+        if args.command == "pretrain-teacher":
+            cfg.run.stages = ["pretrain_teacher"]
+        check_rerun(absolute_paths(cfg), args.restart)  # what train checks first, said before Ray and torch load
         from sfpp_ray.distributed.controller import train
 
-        train(cfg)
-        return 0
-    if args.command == "pretrain-teacher":
-        from sfpp_ray.distributed.controller import train
-
-        cfg.run.stages = ["pretrain_teacher"]
-        train(cfg)
+        train(cfg, restart=args.restart, verbose=args.verbose)
         return 0
     if args.command == "evaluate":
         from sfpp_ray.evaluation.evaluate import evaluate

@@ -1,4 +1,5 @@
-"""`ray job submit` to a local `ray start --head --num-cpus=2` cluster (a laptop's) runs the tiny config to completion."""
+"""`ray job submit` to a local `ray start --head --num-cpus=2` cluster (a laptop's) runs the tiny config to completion,
+and what the user sees of it is a quiet terminal: one progress line a stage, the summary, no errors."""
 
 import os
 import socket
@@ -70,7 +71,8 @@ def test_ray_job_submit_runs_the_tiny_config_on_a_two_cpu_cluster(head_node, tmp
     submit = (
         [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", str(tmp_path / "runtime_env.yaml"),
          "--", sys.executable, "-m", "sfpp_ray", "train", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-         "run.stages=[dmd]", "rollout.num_frames=12", "dmd.steps=2", "dmd.update_ratio=1"])
+         "run.stages=[ode,dmd]", "ode.num_pairs=4", "ode.steps=2", "rollout.num_frames=12", "dmd.steps=2",
+         "dmd.update_ratio=1"])
     for _ in range(60):  # the head's job agent comes up some seconds after `ray start` returns
         job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         log = job.stdout + job.stderr
@@ -79,4 +81,24 @@ def test_ray_job_submit_runs_the_tiny_config_on_a_two_cpu_cluster(head_node, tmp
         time.sleep(2)
     assert job.returncode == 0, log[-3000:]
     assert "succeeded" in log, log[-3000:]
-    assert (out / "tiny" / "student" / "config.json").exists()
+    run = out / "tiny"
+    assert (run / "student" / "config.json").exists()
+    # the terminal: each stage's progress on one line (no carriage-return redraws), no traceback and no error
+    # record, Ray's, DeepSpeed's and the workers' output in the log file it names, and where everything went
+    lines = job.stdout.split("\n")
+    assert not [x for x in lines if "Traceback" in x or " E " in x or "\r" in x], log[-3000:]
+    for stage in ("ode", "dmd"):
+        assert [x for x in lines if x.startswith(f"[{stage}] step ")][-1].startswith(f"[{stage}] step 2/2 (100%)"), log
+    assert lines.count(f"log: {run / 'logs' / 'train.log'} (Ray, DeepSpeed, MLflow and the workers' output; "
+                       "--verbose shows it here)") == 1
+    worker_output = (run / "logs" / "train.log").read_text()
+    assert "(RayTrainWorker" in worker_output and "deepspeed_shm_comm_op" in worker_output
+    leaked = [x for x in log.splitlines() if any(w in x for w in ("(RayTrainWorker", "deepspeed_shm_comm_op",
+                                                                  "INFO mlflow", "Requesting resources"))]
+    assert not leaked, leaked
+    summary = lines[lines.index(f"run 'tiny' in {run}: ran ode, dmd"):]
+    assert summary[1].split() == ["ode", str(run / "student_ode")]
+    assert summary[2].split() == ["dmd", str(run / "student"), "(student)"]
+    assert summary[3].split() == ["video", str(run / "videos" / "eval.mp4")] and (run / "videos" / "eval.mp4").is_file()
+    assert summary[4].split()[:5] == ["MLflow", "run", (run / "mlflow_run_id.txt").read_text().strip(), "at",
+                                      f"sqlite:///{run / 'mlflow.db'}"]

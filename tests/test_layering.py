@@ -20,6 +20,7 @@ FORBIDDEN = {
     "algorithm": ("sfpp_ray.distributed", "sfpp_ray.evaluation", "sfpp_ray.components", "sfpp_ray.generate",
                   "sfpp_ray.tracking"),
     "evaluation": ("sfpp_ray.distributed",),
+    "reruns.py": ("sfpp_ray.distributed", "sfpp_ray.components", "sfpp_ray.models", "sfpp_ray.algorithm"),
 }
 ALLOWED = {"config.py": {"sfpp_ray.checks"}}  # below config: what it reads of the files it names, without torch
 

@@ -44,56 +44,88 @@ from ray.train.torch import TorchTrainer
 from sfpp_ray.config import Config, ConfigError, from_dict, with_teacher
 from sfpp_ray.distributed.buffer import create_buffer
 from sfpp_ray.distributed.data_pipeline import build_dataset, read_ahead_limit
+from sfpp_ray.distributed.progress import StageProgress, run_log
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.dmd_trainer import METRICS_TIMEOUT_S, dmd_loop
-from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE, STAGE_MARKER
+from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE
 from sfpp_ray.distributed.grpo_trainer import grpo_loop
 from sfpp_ray.distributed.ode_trainer import ode_loop
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
 from sfpp_ray.distributed.teacher_trainer import pretrain_teacher_loop
 from sfpp_ray.distributed.weight_sync import WeightBroker
+from sfpp_ray import reruns
+from sfpp_ray.reruns import STAGE_MARKER, STAGE_OUTPUTS, absolute_paths, finished
 from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
 
-STAGE_OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "student", "grpo": "student_grpo"}
 STUDENT_FROM = {"dmd": "ode", "grpo": "dmd"}  # the stage whose student a stage starts from
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+STAGE_STEPS = {"pretrain_teacher": lambda c: c.teacher_pretrain.steps, "ode": lambda c: c.ode.steps,
+               "dmd": lambda c: c.dmd.steps, "grpo": lambda c: c.grpo.steps}
 
 
-def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
+def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: str | None = None,
+          verbose: bool = True) -> dict:
     """Run the configured stages in order, skipping finished ones; returns a summary (stages run and
     skipped, each stage's result, the evaluation video unless `evaluation_video` is off (a benchmark timing
-    the stages alone); the DMD stage's details at the top level). fault_hook: see dmd_trainer.dmd_loop."""
-    cfg = _absolute_paths(cfg)
-    pending = [stage for stage in cfg.run.stages if not _finished(cfg, stage)]
+    the stages alone); the DMD stage's details at the top level). fault_hook: see dmd_trainer.dmd_loop.
+    A finished stage that ran with other settings refuses the run (reruns.check_rerun) unless `restart` names it
+    or an earlier stage: that stage's outputs and every later stage's are discarded and they run again.
+    Each stage shows one progress line; without `verbose` (the CLI's default) Ray's, DeepSpeed's, MLflow's and
+    the workers' output goes to run_dir/logs/train.log instead of the terminal (progress.RunLog)."""
+    cfg = absolute_paths(cfg)
+    for stage in reruns.check_rerun(cfg, restart):  # the stages before the restarted one, before it discards
+        print(f"stage {stage}: finished without a saved config (an older version); its settings are not compared")
+    if restart is not None:
+        removed = reruns.restart(cfg, restart)
+        print(f"--restart {restart}: removed {', '.join(str(p.relative_to(cfg.run_dir)) for p in removed) or 'nothing'}"
+              f" in {cfg.run_dir}")
+    pending = [stage for stage in cfg.run.stages if not finished(cfg, stage)]
     for stage in pending:
         _check_resumable(cfg, stage)
-    _start_ray(cpus_needed(cfg, pending))
-    prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
+    with run_log(cfg.run_dir, verbose) as log:
+        try:
+            _start_ray(cpus_needed(cfg, pending))
+            log.take_worker_output()
+            return _run_stages(cfg, evaluation_video, fault_hook)
+        except BaseException:
+            if not verbose:
+                print(f"the run stopped; what Ray, DeepSpeed and the workers said is in {log.path}")
+            raise
 
+
+def _run_stages(cfg: Config, evaluation_video: bool, fault_hook) -> dict:
+    prompts, prompt_report = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
     tracker = Tracker(cfg.tracking, cfg.run_dir, cfg.run.name)
     run_id = tracker.start(cfg.to_dict())
     tracker.log_params({"prompts": {"kept": prompt_report["kept"], "rejected": prompt_report["rejected"]}})
     summary: dict = {"stages_run": [], "stages_skipped": [], "stages": {}}
     try:
         for stage in cfg.run.stages:
-            if _finished(cfg, stage):
+            if finished(cfg, stage):
                 print(f"stage {stage}: finished earlier ({cfg.run_dir / STAGE_OUTPUTS[stage]}), skipped")
                 summary["stages_skipped"].append(stage)
                 continue
-            print(f"stage {stage}")
+            steps = STAGE_STEPS[stage](cfg)
+            print(f"stage {stage}: {steps} steps")
             t0 = time.perf_counter()
+            reruns.save_stage_config(cfg, stage)
             stage_cfg = _stage_config(cfg, stage)
-            if stage == "dmd":
-                result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
-            else:
-                result = _fit(stage_cfg, stage, run_id, prompts=prompts)
+            progress = StageProgress(cfg.run_dir, stage, steps)
+            try:
+                if stage == "dmd":
+                    result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
+                else:
+                    result = _fit(stage_cfg, stage, run_id, prompts=prompts)
+            finally:
+                progress.close()
             summary["stages"][stage] = result | {"seconds": time.perf_counter() - t0}
             summary["stages_run"].append(stage)
-            print(f"stage {stage}: done in {summary['stages'][stage]['seconds']:.0f}s")
+            print(f"stage {stage}: done in {summary['stages'][stage]['seconds']:.0f} s")
         student = _last_student(cfg)
         video = None
         if student is not None and evaluation_video:
+            print(f"evaluation video: {2 * cfg.video.teacher_frames} latent frames from {student}")
             video = _evaluation_video(cfg, prompts[0], student)
             tracker.log_artifact(video, artifact_path="videos")
     except BaseException:
@@ -105,25 +137,36 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None) -> dict:
     tracker.finish()
     summary.update(summary["stages"].get("dmd", {}))
     summary.update(student=student, video=video and str(video), mlflow_run_id=run_id, mlflow_uri=tracker.tracking_uri)
-    print(f"stages run: {', '.join(summary['stages_run']) or 'none'}; skipped: "
-          f"{', '.join(summary['stages_skipped']) or 'none'}\nstudent: {student}\nvideo: {video}\n"
-          f"MLflow run {run_id} at {tracker.tracking_uri}")
+    print(closing_summary(cfg, summary))
     return summary
 
 
-def _finished(cfg: Config, stage: str) -> bool:
-    """A stage is finished once its marker exists; DMD only up to the steps it reached, so raising
-    dmd.steps continues it from its last checkpoint."""
-    marker = cfg.run_dir / STAGE_OUTPUTS[stage] / STAGE_MARKER
-    if not marker.is_file():
-        return False
-    return stage != "dmd" or json.loads(marker.read_text())["steps"] >= cfg.dmd.steps
+def closing_summary(cfg: Config, summary: dict) -> str:
+    """What a run wrote and where, as train's last lines: the run directory, each stage's output (the student the
+    evaluation video shows marked), the video, and the MLflow run with the command that shows it."""
+    run, skipped = summary["stages_run"], summary["stages_skipped"]
+    lines = [f"run {cfg.run.name!r} in {cfg.run_dir}: ran {', '.join(run) or 'no stage'}"
+             + (f"; skipped {', '.join(skipped)} (finished earlier)" if skipped else "")]
+    width = max(map(len, [*STAGE_OUTPUTS, "video", "MLflow"]))
+    for stage in cfg.run.stages:
+        output = cfg.run_dir / STAGE_OUTPUTS[stage]
+        note = "  (student)" if str(output) == summary["student"] else ""
+        lines.append(f"  {stage:<{width}}  {output}{note}" if (output / STAGE_MARKER).is_file()
+                     else f"  {stage:<{width}}  not finished")
+    if summary["video"]:
+        lines.append(f"  {'video':<{width}}  {summary['video']}")
+    if summary["mlflow_run_id"]:
+        lines.append(f"  {'MLflow':<{width}}  run {summary['mlflow_run_id']} at {summary['mlflow_uri']} "
+                     f"(mlflow ui --backend-store-uri {summary['mlflow_uri']})")
+    else:
+        lines.append(f"  {'MLflow':<{width}}  off (tracking.enabled=false)")
+    return "\n".join(lines)
 
 
 def _stage_config(cfg: Config, stage: str) -> Config:
     """The config a stage trains with: the run's pretrained teacher (and text encoder) once it exists, and the student
     of the stage before (the ODE student for DMD, the DMD student for GRPO)."""
-    if _finished(cfg, "pretrain_teacher"):
+    if finished(cfg, "pretrain_teacher"):
         cfg = with_teacher(cfg, cfg.run_dir / STAGE_OUTPUTS["pretrain_teacher"])
     tree = cfg.to_dict()
     source = STUDENT_FROM.get(stage)
@@ -362,17 +405,6 @@ def _check_resumable(cfg: Config, stage: str) -> None:
             raise ConfigError(key, f"{where}: set {key}={value} to resume it (got {now}), or pick a new run.name")
 
 
-def _absolute_paths(cfg: Config) -> Config:
-    """Ray workers run in their own working directories: every path they get must be absolute."""
-    tree = cfg.to_dict()
-    tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
-    for section, key in (("data", "prompts"), ("student", "checkpoint"), ("model", "pretrained"), ("text", "path"),
-                         ("codec", "path")):
-        if tree[section][key] is not None:
-            tree[section][key] = str(Path(tree[section][key]).resolve())
-    return from_dict(tree)
-
-
 def _data_cpus(cfg: Config) -> int:
     """Ray Data's CPUs: one for the range read and task transforms, plus an actor pool per transform."""
     return 1 + (2 * cfg.data.num_actors if cfg.data.compute == "actors" else 0)
@@ -399,8 +431,11 @@ def _start_ray(cpus_needed: float) -> None:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
+            cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+            print(f"Ray: starting a local cluster of {cpus} CPUs")
+            ray.init(num_cpus=cpus)
         else:
+            print(f"Ray: joining the cluster at {address}")
             ray.init(address=address)
     available = ray.cluster_resources().get("CPU", 0)
     if available < cpus_needed:

@@ -41,6 +41,7 @@ from sfpp_ray.distributed.data_pipeline import fresh_row
 from sfpp_ray.distributed.engine import (RESUME_FILE, STATE_FILE, BadSteps, deepspeed_config, engine_update,
                                          frozen_teacher, full_params, global_rank, load_ema, save_ema, save_student,
                                          stage_dtype, world_size, write_marker)
+from sfpp_ray.distributed.progress import report_progress
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync
 from sfpp_ray.seeding import seed_for
 from sfpp_ray.tracking import Tracker
@@ -104,6 +105,7 @@ def dmd_loop(config: dict) -> None:
               f"steps {step + 1}..{total}" + (f"; MLflow holds steps up to {logged_through} already, which are "
                                                "trained again but not logged again" if logged_through > step else ""))
     step_ends, waits = [], []  # wall clock at each step's end, and how long each step waited for its batch
+    generator_loss = None  # the last generator step's, for the progress line
     try:
         shard = ray.train.get_dataset_shard("train")
         t_ready = time.perf_counter()
@@ -152,6 +154,8 @@ def dmd_loop(config: dict) -> None:
                 metrics.update(system)
                 if step > logged_through:
                     tracker.log_metrics(metrics, step)
+                generator_loss = metrics.get("loss/generator", generator_loss)
+                report_progress(cfg.run_dir, "dmd", step, total, critic=metrics["loss/critic"], generator=generator_loss)
             every = cfg.trainer.checkpoint_every
             report(metrics, step, student_engine, critic_engine, ema, cfg, rank,
                    save=(every > 0 and step % every == 0) or step == total,

@@ -26,6 +26,7 @@ from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA
 from sfpp_ray.checks import NonFiniteError
 from sfpp_ray.config import Config, from_dict
+from sfpp_ray.reruns import STAGE_MARKER
 from sfpp_ray.tracking import Tracker
 
 STATE_FILE = "trainer_state.pt"
@@ -34,7 +35,6 @@ EMA_SHARD_FILE = "ema_rank{rank}.pt"  # a rank's part of the moving average (EMA
 # In the run dir, per resumable stage: the controller's view of the stage's last checkpoint. DMD has none: its
 # controller reads the last checkpoint Ray Train registered (RESUME_FILE in it), the one a rerun restores.
 PROGRESS_FILES = {"pretrain_teacher": "teacher_progress.json"}
-STAGE_MARKER = "stage.json"  # written last into a stage's output dir: the stage finished
 
 
 def write_marker(directory: Path, record: dict) -> None:

@@ -10,6 +10,7 @@ from sfpp_ray import components
 from sfpp_ray.algorithm.grpo import grpo_step
 from sfpp_ray.distributed.engine import (BadSteps, deepspeed_config, engine_update, finish, global_rank, rank0_tracker,
                                          setup, step_done, world_size)
+from sfpp_ray.distributed.progress import report_progress
 from sfpp_ray.seeding import generator
 
 
@@ -40,4 +41,6 @@ def grpo_loop(config: dict) -> None:
                                            "grpo/kl": info["kl"], "grpo/clip_frac": info["clip_frac"],
                                            **bad.after(step)}, step, device)
             rewards_seen.append(metrics["grpo/reward"])
+            if rank == 0:
+                report_progress(cfg.run_dir, "grpo", step, gp.steps, loss=metrics["grpo/loss"], reward=rewards_seen[-1])
     finish(engine, cfg, "student_grpo", {"steps": gp.steps, "rewards": rewards_seen}, metrics, gp.steps)

@@ -15,6 +15,7 @@ from sfpp_ray.algorithm.ode_init import Guide, OdePairStore, make_ode_trajectori
 from sfpp_ray.config import Config
 from sfpp_ray.distributed.engine import (BadSteps, deepspeed_config, engine_update, finish, global_rank, rank0_tracker,
                                          setup, step_done, world_size)
+from sfpp_ray.distributed.progress import report_progress
 from sfpp_ray.seeding import generator, seed_for
 from sfpp_ray.world.sprites import prompt, sample_scenes
 
@@ -92,6 +93,8 @@ def ode_loop(config: dict) -> None:
                            update)
             metrics = step_done(tracker, {"ode/loss": out["loss"].item(), **bad.after(step)}, step, device)
             losses.append(metrics["ode/loss"])
+            if rank == 0:
+                report_progress(cfg.run_dir, "ode", step, cfg.ode.steps, loss=losses[-1])
             if rank == 0 and (step % max(1, cfg.ode.steps // 10) == 0 or step == cfg.ode.steps):
                 print(f"[ode] step {step}/{cfg.ode.steps}  loss {losses[-1]:.4f}  "
                       f"{step / (time.perf_counter() - t0):.1f} steps/s", flush=True)

@@ -25,6 +25,7 @@ from sfpp_ray.config import Config, ema_dir, guide_dir
 from sfpp_ray.distributed.engine import (STATE_FILE, BadSteps, deepspeed_config, engine_update, finish, full_params,
                                          global_rank, load_ema, lr_factor, rank0_tracker, save_ema, setup, world_size,
                                          write_progress)
+from sfpp_ray.distributed.progress import report_progress
 from sfpp_ray.models.text_encoder import PromptConditioned
 from sfpp_ray.seeding import generator
 from sfpp_ray.world.clips import WorldClipStream, clip_latents, sprite_loss_weight
@@ -146,6 +147,8 @@ def pretrain_teacher_loop(config: dict) -> None:
             checkpointing = tp.checkpoint_every and step % tp.checkpoint_every == 0 and step < tp.steps
             if printing or checkpointing or len(unread) == READ_BACK_EVERY:  # printing: also the last step
                 metrics, out_of_time = read_back()
+            if rank == 0:
+                report_progress(cfg.run_dir, "pretrain_teacher", step, tp.steps, loss=losses[-1] if losses else None)
             if rank == 0 and (printing or out_of_time):
                 print(f"[pretrain_teacher] step {step}/{tp.steps}  loss {metrics['teacher/loss']:.4f}  "
                       f"{(step - done) / (time.perf_counter() - t0):.1f} steps/s", flush=True)

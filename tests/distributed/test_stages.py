@@ -4,6 +4,7 @@ teacher's pretraining, ODE initialisation, Self-Forcing++ DMD and GRPO, then a r
 import dataclasses
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from sfpp_ray import components
+from sfpp_ray import components, reruns
 from sfpp_ray.algorithm.ode_init import OdePairStore
 from sfpp_ray.config import ConfigError, ema_dir, guide_dir, load_config, with_teacher
 from sfpp_ray.distributed.teacher_trainer import READ_BACK_EVERY
@@ -67,6 +68,25 @@ def test_every_stage_runs_in_order_and_leaves_loadable_weights(runs):
     assert Path(first["video"]).is_file()
     frames = read_video(first["video"])  # twice the teacher's horizon, counted in the codec's video frames
     assert len(frames) == components.build_video_codec(cfg).video_frames(2 * cfg.video.teacher_frames)
+
+
+
+def test_train_ends_with_a_summary_naming_what_it_wrote(runs):
+    """The run directory, each stage's output (the evaluation video's student marked), the video and the MLflow run,
+    each path one that exists."""
+    from sfpp_ray.distributed.controller import closing_summary
+
+    cfg, first, second, _ = runs
+    head, *rows = closing_summary(cfg, first).splitlines()
+    assert head == f"run 'stages' in {cfg.run_dir}: ran {', '.join(STAGES)}"
+    paths = {row.split()[0]: row.split()[1] for row in rows}
+    assert list(paths) == [*STAGES, "video", "MLflow"]
+    assert all(paths[s] == str(cfg.run_dir / OUTPUTS[s]) and Path(paths[s]).is_dir() for s in STAGES)
+    assert rows[STAGES.index("grpo")].endswith("(student)") and paths["video"] == first["video"]
+    assert rows[-1].endswith(f"run {first['mlflow_run_id']} at {first['mlflow_uri']} "
+                             f"(mlflow ui --backend-store-uri {first['mlflow_uri']})")
+    assert closing_summary(cfg, second).splitlines()[0].endswith(f"ran no stage; skipped {', '.join(STAGES)} "
+                                                                 "(finished earlier)")
 
 
 def test_teacher_flow_matching_loss_decreases(runs):
@@ -143,8 +163,31 @@ def test_grpo_rewards_are_finite_and_the_group_replayed_in_parts_updates_the_stu
 def test_rerun_skips_finished_stages(runs):
     cfg, first, second, grpo_checksum = runs
     assert second["stages_run"] == [] and second["stages_skipped"] == STAGES
+    assert all(reruns.saved_stage_config(cfg, s) == cfg.flat() for s in STAGES)  # what the rerun compared with
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert state_checksum(components.build_student(cfg, checkpoint=second["student"])) == grpo_checksum
+
+
+def test_a_changed_key_is_refused_and_restart_runs_the_stage_again(runs, tmp_path):
+    """A GRPO-only run whose stage finished (the fixture's GRPO student, recorded as made with some grpo.lr): run
+    again unchanged it is skipped; with another grpo.lr it is refused naming the key; with restart it trains again
+    and saves the new config, which a further run then agrees with."""
+    from sfpp_ray.distributed.controller import train
+
+    cfg, _, _, _ = runs
+    lr = random.choice([1e-6, 3e-6, 1e-5])
+    keys = [f"run.output_dir={tmp_path}", "run.name=again", "run.stages=[grpo]", f"student.checkpoint={cfg.run_dir / 'student'}",
+            "grpo.steps=1", "grpo.group_size=2", "grpo.micro_batch=1", "tracking.enabled=false"]
+    before, changed = (load_config(CONFIG, [*keys, f"grpo.lr={x}"]) for x in (lr, lr * 2))
+    shutil.copytree(cfg.run_dir / "student_grpo", before.run_dir / "student_grpo")
+    reruns.save_stage_config(reruns.absolute_paths(before), "grpo")
+    assert train(before, evaluation_video=False)["stages_skipped"] == ["grpo"]
+    with pytest.raises(reruns.RerunRefused, match=rf"finished stage grpo with other settings: grpo.lr {lr} -> {lr * 2};"):
+        train(changed, evaluation_video=False)
+    again = train(changed, evaluation_video=False, restart="grpo")
+    assert again["stages_run"] == ["grpo"] and again["stages"]["grpo"]["record"]["steps"] == 1  # the fixture's had 2
+    assert reruns.saved_stage_config(changed, "grpo")["grpo.lr"] == lr * 2
+    assert train(changed, evaluation_video=False)["stages_skipped"] == ["grpo"]
 
 
 def test_generate_from_a_student_directory_alone_makes_the_run_s_evaluation_video(runs, tmp_path):
