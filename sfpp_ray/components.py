@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -43,18 +44,21 @@ def layout(cfg: Config) -> CausalLayout:
 
 def with_student_layout(cfg: Config, checkpoint: str | None) -> Config:
     """A copy of cfg whose student blocks, window, sinks and position rule are the ones `checkpoint` was saved with,
-    where it saved them, and whose text encoder is the one saved beside it (a trained one the run used, see
-    engine.carry_text_encoder): inference streams as the student was trained from the directory alone. Training
+    where it saved them, whose text encoder is the one saved beside it (a trained one the run used, see
+    engine.carry_text_encoder) and whose codec is the one it names (codec.json): inference streams as the student was trained from the directory alone. Training
     builds from its config instead (a variant may train a student saved with another window)."""
     if checkpoint is None:
         return cfg
     saved, home = saved_layout(checkpoint), Path(checkpoint)
     home = home.parent if home.is_file() and (home.parent / "config.json").is_file() else home  # a model dir's file
     text = home.is_dir() and (home / "text_encoder" / "config.json").is_file()
-    if not saved and not text:
+    codec = home / "codec.json" if home.is_dir() and (home / "codec.json").is_file() else None  # engine.CODEC_FILE
+    if not saved and not text and not codec:
         return cfg
     tree = cfg.to_dict()
     tree["student"].update(saved or {})
+    if codec:
+        tree["codec"].update(json.loads(codec.read_text()))
     if text:
         tree["text"].update(kind="umt5", path=str(home))
     return from_dict(tree)

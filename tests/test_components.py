@@ -82,6 +82,12 @@ def test_a_student_saved_with_its_run_s_text_encoder_generates_with_it_from_the_
     save_student(components.build_student(base), base, tmp_path / "student_base")  # a built-in encoder: nothing to carry
     assert not (tmp_path / "student_base" / "text_encoder").exists()
     assert components.with_student_layout(base, str(tmp_path / "student")).text.path == str(tmp_path / "student")
+    # the codec it names wins over the config's: a student decodes its latents as it was trained to (here as many
+    # channels, from 4 frames of 1x1 pixels instead of 1 frame of 2x2)
+    other = load_config(TINY, [f"run.output_dir={tmp_path}", "codec.spatial_factor=1", "codec.temporal_factor=4"])
+    save_student(components.build_student(other), other, tmp_path / "student_other_codec")
+    assert components.with_student_layout(base, str(tmp_path / "student_other_codec")).codec == other.codec != base.codec
+    assert components.with_student_layout(other, str(tmp_path / "student")).codec == base.codec
     loose = tmp_path / "teacher" / "student.pt"  # a weights file beside an encoder, not in a model directory
     torch.save(components.build_student(base).state_dict(), loose)
     assert components.with_student_layout(base, str(loose)) is base

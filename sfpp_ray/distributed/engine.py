@@ -10,6 +10,7 @@ ends with `finish`, which saves the model and marks the stage's output directory
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -299,10 +300,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+CODEC_FILE = "codec.json"  # beside a saved student: the codec its latents are decoded with (cfg.codec)
+
+
 def save_student(module: torch.nn.Module, cfg: Config, directory: Path) -> None:
-    """A student's weights, causal layout and text encoder: what generating from the directory needs."""
+    """A student's weights, causal layout, text encoder and codec reference: what generating from the directory
+    needs."""
     module.save_pretrained(directory)
     carry_text_encoder(cfg, directory)
+    (Path(directory) / CODEC_FILE).write_text(json.dumps(dataclasses.asdict(cfg.codec), indent=2) + "\n")
 
 
 def finish(engine, cfg: Config, name: str, record: dict, metrics: dict, step: int, student: bool = True) -> None:
