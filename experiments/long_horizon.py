@@ -50,6 +50,7 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.ode_init import Guide, teacher_samples
+from sfpp_ray.algorithm.reward import flow_reward
 from sfpp_ray.components import world_of
 from sfpp_ray.config import Config, ConfigError, load_config, saved_guides, with_teacher
 from sfpp_ray.evaluation.evaluate import evaluate, nanmean
@@ -59,7 +60,7 @@ from sfpp_ray.world.sprites import prompt, render, sample_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = "stage.json"  # written last: a stage whose directory lacks it did not finish (the product's marker too)
-TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frechet")
+TABLE_KEYS = ("stability", "exposure_drift", "dynamic_degree", "flicker", "frechet", "flow_reward")
 
 
 # ---------------------------------------------------------------- setup
@@ -392,7 +393,8 @@ def reference_rows(s: Setup, ode=None, seed: int | None = None, split: str = "he
         start = int(rng.integers(4 * horizon, 100 * horizon))  # drawn either way: real clips do not depend on labels
         for label in labels:
             video = render(scene, start, horizon) if label == "real" else samples[i]
-            rows[label].append(summarise(segment_metrics(video, horizon, reference=reference, block_frames=block)))
+            rows[label].append({**summarise(segment_metrics(video, horizon, reference=reference, block_frames=block)),
+                                "flow_reward": flow_reward(video, cfg.grpo.min_motion, cfg.grpo.reward, cfg.grpo.raft_weights)})
     return {label: {1: {k: nanmean([r[k] for r in rs]) for k in rs[0]}} for label, rs in rows.items()}
 
 
@@ -569,7 +571,7 @@ def over_seeds(tables: list[dict]) -> tuple[dict, dict]:
     for h in tables[0]:
         mean[int(h)], spread[int(h)] = {}, {}
         for k in TABLE_KEYS:
-            v = np.array([t[h][k] for t in tables], dtype=float)
+            v = np.array([t[h].get(k, math.nan) for t in tables], dtype=float)  # scores made before a key was
             v = v[~np.isnan(v)]
             mean[int(h)][k] = float(v.mean()) if len(v) else math.nan
             spread[int(h)][k] = {"std": float(v.std(ddof=1)) if len(v) > 1 else math.nan,

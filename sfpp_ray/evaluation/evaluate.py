@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfpp_ray.algorithm.reward import flow_reward
 from sfpp_ray.components import world_of
 from sfpp_ray.config import Config
 from sfpp_ray.evaluation.metrics import segment_metrics, summarise
@@ -28,7 +29,7 @@ from sfpp_ray.world.sprites import prompt, render, sample_scenes
 GIF_MAX_HORIZON = 10  # example gifs of longer videos would weigh megabytes; the long stream's last segment has its own
 BLANK_STD = 4.0  # pixel levels: a frame whose pixels spread less than this shows no world (real clips: 40-60)
 TABLE_KEYS = ("stability", "stability_last", "exposure_drift", "colour_drift", "count_error", "dynamic_degree",
-              "flicker", "repetition", "frechet")
+              "flicker", "repetition", "frechet", "flow_reward")
 
 
 class FrameList:
@@ -72,7 +73,9 @@ def evaluate(cfg: Config, checkpoint: str | None = None, out_dir: str | Path | N
             nf = cfg.video.teacher_frames * mult
             video = stream[:gen.codec.video_frames(nf)]
             segments = segment_metrics(video, horizon, reference=reference, block_frames=block_starts(gen.codec, nf, fpb))
-            rows.append({"prompt": prompt(scene), "horizon": mult, **summarise(segments)})
+            # GRPO's own reward (grpo.reward, grpo.min_motion) on the whole video: what GRPO moved, if anything
+            reward = flow_reward(video, cfg.grpo.min_motion, cfg.grpo.reward, cfg.grpo.raft_weights)
+            rows.append({"prompt": prompt(scene), "horizon": mult, **summarise(segments), "flow_reward": reward})
             curves.setdefault(mult, []).append([s["stability"] for s in segments])
             if i == 0 and mult <= GIF_MAX_HORIZON:
                 write_video(video, out / f"example_{mult}x.gif", cfg.video.fps)

@@ -29,6 +29,21 @@ def test_evaluate_writes_table_json_plot_and_examples_and_says_where(tmp_path, c
     long = [r for r in result["rows"] if r["horizon"] == 3][0]
     assert long["num_frames"] == 18 and long["num_segments"] == 3
     assert 0 <= long["stability"] <= 100
+    # GRPO's reward of each whole video, as the GRPO stage scores its rollouts: the same prompt's stream made again
+    from sfpp_ray.algorithm.reward import flow_reward
+    from sfpp_ray.components import world_of
+    from sfpp_ray.evaluation.evaluate import FrameList
+    from sfpp_ray.generate import VideoGenerator
+    from sfpp_ray.seeding import seed_for
+    from sfpp_ray.world.sprites import prompt, sample_scenes
+
+    frames = FrameList()
+    (scene,) = sample_scenes(cfg.evaluation.seed, 1, "heldout", world_of(cfg))
+    VideoGenerator(cfg).stream(prompt(scene), 3 * cfg.video.teacher_frames, frames,
+                               seed=seed_for(cfg.evaluation.seed, "evaluation", 0))
+    again = flow_reward(frames.video(), cfg.grpo.min_motion, cfg.grpo.reward, cfg.grpo.raft_weights)
+    assert np.isfinite(again) and abs(long["flow_reward"] - again) < 1e-6
+    assert saved["table"]["3"]["flow_reward"] == long["flow_reward"]
     (curve,) = saved["stability_by_segment"]  # the longest horizon's segments: their mean is its stability
     assert len(curve) == 3 and abs(np.mean(curve) - long["stability"]) < 1e-9
     assert (tmp_path / "eval" / "stability_over_time.png").stat().st_size > 0
