@@ -108,7 +108,10 @@ def main() -> None:
     settings = [("none", False), ("none", True), ("serial", False), ("overlapped", False)]  # folded and not, one run
     for d, fold in settings:  # warm-up: kernels, allocator, decoder cache
         run_once(model, codec, spec, device, dtype, a.window, d, fold)
-    rows = [run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold) for d, fold in settings]
+    rows = []
+    for d, fold in settings:
+        rows.append(run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold))
+        print(f"{d} folded={fold}: {rows[-1]['fps']:.1f} FPS", flush=True)
     result = {"shape": a.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": str(dtype), "window_frames": a.window, "frames_per_block": a.frames_per_block,
               "kv_cache_bytes": kv, "rows": rows}
