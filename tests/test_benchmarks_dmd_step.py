@@ -1,0 +1,27 @@
+"""benchmarks/dmd_step.py on the tiny shape: both step kinds timed and their FLOPs counted, attention included."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+
+def load_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dmd_step.py"
+    spec = importlib.util.spec_from_file_location("dmd_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_shape_times_and_counts_both_steps(tmp_path):
+    out = tmp_path / "dmd_step.json"
+    result = load_script().main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {r["kind"]: r for r in result["rows"]}
+    assert set(rows) == {"critic", "generator"}
+    for r in rows.values():
+        assert r["seconds"] > 0 and r["flops"] > 0 and r["mfu"] is None  # no MFU without a GPU peak
+        assert 0 < r["attention_flop_share"] < 1  # the CPU attention kernel is counted
+    # the generator step runs the student (with gradient), the teacher twice and the critic forward
+    assert rows["generator"]["flops"] > rows["critic"]["flops"]
+    assert result["setting"]["window"][2] == 6 and result["setting"]["context_frames"] == 6
