@@ -30,6 +30,9 @@ rollout workers share it (trainer.gpus_per_worker, rollout.gpus_per_worker: GPU_
 
     python experiments/long_horizon.py --out runs/long_horizon [--stages teacher,ode,sf,sfpp,eval] [--seeds 0,1,2] \
         [--teacher weights/world_teacher] [key=value ...]
+
+A variant stage may name its own seeds after '@' ('+' between them): `--stages sf,sfpp,sfpp_nobn@0 --seeds 0,1,2`
+trains the ablation once and the others three times, all in one parallel schedule.
 """
 
 from __future__ import annotations
@@ -614,6 +617,19 @@ def given_keys(overrides: list[str]) -> set[str]:
 FIXED = {"teacher": "teacher", "sampler": "sampler", "ode": "student_ode"}  # stage -> its output under --out
 
 
+def stage_seeds(stage: str, seeds: list[int]) -> tuple[str, list[int]]:
+    """'sfpp_nobn@0+1' -> ('sfpp_nobn', [0, 1]); a stage without '@' trains with `seeds`."""
+    name, _, own = stage.partition("@")
+    if not own:
+        return name, seeds
+    if name in (*FIXED, "eval"):
+        raise ValueError(f"stage {name!r} trains once: it takes no seeds ({stage!r})")
+    try:
+        return name, [int(k) for k in own.split("+")]
+    except ValueError:
+        raise ValueError(f"stage {stage!r}: seeds after '@' are integers joined by '+', as sfpp_nobn@0+1") from None
+
+
 def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = None,
         teacher: Path | None = None, parallel: int = 1) -> dict | None:
     """Runs the requested stages in order, skipping finished ones, each variant once per training seed (default: the
@@ -629,9 +645,11 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     s = Setup(cfg, out, teacher, given)
+    own_seeds = dict(stage_seeds(x, seeds) for x in stages)
+    stages = list(own_seeds)
     variants = [v for v in stages if v not in (*FIXED, "eval")]
     for v in variants:  # a bad variant or seed fails before hours of training
-        for seed in seeds:
+        for seed in own_seeds[v]:
             cmd.config_for([*variant_overrides(cfg, v), f"run.seed={seed}"])
     jobs: list[tuple[str, int]] = []  # variant runs waiting to go in parallel
     for stage in stages:
@@ -639,7 +657,8 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
             train_variants_in_parallel(s, cmd, jobs, parallel)
             jobs = []
         if stage == "eval":
-            result = run_eval(s, cmd, variants or default_variants(cfg), seeds, parallel)
+            result = run_eval(s, cmd, variants or default_variants(cfg), sorted({k for v in own_seeds.values() for k in v}),
+                              parallel)
             print(format_results(result))
             return result
         if stage in FIXED:
@@ -657,7 +676,7 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
             else:
                 train_ode(s, cmd)
             continue
-        for seed in seeds:
+        for seed in own_seeds[stage]:
             if trained(student_of(out, stage, seed), cfg):
                 print(f"[{stage} seed{seed}] done, skipped")
             elif parallel > 1:
@@ -683,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     cmd = Command(args.config, args.overrides)
     cfg = cmd.config_for([])
     stages = args.stages.split(",") if args.stages else [*FIXED, *default_variants(cfg), "eval"]
-    if [x for x in stages if x in FIXED] != [x for x in FIXED if x in stages]:
+    if [x for x in stages if x in FIXED] != [x for x in FIXED if x in stages]:  # ('@' on these is refused by run)
         raise ValueError("teacher, sampler and ode run in that order")
     seeds = [int(k) for k in args.seeds.split(",")] if args.seeds else None
     if args.parallel < 1:
