@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from sfpp_ray.algorithm.optical_flow import as_float_video, farneback_flow, luma
 from sfpp_ray.world.sprites import PALETTE, SHAPES
@@ -30,18 +31,37 @@ FRECHET_SCALE = 2.0
 PENALTIES = ("exposure", "colour", "count", "composition", "motion", "flicker", "repetition", "frechet")
 
 
+class FrechetReference:
+    """A Gaussian fitted to reference features, with its covariance's square root computed once: a long video's
+    segments are each compared with the same reference, and the eigendecompositions are most of the cost."""
+
+    def __init__(self, y: np.ndarray):
+        y = np.asarray(y, np.float64)
+        if y.ndim != 2 or len(y) < 2:
+            raise ValueError(f"need a (n >= 2, d) feature matrix, got {y.shape}")
+        self.mean, self.cov = y.mean(0), np.atleast_2d(np.cov(y, rowvar=False))
+        w, v = np.linalg.eigh(self.cov)
+        self.root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    def distance(self, x: np.ndarray) -> float:
+        """|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_y^1/2 S_x S_y^1/2)^1/2); the trace of the root is the same with
+        the roles of S_x and S_y swapped (both hold the square roots of S_x S_y's eigenvalues)."""
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean) or len(x) < 2:
+            raise ValueError(f"need a (n >= 2, {len(self.mean)}) feature matrix, got {x.shape}")
+        sx = np.atleast_2d(np.cov(x, rowvar=False))
+        cross = np.linalg.eigvalsh(self.root @ sx @ self.root)
+        d = (((x.mean(0) - self.mean) ** 2).sum() + np.trace(sx) + np.trace(self.cov)
+             - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+        return float(max(d, 0.0))
+
+
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to the rows of x and y:
-    |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), square roots by eigendecomposition."""
+    """Frechet distance between Gaussians fitted to the rows of x and y (square roots by eigendecomposition)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"need two (n >= 2, d) feature matrices of equal d, got {x.shape} and {y.shape}")
-    sx, sy = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    w, v = np.linalg.eigh(sx)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root @ sy @ root)
-    d = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(max(d, 0.0))
+    return FrechetReference(y).distance(x)
 
 
 def stability_score(m: dict) -> float:
@@ -175,6 +195,9 @@ def _boundary_pairs(num_frames: int, block_frames: int | Sequence[int] | None) -
     return mask
 
 
+# one BLAS thread: the matrices are ~100 wide, where threads cost more than they give, and evaluations run side by
+# side (one process a student) would otherwise each start a thread per core
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarray | Sequence[np.ndarray] | None = None,
                     palette: dict[str, tuple[int, int, int]] = PALETTE, block_frames: int | Sequence[int] | None = None,
                     motion_threshold: float = 0.05, colour_tolerance: float = COLOUR_TOLERANCE, min_area: int | None = None) -> list[dict]:
@@ -222,6 +245,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
         ref = {k: np.concatenate([p[k] for p in per_clip]) for k in stats}
     ref_brightness, ref_hist, ref_count = ref["brightness"].mean(), ref["hist"].mean(0), ref["count"].mean()
     ref_flow, ref_kinds = ref["flow"].mean(), ref["kinds"].sum(0)
+    ref_features = FrechetReference(ref["features"])
 
     boundary = _boundary_pairs(n, block_frames)
     eps = 0.5 / 255.0
@@ -250,7 +274,7 @@ def segment_metrics(video: np.ndarray, segment_frames: int, reference: np.ndarra
             "stagnation": float(max(0.0, 1.0 - flow.mean() / ref_flow)) if ref_flow > 0 else 0.0,
             "flicker": float((diff[edge].mean() + eps) / (diff[~edge].mean() + eps)) if edge.any() and not edge.all() else float("nan"),
             "repetition": float(max(best[s:e, j].mean() for j in far)) if far else float("nan"),
-            "frechet": frechet_distance(stats["features"][s:e], ref["features"]),
+            "frechet": ref_features.distance(stats["features"][s:e]),
         }
         m["stability"] = stability_score(m)
         out.append(m)

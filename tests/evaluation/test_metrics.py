@@ -123,6 +123,20 @@ def test_frechet_distance_matches_the_closed_form():
     assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-6)
 
 
+def test_frechet_distance_is_symmetric_and_matches_the_root_of_the_first_covariance():
+    """The reference's root is the one computed (once): the same distance as with the other covariance's root."""
+    rng = np.random.default_rng()
+    x = rng.normal(size=(40, 8)) @ rng.normal(size=(8, 8))
+    y = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8)) + rng.normal(size=8)
+    sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(sx)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    direct = (((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(sx) + np.trace(sy)
+              - 2 * np.sqrt(np.clip(np.linalg.eigvalsh(root @ sy @ root), 0, None)).sum())
+    assert frechet_distance(x, y) == pytest.approx(direct, rel=1e-9)
+    assert frechet_distance(y, x) == pytest.approx(direct, rel=1e-9)
+
+
 def test_block_starts_can_be_listed(clips):
     """A codec whose first block decodes to fewer frames: boundaries given as block starts."""
     video = clips["flickering"][:3 * SEGMENT]
