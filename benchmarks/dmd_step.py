@@ -54,6 +54,7 @@ ATTENTION_OPS = ("attention",)  # substrings of the counted op names that are at
 
 
 def updater(model, lr, t):
+    """One process's update of `model`: backward, clip, plain AdamW with the trainer's settings (no DeepSpeed)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
     def update(loss, weight=1.0, last=True):

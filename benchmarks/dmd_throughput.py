@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,9 @@ from sfpp_ray.config import load_config
 from sfpp_ray.distributed.data_pipeline import add_backward_noise, sample_windows
 from sfpp_ray.distributed.prompts import load_prompts
 from sfpp_ray.seeding import generator, seed_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dmd_step import updater  # noqa: E402  (the single process's plain AdamW step, as the DMD step benchmark's)
 
 
 class GpuBusy:
@@ -82,18 +86,7 @@ def single(cfg, steps: int, warmup: int) -> dict:
     timesteps = schedule.student_timesteps(cfg.schedule)
     t = cfg.trainer
 
-    def updater(model, lr):
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-
-        def update(loss, weight=1.0, last=True):
-            (loss * weight).backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return norm
-        return update
-
-    student_update, critic_update = updater(student, t.generator_lr), updater(critic, t.critic_lr)
+    student_update, critic_update = updater(student, t.generator_lr, t), updater(critic, t.critic_lr, t)
     prompts, _ = load_prompts(cfg.data.prompts, cfg.data.max_prompt_chars)
     uncond = text.encode([cfg.text.negative_prompt])[0].float().cpu().numpy()
     g, B, ends = generator(cfg.run.seed, "benchmark", device=device), t.batch_size, []
