@@ -304,11 +304,13 @@ def write_command(run_dir: Path, line: str) -> None:
     (run_dir / COMMAND_FILE).write_text(line + "\n")
 
 
-def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int]], parallel: int) -> None:
+def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int]], parallel: int,
+                               scorer: Scorer | None = None) -> None:
     """Up to `parallel` variant runs at once, each `sfpp-ray train` in a process of its own, all on this process's
     Ray cluster (started here unless one is), each with 1/parallel of the GPU; fewer at once where the cluster's
     CPUs do not hold `parallel` runs. sfpp_grpo starts once sfpp's student of its seed is trained. Each run's output
-    goes to train.log in its run directory; a failed run stops none of the others, and is raised at the end."""
+    goes to train.log in its run directory; a failed run stops none of the others, and is raised at the end.
+    `scorer`: each student is scored as soon as it is trained, beside the runs still training."""
     import subprocess
     import sys
 
@@ -359,6 +361,8 @@ def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int
                       f"{time.perf_counter() - t0:.0f} s, log {log.name}", flush=True)
                 if code != 0:
                     failed.append(f"{name} seed{seed}: exit {code}, see {log.name}")
+                elif scorer is not None:
+                    scorer.submit(name, seed)
         if failed:
             raise RuntimeError("variant runs failed: " + "; ".join(failed))
     finally:
@@ -475,10 +479,41 @@ def check_eval_settings(s: Setup) -> None:
                                    "remove that directory to score again")
 
 
-def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int], parallel: int = 1) -> dict:
+class Scorer:
+    """Scores students in processes of their own (spawned: CUDA does not survive a fork) as soon as each is trained,
+    while other variants still train, each cached under eval/<variant>/seed<k>/metrics.json."""
+
+    def __init__(self, s: Setup, cmd: Command, processes: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        check_eval_settings(s)  # makes eval/; scores made under other settings are refused before any is added
+        self.s, self.cmd, self.futures = s, cmd, {}
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, name: str, seed: int) -> None:
+        s, student = self.s, student_of(self.s.out, name, seed)
+        out = s.out / "eval" / name / f"seed{seed}"
+        if (name, seed) in self.futures or not finished(student) or (out / "metrics.json").is_file():
+            return
+        print(f"[eval] {name} seed{seed}: scoring", flush=True)
+        self.futures[(name, seed)] = self.pool.submit(evaluate, self.cmd.config_for(variant_run(s, name, seed)),
+                                                      str(student), out, f"{name} seed{seed}")
+
+    def wait(self) -> None:
+        """Every submitted score finished (an error in one is raised, after the others are done)."""
+        self.pool.shutdown(wait=True)
+        for (name, seed), future in self.futures.items():
+            future.result()
+            print(f"[eval] {name} seed{seed} scored", flush=True)
+
+
+def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int], parallel: int = 1,
+             scorer: Scorer | None = None) -> dict:
     """Scores every trained variant and seed with the config it trained with (each cached under
-    eval/<variant>/seed<k>; up to `parallel` students at once, each in a process of its own), then collects per
-    variant and horizon the mean over seeds and their spread."""
+    eval/<variant>/seed<k>; up to `parallel` students at once, each in a process of its own: `scorer`'s, which may
+    hold scores started while training went on), then collects per variant and horizon the mean over seeds and
+    their spread."""
     check_eval_settings(s)  # makes eval/
     ref_path = s.out / "eval" / "reference.json"
     if not ref_path.is_file():
@@ -487,15 +522,12 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int], para
     print(format_reference(reference))
     todo = [(name, seed) for name in variants for seed in seeds if finished(student_of(s.out, name, seed))
             and not (s.out / "eval" / name / f"seed{seed}" / "metrics.json").is_file()]
-    if parallel > 1 and len(todo) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(parallel, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            for (name, seed), _ in zip(todo, pool.map(
-                    evaluate, *zip(*[(cmd.config_for(variant_run(s, n, k)), str(student_of(s.out, n, k)),
-                                          s.out / "eval" / n / f"seed{k}", f"{n} seed{k}") for n, k in todo]))):
-                print(f"[eval] {name} seed{seed} scored", flush=True)
+    if scorer is None and parallel > 1 and len(todo) > 1:
+        scorer = Scorer(s, cmd, min(parallel, len(todo)))
+    if scorer is not None:
+        for name, seed in todo:
+            scorer.submit(name, seed)
+        scorer.wait()
     scores = {label: {None: rows} for label, rows in reference.items()}  # label -> seed -> horizon -> metrics
     commands: dict[str, dict[int, str]] = {}
     long_streams: dict[str, dict[int, dict]] = {}  # evaluation.long_stream: each student's one longest stream
@@ -525,6 +557,7 @@ def run_eval(s: Setup, cmd: Command, variants: list[str], seeds: list[int], para
               "per_seed": {label: by_seed for label, by_seed in scores.items() if None not in by_seed},
               "long_stream": long_streams, "commands": commands, "stages": json.loads(seconds.read_text()) if seconds.is_file() else {}}
     (s.out / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    (s.out / "results.md").write_text(markdown_results(json.loads((s.out / "results.json").read_text())))
     plot_over_time(s, [n for n in variants if n in scores], seeds)
     return result
 
@@ -606,6 +639,27 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_results(result: dict) -> str:
+    """results.md: the table as docs/results.md shows it, mean ± sample std over seeds (n seeds), one row a variant
+    and horizon, then each student's longest stream (its last segment); made from results.json, never by hand."""
+    lines = ["| variant | horizon | seeds | " + " | ".join(TABLE_KEYS) + " |", "|---|---|---|" + "---|" * len(TABLE_KEYS)]
+    for label, rows in result["table"].items():
+        n = len(result["seeds"].get(label, [])) or 1
+        for h, m in sorted(rows.items(), key=lambda hm: int(hm[0])):
+            sp = result["spread"][label][h]
+            cells = [f"{m[k]:.3f} ± {sp[k]['std']:.3f}" if n > 1 and not math.isnan(sp[k]["std"]) else f"{m[k]:.3f}"
+                     for k in TABLE_KEYS]
+            lines.append(f"| {label} | {h}x | {n if label in result['per_seed'] else '-'} | " + " | ".join(cells) + " |")
+    streams = result.get("long_stream", {})
+    if streams:
+        lines += ["", "| variant | seed | stream | frames | last segment's stability | collapsed |", "|---|---|---|---|---|---|"]
+        for label, by_seed in streams.items():
+            for seed, ls in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+                lines.append(f"| {label} | {seed} | {ls['horizon']}x | {ls['video_frames']} | {ls['stability_last']:.1f} | "
+                             f"{'yes' if ls['collapsed'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -652,13 +706,19 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
         for seed in own_seeds[v]:
             cmd.config_for([*variant_overrides(cfg, v), f"run.seed={seed}"])
     jobs: list[tuple[str, int]] = []  # variant runs waiting to go in parallel
+    scorer = None  # with eval to come, students are scored while the others train
     for stage in stages:
         if jobs and stage in ("eval", "sampler", "ode"):
-            train_variants_in_parallel(s, cmd, jobs, parallel)
+            if stage == "eval" and scorer is None:
+                scorer = Scorer(s, cmd, parallel)
+                for name in variants:  # trained before, not yet scored
+                    for seed in own_seeds[name]:
+                        scorer.submit(name, seed)
+            train_variants_in_parallel(s, cmd, jobs, parallel, scorer)
             jobs = []
         if stage == "eval":
             result = run_eval(s, cmd, variants or default_variants(cfg), sorted({k for v in own_seeds.values() for k in v}),
-                              parallel)
+                              parallel, scorer)
             print(format_results(result))
             return result
         if stage in FIXED:

@@ -180,6 +180,8 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     started = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] sfpp-ray train ", line)]
     ended = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] finished", line)]
     assert len(started) == 2 and max(started) < min(ended)  # both were running at once
+    first = re.match(r"\[(sfp?p?) seed1\] finished", lines[min(ended)]).group(1)
+    assert lines.index(f"[eval] {first} seed1: scoring") < max(ended)  # scored while the other still trained
     assert set(two["table"]) == {"real", "teacher", "sf", "sfpp"} and two["seeds"]["sf"] == [0, 1]
     for h, spread in two["spread"]["sf"].items():
         per_seed = [json.loads((out / "eval" / "sf" / f"seed{k}" / "metrics.json").read_text())["table"][str(h)]
@@ -192,6 +194,9 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert (out / "stability_over_time.png").stat().st_size > 0  # both variants over time, both seeds
     rows = [line for line in printed.splitlines() if re.match(r"sf +\d+x", line)]
     assert len(rows) == 2 and all("±" in row for row in rows)  # the spread column
+    md = (out / "results.md").read_text()  # the docs table, made from results.json
+    assert md.count("| sf | ") == 2 and "| sf | 1x | 2 | " in md and "| real | 1x | - | " in md
+    assert f"{two['table']['sfpp'][1]['stability']:.3f} ± {two['spread']['sfpp'][1]['stability']['std']:.3f}" in md
 
     # scores cached under eval/ are not mixed with scores made under other settings
     with pytest.raises(ConfigError) as e:
@@ -222,6 +227,15 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
                      f"ode.guide={tmp_path / 'named_guide'}"])
     rows = json.loads((out / "sampler" / "stage.json").read_text())["rows"]
     assert [r["guide"] for r in rows[9:15]] == [guide] * 3 + [str(tmp_path / "named_guide")] * 3
+
+
+def test_a_variant_stage_may_name_its_own_seeds(experiment):
+    assert experiment.stage_seeds("sfpp_nobn@0+2", [0, 1, 2]) == ("sfpp_nobn", [0, 2])
+    assert experiment.stage_seeds("sf", [4, 5]) == ("sf", [4, 5])
+    with pytest.raises(ValueError, match="trains once"):
+        experiment.stage_seeds("ode@1", [0])
+    with pytest.raises(ValueError, match="integers joined by"):
+        experiment.stage_seeds("sf@one", [0])
 
 
 def saved_best(out: Path) -> dict:
