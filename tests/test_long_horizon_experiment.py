@@ -48,7 +48,10 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     out = tmp_path / "run"
     stages = "teacher,sampler,ode,sf,sfpp,eval"
     guided = [*TOY, "teacher_pretrain.guide_steps=[2]"]  # the teacher at step 2 is saved as an autoguidance guide
-    result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
+    # sf and sfpp trained at once, each `sfpp-ray train` in a process of its own on this cluster
+    lean = ["rollout.cpus_per_worker=0"]  # two runs of trainer + data in the test cluster's 4 CPUs
+    result = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, "--parallel", "2",
+                              *guided, *lean])
     printed = capsys.readouterr().out
     teacher = json.loads((out / "teacher" / "stage.json").read_text())  # written by the Ray stage
     assert len(teacher["losses"]) == 3 and all(math.isfinite(v) for v in teacher["losses"])
@@ -86,6 +89,13 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
         assert remade.run_dir == out / name / "seed0" and remade.run.stages == ["dmd"]
         assert remade.student.checkpoint == str(out / "student_ode") and remade.model.pretrained == str(out / "teacher")
         assert remade.data.training_rolling_cache == remade.data.backward_noise == (name == "sfpp")
+        assert f"[{name} seed0] finished" in printed
+    lines = printed.splitlines()
+    started = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed0\] sfpp-ray train ", line)]
+    ended = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed0\] finished", line)]
+    assert len(started) == 2 and max(started) < min(ended)  # both were running at once
+    first = re.match(r"\[(sfp?p?) seed0\] finished", lines[min(ended)]).group(1)
+    assert lines.index(f"[eval] {first} seed0: scoring") < max(ended)  # scored while the other still trained
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["table"]) == {"real", "teacher", "sf", "sfpp"} and saved["seeds"]["sfpp"] == [0]
     assert set(saved["table"]["sfpp"]) == {"1", "2"} and set(saved["table"]["teacher"]) == {"1"}
@@ -159,30 +169,25 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert json.loads((other / "teacher_sampler.json").read_text())["teacher"] == guide
 
     mtime = (out / "sfpp" / "seed0" / "student" / "stage.json").stat().st_mtime
-    experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, *guided])
+    experiment.main(["--config", str(TINY), "--out", str(out), "--stages", stages, "--parallel", "2", *guided, *lean])
     printed = capsys.readouterr().out
     assert all(f"[{s}] done, skipped" in printed for s in ("teacher", "sampler", "ode", "sf seed0", "sfpp seed0"))
     assert "sfpp-ray train" not in printed
     assert (out / "sfpp" / "seed0" / "student" / "stage.json").stat().st_mtime == mtime
 
-    # a second training seed: sf and sfpp trained again from the same ODE student, both at once in processes of
-    # their own (`sfpp-ray train` on this cluster); the table's mean and spread over both seeds
-    lean = ["rollout.cpus_per_worker=0"]  # two runs of trainer + data in the test cluster's 4 CPUs
-    two = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sf,sfpp,eval", "--seeds", "0,1",
-                           "--parallel", "2", *guided, *lean])
+    # a second training seed of sf alone (sfpp@0: sfpp keeps its own seeds), trained here through the controller;
+    # the table's mean and spread over both seeds
+    two = experiment.main(["--config", str(TINY), "--out", str(out), "--stages", "sf,sfpp@0,eval", "--seeds", "0,1",
+                           *guided])
     printed = capsys.readouterr().out
-    assert "[sf seed0] done, skipped" in printed and "run.seed=1" in command_of(printed, "sf seed1")
-    for name in ("sf", "sfpp"):
-        assert json.loads((out / name / "seed1" / "student" / "stage.json").read_text())["steps"] == 2
-        assert f"[{name} seed1] finished" in printed
-        assert two["commands"][name][1] == shlex.join(command_of(printed, f"{name} seed1"))
-    lines = printed.splitlines()
-    started = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] sfpp-ray train ", line)]
-    ended = [i for i, line in enumerate(lines) if re.match(r"\[sfp?p? seed1\] finished", line)]
-    assert len(started) == 2 and max(started) < min(ended)  # both were running at once
-    first = re.match(r"\[(sfp?p?) seed1\] finished", lines[min(ended)]).group(1)
-    assert lines.index(f"[eval] {first} seed1: scoring") < max(ended)  # scored while the other still trained
+    assert "[sf seed0] done, skipped" in printed and "[sfpp seed0] done, skipped" in printed
+    assert "run.seed=1" in command_of(printed, "sf seed1")
+    assert not [line for line in printed.splitlines() if line.startswith("[sfpp seed1]")]
+    assert json.loads((out / "sf" / "seed1" / "student" / "stage.json").read_text())["steps"] == 2
+    assert not (out / "sfpp" / "seed1").exists()
+    assert two["commands"]["sf"][1] == shlex.join(command_of(printed, "sf seed1"))
     assert set(two["table"]) == {"real", "teacher", "sf", "sfpp"} and two["seeds"]["sf"] == [0, 1]
+    assert two["seeds"]["sfpp"] == [0]
     for h, spread in two["spread"]["sf"].items():
         per_seed = [json.loads((out / "eval" / "sf" / f"seed{k}" / "metrics.json").read_text())["table"][str(h)]
                     for k in (0, 1)]
@@ -196,7 +201,8 @@ def test_long_horizon_runs_every_stage_and_resumes(experiment, load_experiment, 
     assert len(rows) == 2 and all("±" in row for row in rows)  # the spread column
     md = (out / "results.md").read_text()  # the docs table, made from results.json
     assert md.count("| sf | ") == 2 and "| sf | 1x | 2 | " in md and "| real | 1x | - | " in md
-    assert f"{two['table']['sfpp'][1]['stability']:.3f} ± {two['spread']['sfpp'][1]['stability']['std']:.3f}" in md
+    assert f"{two['table']['sf'][1]['stability']:.3f} ± {two['spread']['sf'][1]['stability']['std']:.3f}" in md
+    assert f"| sfpp | 1x | 1 | {two['table']['sfpp'][1]['stability']:.3f} | " in md  # one seed: no spread
 
     # scores cached under eval/ are not mixed with scores made under other settings
     with pytest.raises(ConfigError) as e:

@@ -45,11 +45,11 @@ def check_weight_sync(summary: dict, first_version: int, last_version: int, save
     assert summary["student_checksum"] == state_checksum(average) != published[last_version]
 
 
-def run(cfg) -> dict:
+def run(cfg, evaluation_video: bool = True) -> dict:
     """train(), plus the checksum of the student it saved (a resumed run overwrites the directory)."""
     from sfpp_ray.distributed.controller import train
 
-    summary = train(cfg)
+    summary = train(cfg, evaluation_video=evaluation_video)
     student = components.build_student(cfg, checkpoint=summary["student"])
     return summary | {"student_checksum": state_checksum(student), "cfg": cfg}
 
@@ -103,15 +103,19 @@ def test_mlflow_holds_params_loss_curve_and_video(zero2_runs):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+LEAN = ("rollout.num_workers=1", "tracking.enabled=false")  # for runs that check neither MLflow nor two workers
+
+
 def test_zero3_trains_and_syncs_weights(ray_cluster, tmp_path, saved_average):
-    summary = run(tiny(tmp_path, "z3", steps=2, zero_stage=3))
+    summary = run(tiny(tmp_path, "z3", 2, 3, *LEAN), evaluation_video=False)
     assert summary["metrics"]["step"] == 2
     check_weight_sync(summary, 1, 2, saved_average)  # each rank averaged its partitions; together: the student
 
 
 def test_without_a_moving_average_the_saved_student_is_the_last_published(ray_cluster, tmp_path):
     """Also trainer.checkpoint_every=0: no checkpoint along the way, one at the end."""
-    summary = run(tiny(tmp_path, "no_ema", 2, 2, "trainer.ema_decay=0", "trainer.checkpoint_every=0"))
+    summary = run(tiny(tmp_path, "no_ema", 2, 2, "trainer.ema_decay=0", "trainer.checkpoint_every=0", *LEAN),
+                  evaluation_video=False)
     assert summary["metrics"]["step"] == 2
     saved = [torch.load(d / STATE_FILE, weights_only=False)["step"]
              for d in Path(summary["checkpoints"]).glob("checkpoint_*/")]

@@ -292,15 +292,21 @@ def test_interrupted_teacher_pretraining_goes_on_from_its_checkpoint(ray_cluster
     assert all(torch.allclose(resumed[k], weights[k], rtol=1e-5, atol=1e-7) for k in weights)
 
 
-def test_teacher_pretraining_stops_at_its_time_limit_with_the_teacher_it_reached(ray_cluster, tmp_path):
+def test_teacher_pretraining_stops_at_its_time_limit_with_the_teacher_and_the_extra_averages_it_reached(ray_cluster,
+                                                                                                       tmp_path):
     """teacher_pretrain.time_limit_minutes: a stage planned for far more steps than its time allows stops at its
     first loss read-back past the limit, both ranks at the same step (the flag rides the losses' all-reduce, so
-    neither waits on the other), and saves the teacher it reached; its record names that step and the plan."""
+    neither waits on the other), and saves the teacher it reached; its record names that step and the plan.
+
+    teacher_pretrain.extra_ema_decays (the same run): each further average is saved as a teacher of its own. One of
+    the main average's decay saves the published teacher's weights exactly (the same trajectory averaged the same
+    way, split over two ranks); another decay saves other weights; both load as teachers."""
     from sfpp_ray.distributed.controller import train
 
     cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=limit", "run.stages=[pretrain_teacher]",
                                "teacher_pretrain.steps=100000", "teacher_pretrain.time_limit_minutes=1e-9",
                                "teacher_pretrain.ema_start_step=1", "teacher_pretrain.guide_steps=[50000]",
+                               "teacher_pretrain.ema_decay=0.9", "teacher_pretrain.extra_ema_decays=[0.9,0.5]",
                                "trainer.num_workers=2", "trainer.zero_stage=2", "tracking.enabled=false"])
     record = train(cfg)["stages"]["pretrain_teacher"]["record"]
     assert not guide_dir(cfg.run_dir / "teacher", 50000).exists()  # not reached: named in the stop's message
@@ -311,18 +317,6 @@ def test_teacher_pretraining_stops_at_its_time_limit_with_the_teacher_it_reached
     fresh = components.build_teacher(cfg).state_dict()
     assert saved.keys() == fresh.keys() and any(not torch.equal(saved[k], fresh[k]) for k in fresh)
 
-
-def test_extra_moving_averages_are_saved_beside_the_teacher(ray_cluster, tmp_path):
-    """teacher_pretrain.extra_ema_decays: each further average is saved as a teacher of its own. One of the main
-    average's decay saves the published teacher's weights exactly (the same trajectory averaged the same way, split
-    over two ranks); another decay saves other weights; both load as teachers."""
-    from sfpp_ray.distributed.controller import train
-
-    cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=averages", "run.stages=[pretrain_teacher]",
-                               "teacher_pretrain.steps=6", "teacher_pretrain.ema_decay=0.9",
-                               "teacher_pretrain.ema_start_step=1", "teacher_pretrain.extra_ema_decays=[0.9,0.5]",
-                               "trainer.num_workers=2", "trainer.zero_stage=2", "tracking.enabled=false"])
-    record = train(cfg)["stages"]["pretrain_teacher"]["record"]
     assert record["extra_emas"] == [0.9, 0.5]
     teacher = cfg.run_dir / "teacher"
     weights = lambda d: components.build_teacher(with_teacher(cfg, d)).state_dict()
