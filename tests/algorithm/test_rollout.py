@@ -205,3 +205,26 @@ def test_reduce_overhead_compiles_as_default_off_cuda_and_needs_a_static_cache(t
         student.set_layout(dataclasses.replace(layout, compile="default", compile_backend="aot_eager"))
         with pytest.raises(ValueError, match="static cache"):
             student(noise[:, :, :1], torch.zeros(2, 1), cross_cache=student.cross_attention_cache(text), kv_cache=eager_cache)
+
+
+def test_gradient_steps_of_a_compiled_student_run_eager_against_its_static_cache(tiny, schedule, timesteps):
+    """A trainer's student with student.compile: gradient-free passes compiled, the exit step eager (with activation
+    checkpointing) over the masked whole ring; the same latents and gradients as the eager student's."""
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 1)
+    student.enable_gradient_checkpointing()
+    noise, text = torch.randn(2, 12, 7, 8, 8), torch.randn(2, 7, 32)
+    weight = torch.randn_like(noise)
+    results = []
+    for compile in ("none", "default"):
+        student.set_layout(CausalLayout(1, 4, 1, attention="sdpa", compile=compile, compile_backend="aot_eager"))
+        before = _compiled_calls()
+        out = rollout(student, student.cross_attention_cache(text), noise, timesteps, schedule, exit_step=1,
+                      generator=torch.Generator().manual_seed(5))
+        assert (_compiled_calls() - before > 0) == (compile != "none")
+        student.zero_grad()
+        (out.latents * weight).sum().backward()
+        results.append((out.latents.detach(), _grads(student)))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() <= 1e-5 and ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6)
