@@ -5,6 +5,9 @@ runs. Prints a table (last) and writes JSON.
 
     python benchmarks/rollout_fps.py --shape wan1.3b --device cuda --dtype bfloat16 --out rollout_fps.json
     python benchmarks/rollout_fps.py --shape tiny --device cpu
+    python benchmarks/rollout_fps.py --shape wan1.3b --device cuda --compile none,default,reduce-overhead
+
+--compile times the stream once per student.compile mode; a compiled mode's warm-up compiles every pass shape.
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ def build(shape: str, device, dtype, window: int, fpb: int):
     return model, codec, spec
 
 
-def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str, fold: bool = False) -> dict:
-    """One timed stream; `fold`: each context pass inside the next block's first pass (student.fold_context_pass)."""
-    model.set_layout(dataclasses.replace(model.layout, fold_context_pass=fold))
+def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str, fold: bool = False,
+             compile: str = "none") -> dict:
+    """One timed stream; `fold`: each context pass inside the next block's first pass (student.fold_context_pass);
+    `compile`: the streaming step's torch.compile mode (student.compile)."""
+    model.set_layout(dataclasses.replace(model.layout, fold_context_pass=fold, compile=compile))
     h, w = spec["latent_hw"]
     schedule = FlowMatchSchedule(1000, 5.0)
     steps = schedule.student_timesteps(ScheduleConfig())
@@ -83,7 +88,7 @@ def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str,
             torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     video_frames = counter.frames if decoder is not None else codec.video_frames(latent_frames)
-    return {"decode": decode, "fold_context_pass": fold, "latent_frames": latent_frames, "video_frames": video_frames, "seconds": elapsed,
+    return {"decode": decode, "fold_context_pass": fold, "compile": compile, "latent_frames": latent_frames, "video_frames": video_frames, "seconds": elapsed,
             "fps": video_frames / elapsed,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
@@ -96,6 +101,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=21)
     p.add_argument("--frames-per-block", type=int, default=3)
     p.add_argument("--latent-frames", type=int, default=63, help="frames timed, after a warm-up of one window")
+    p.add_argument("--compile", default="none", help="comma-separated student.compile modes to time: none,default,reduce-overhead")
+    p.add_argument("--repeats", type=int, default=1, help="time each row this many times, keep the fastest (a shared host)")
     p.add_argument("--out", default="rollout_fps.json")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -106,21 +113,24 @@ def main() -> None:
     kv = RollingKVCache.analytic_bytes(m["num_layers"], 1, m["num_attention_heads"], m["attention_head_dim"],
                                        (h // 2) * (w // 2), a.window, dtype)
     settings = [("none", False), ("none", True), ("serial", False), ("overlapped", False)]  # folded and not, one run
-    for d, fold in settings:  # warm-up: kernels, allocator, decoder cache
-        run_once(model, codec, spec, device, dtype, a.window, d, fold)
+    warm = a.window + 2 * a.frames_per_block  # past the window: the filling and the full passes, folded or not
     rows = []
-    for d, fold in settings:
-        rows.append(run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold))
-        print(f"{d} folded={fold}: {rows[-1]['fps']:.1f} FPS", flush=True)
+    for mode in a.compile.split(","):
+        for d, fold in settings:  # warm-up: kernels, allocator, decoder cache, the compiled graphs
+            run_once(model, codec, spec, device, dtype, warm, d, fold, mode)
+        for d, fold in settings:
+            runs = [run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold, mode) for _ in range(a.repeats)]
+            rows.append(max(runs, key=lambda r: r["fps"]))
+            print(f"compile={mode} {d} folded={fold}: {rows[-1]['fps']:.1f} FPS", flush=True)
     result = {"shape": a.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": str(dtype), "window_frames": a.window, "frames_per_block": a.frames_per_block,
               "kv_cache_bytes": kv, "rows": rows}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nshape={a.shape} device={result['device']} dtype={dtype} window={a.window} kv_cache={kv / 2**30:.2f} GiB")
-    print(f"{'decode':<12}{'folded':>7}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
+    print(f"{'compile':<16}{'decode':<12}{'folded':>7}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['decode']:<12}{'yes' if r['fold_context_pass'] else 'no':>7}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
+        print(f"{r['compile']:<16}{r['decode']:<12}{'yes' if r['fold_context_pass'] else 'no':>7}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
 
 
 if __name__ == "__main__":

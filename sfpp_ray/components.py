@@ -39,7 +39,8 @@ def resolve_dtype(cfg: Config) -> torch.dtype:
 
 def layout(cfg: Config) -> CausalLayout:
     s = cfg.student
-    return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention, s.fold_context_pass)
+    return CausalLayout(s.frames_per_block, s.window_frames, s.sink_frames, s.position_rule, s.attention, s.fold_context_pass,
+                        s.compile)
 
 
 def with_student_layout(cfg: Config, checkpoint: str | None) -> Config:

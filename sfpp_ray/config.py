@@ -85,6 +85,10 @@ class StudentConfig:
     # Each block's clean context pass runs inside the next block's first denoising pass: the same outputs
     # (float32 within 1e-5), one forward fewer per block. Off until measured on the GPU.
     fold_context_pass: bool = False
+    # the gradient-free streaming step (rollout workers, generate, GRPO's groups) under torch.compile, whole and
+    # without graph breaks: element-wise chains and rotary fused, one graph a pass shape. reduce-overhead also
+    # replays it as CUDA graphs (CUDA only: on a CPU it compiles as default, with a warning). Gradient passes run eager
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
 
 @dataclass

@@ -34,7 +34,7 @@ RESOURCE_KEYS = frozenset({
     "trainer.gpus_per_worker", "trainer.cpus_per_worker", "trainer.max_failures", "trainer.checkpoint_every",
     "trainer.gradient_checkpointing", "trainer.fused_optimizer", "rollout.num_workers", "rollout.gpus_per_worker",
     "rollout.cpus_per_worker", "rollout.max_restarts", "rollout.decode_overlap", "data.compute", "data.num_actors",
-    "student.attention", "teacher_pretrain.data_workers", "teacher_pretrain.checkpoint_every",
+    "student.attention", "student.compile", "teacher_pretrain.data_workers", "teacher_pretrain.checkpoint_every",
     "teacher_pretrain.compile", "teacher_pretrain.compile_mode",
 })
 

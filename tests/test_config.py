@@ -126,6 +126,17 @@ def test_cuda_graphs_are_a_mode_of_the_inductor_compiler():
     assert cfg.teacher_pretrain.compile_mode == "reduce-overhead"
 
 
+def test_the_streaming_step_s_compile_mode_is_checked_and_reaches_the_student():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["student.compile=max-autotune"])
+    assert e.value.key == "student.compile"
+    from sfpp_ray import components
+
+    for mode in ("none", "default", "reduce-overhead"):
+        cfg = load_config(TINY, [f"student.compile={mode}"])
+        assert components.build_student(cfg).layout.compile == mode
+
+
 def test_missing_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/none.yaml")

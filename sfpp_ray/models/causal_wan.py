@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,12 @@ class CausalLayout:
     position_rule: str = "window_relative"
     attention: str = "auto"  # auto: FlexAttention on CUDA, dense mask on CPU
     fold_context_pass: bool = False  # the rollout runs each context pass inside the next block's first pass
+    compile: str = "none"  # the gradient-free streaming step under torch.compile: none, default or reduce-overhead
+    compile_backend: str = "inductor"  # aot_eager traces and checks the step without making kernels (no C++ compiler)
 
 
 LAYOUT_FILE = "causal_layout.json"
-SAVED_LAYOUT_FIELDS = ("frames_per_block", "window_frames", "sink_frames", "position_rule")  # not `attention`, `fold_context_pass`: how it runs
+SAVED_LAYOUT_FIELDS = ("frames_per_block", "window_frames", "sink_frames", "position_rule")  # not attention, folding, compile: how it runs
 
 
 def saved_layout(path: str | os.PathLike) -> dict | None:
@@ -83,6 +86,24 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _stream_step(mode: str, backend: str, device_type: str):
+    """(compiled streaming step, mode it runs in): reduce-overhead replays CUDA graphs; elsewhere it compiles as default."""
+    if mode == "reduce-overhead" and device_type != "cuda":  # the default filter prints this once
+        warnings.warn(f"student.compile=reduce-overhead records CUDA graphs; on {device_type} the step compiles as default")
+        mode = "default"
+    return _compiled_body(mode, backend), mode
+
+
+@functools.cache
+def _compiled_body(mode: str, backend: str):
+    """The streaming step compiled whole (embedding, every block, head) and without graph breaks, one graph per pass
+    shape and per filling or full window (see RollingKVCache.static); once per process, shared by every student."""
+    # per block size: unfolded and folded passes, each group filling or full
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    kw = {"mode": mode} if backend == "inductor" else {}
+    return torch.compile(CausalWanTransformer3DModel._body, fullgraph=True, dynamic=False, backend=backend, **kw)
+
+
 class CrossAttentionCache:
     """The prompt's cross-attention K/V for every layer, computed once per rollout."""
 
@@ -115,13 +136,27 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return (height // ph) * (width // pw)
 
     def new_cache(self, batch_size: int, height: int, width: int, dtype=None, device=None) -> RollingKVCache:
+        """A fresh cache; static (whole-ring passes) when the streaming step is compiled. Under CUDA graphs
+        the buffers must keep their addresses, so one cache per shape is kept and reset: one stream at a time."""
         p = next(self.parameters())
-        return RollingKVCache(
-            num_layers=len(self.blocks), batch_size=batch_size, num_heads=self.heads,
+        dtype, device = dtype or p.dtype, torch.device(device or p.device)
+        compiled = self.layout.compile != "none"
+        lay = self.layout
+        make = functools.partial(
+            RollingKVCache, num_layers=len(self.blocks), batch_size=batch_size, num_heads=self.heads,
             head_dim=self.config.attention_head_dim, tokens_per_frame=self.tokens_per_frame(height, width),
-            window_frames=self.layout.window_frames, sink_frames=self.layout.sink_frames,
-            position_rule=self.layout.position_rule, max_position=self.config.rope_max_seq_len,
-            dtype=dtype or p.dtype, device=device or p.device)
+            window_frames=lay.window_frames, sink_frames=lay.sink_frames, position_rule=lay.position_rule,
+            max_position=self.config.rope_max_seq_len, dtype=dtype, device=device, static=compiled)
+        if not (lay.compile == "reduce-overhead" and device.type == "cuda"):
+            return make()
+        key = (batch_size, height, width, dtype, str(device), lay.window_frames, lay.sink_frames, lay.position_rule)
+        pool = self.__dict__.setdefault("_cache_pool", {})
+        if key not in pool:
+            pool[key] = make()
+            torch._dynamo.mark_static_address(pool[key].k)
+            torch._dynamo.mark_static_address(pool[key].v)
+        pool[key].reset()
+        return pool[key]
 
     def cross_attention_cache(self, text_embeds: torch.Tensor) -> CrossAttentionCache:
         """Project the prompt once; every block and denoising step of a rollout reuses it."""
@@ -217,36 +252,50 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 raise ValueError("pass encoder_hidden_states or cross_cache")
             cross_cache = self.cross_attention_cache(encoder_hidden_states)
 
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # (B, L, D)
-        ce = self.condition_embedder
-        t_emb = ce.timesteps_proj(timestep.reshape(-1).float())
-        t_dtype = next(ce.time_embedder.parameters()).dtype
-        temb = ce.time_embedder(t_emb.to(t_dtype)).type_as(x).view(B, nf, -1)  # (B, F, D)
-        mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # (B, F, 6, D)
-
-        mask = None
         recompute = torch.is_grad_enabled() and self.gradient_checkpointing
         if context_frames and (kv_cache is None or recompute):
             raise ValueError("a folded context pass streams against a KV cache, without activation checkpointing")
-        if kv_cache is not None:  # q_rope: per group of the pass, rotary (query, cached key or None) cos/sin
+        mask = None
+        if kv_cache is not None:  # q_rope: per group of the pass, rotary (query, cached key or None) cos/sin, key mask
             groups = kv_cache.begin_folded(context_frames, nf - context_frames) if context_frames else [kv_cache.begin(nf)]
-            q_rope = [(self._rope(qp, h, w, x.device), None if kp is None else self._rope(kp, h, w, x.device)) for qp, kp in groups]
+            q_rope = [(self._rope(qp, h, w, hidden_states.device), None if kp is None else self._rope(kp, h, w, hidden_states.device), m)
+                      for (qp, kp), m in zip(groups, kv_cache.masks)]
             k_rope = None
+            if self.layout.compile != "none" and not torch.is_grad_enabled():
+                if not kv_cache.static:
+                    raise ValueError("a compiled streaming step needs a static cache: make it with new_cache after set_layout")
+                step, mode = _stream_step(self.layout.compile, self.layout.compile_backend, hidden_states.device.type)
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = step(self, hidden_states, timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, False)
+                return out.clone() if mode == "reduce-overhead" else out  # the graph's output buffer is rewritten by the next replay
+        elif causal and self._needs_per_block_positions(nf):
+            q_rope = k_rope = (h, w)  # positions depend on the query block: see _per_block_attention
         else:
-            if causal and self._needs_per_block_positions(nf):
-                q_rope = k_rope = (h, w)  # positions depend on the query block: see _per_block_attention
-            else:
-                q_rope = k_rope = self._rope(torch.arange(nf), h, w, x.device)
-                if causal:
-                    mask = self._mask(nf, tpf, x.device)
+            q_rope = k_rope = self._rope(torch.arange(nf), h, w, hidden_states.device)
+            if causal:
+                mask = self._mask(nf, tpf, hidden_states.device)
+        return self._body(hidden_states, timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, recompute)
+
+    def _body(self, hidden_states, timestep, cross_kv, q_rope, k_rope, mask, kv_cache, context_frames: int, recompute: bool):
+        """The forward from patches to the flow, the attention's positions and masks chosen: what the streaming step compiles."""
+        B, _, nf, H, W = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        h, w = H // p_h, W // p_w
+        tpf = h * w
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # (B, L, D)
+        ce = self.condition_embedder
+        t_emb = ce.timesteps_proj(timestep.reshape(-1).float())
+        temb = ce.time_embedder(t_emb.to(ce.time_embedder.linear_1.weight.dtype)).type_as(x).view(B, nf, -1)  # (B, F, D)
+        mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # (B, F, 6, D)
 
         for i, block in enumerate(self.blocks):
             if recompute:  # the block re-runs in the backward, against the cache as this pass saw it
                 layer_cache = None if kv_cache is None else kv_cache.frozen(i)
-                x = checkpoint(self._block, block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, layer_cache, i, nf,
+                x = checkpoint(self._block, block, x, mod, cross_kv[i], q_rope, k_rope, mask, layer_cache, i, nf,
                                use_reentrant=False)
             else:
-                x = self._block(block, x, mod, cross_cache.kv[i], q_rope, k_rope, mask, kv_cache, i, nf)
+                x = self._block(block, x, mod, cross_kv[i], q_rope, k_rope, mask, kv_cache, i, nf)
 
         xo = x.view(B, nf, tpf, -1)
         if context_frames:  # the clean block's output is not needed
@@ -296,7 +345,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """The pass's frames against the cache, group by group: each group writes its K/V, then attends to
         what its own pass would see, before the next group's writes can evict any of it."""
         outs, lo = [], 0
-        for g, (q_rope, k_rope) in enumerate(groups):
+        for g, (q_rope, k_rope, mask) in enumerate(groups):
             hi = lo + q_rope[0].shape[0]
             kg, vg = k[:, :, lo:hi], v[:, :, lo:hi]
             if k_rope is None:  # keys are cached rotated
@@ -304,7 +353,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             else:
                 kc, vc = kv_cache.write(layer, kg, vg, group=g)
                 kc = apply_rope(kc, *k_rope)
-            outs.append(self._attend(apply_rope(q[:, :, lo:hi], *q_rope), kc, vc, None))
+            outs.append(self._attend(apply_rope(q[:, :, lo:hi], *q_rope), kc, vc, mask))
             lo = hi
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

@@ -41,7 +41,8 @@ def frame_positions(frames: torch.Tensor, end: int, window: int, sink: int, rule
 class RollingKVCache:
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
                  window_frames: int, sink_frames: int = 0, position_rule: str = "window_relative",
-                 max_position: int = 1024, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 max_position: int = 1024, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 static: bool = False):
         if not 0 <= sink_frames < window_frames:
             raise ValueError(f"sink_frames ({sink_frames}) must lie in [0, window_frames={window_frames})")
         if position_rule not in ("window_relative", "absolute"):
@@ -57,8 +58,12 @@ class RollingKVCache:
         # and only the new block is rotated per pass. With sinks, keys are re-rotated every pass.
         self.keys_rotated = sink_frames == 0 or position_rule == "absolute"
         self.frames_done = 0  # frames whose clean K/V are committed
+        # static: every pass attends over the whole buffer, the slots not yet filled masked out, so a compiled
+        # step sees one shape per pass kind from the first block on (see `masks`)
+        self.static = static
         self._active: tuple[int, int] | None = None
-        self._groups: list[tuple[torch.Tensor, int]] = []  # (slot token indices, valid prefix tokens) per group of the pass
+        # per group of the pass: (slot token indices, key tokens attended, key mask or None)
+        self._groups: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
 
     @staticmethod
     def analytic_bytes(num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
@@ -118,14 +123,24 @@ class RollingKVCache:
         self._idx = torch.cat([torch.arange(self.slot(n) * self.tpf, (self.slot(n) + 1) * self.tpf)
                                for n in range(start, end)]).to(self.k.device)
         valid = min(end, self.window)
-        self._groups.append((self._idx, valid * self.tpf))
-        frames = self.slot_frame[:valid]
+        if self.static:  # the whole ring; until it fills, a mask hides the empty slots (which hold zeros or an old stream)
+            mask = None if valid == self.window else (torch.arange(self.window * self.tpf, device=self.k.device) < valid * self.tpf)[None]
+            self._groups.append((self._idx, self.window * self.tpf, mask))
+            frames = self.slot_frame.clamp(min=0)  # an empty slot's position is never attended
+        else:
+            self._groups.append((self._idx, valid * self.tpf, None))
+            frames = self.slot_frame[:valid]
         q_frames = torch.arange(start, end)
         if self.keys_rotated:
             if self.position_rule == "absolute":
                 self.positions(q_frames, end)  # raises past the rotary table
             return q_frames, None
         return self.positions(q_frames, end), self.positions(frames, end)
+
+    @property
+    def masks(self) -> list[torch.Tensor | None]:
+        """Per group of the pass, the keys it may attend ((1, keys) bool), or None where it attends all it is given."""
+        return [m for _, _, m in self._groups]
 
     def positions(self, frames: torch.Tensor, end: int) -> torch.Tensor:
         return frame_positions(frames, end, self.window, self.sink, self.position_rule, self.max_position)
@@ -137,7 +152,7 @@ class RollingKVCache:
         history. When k/v require grad (a training exit step), the returned prefix is an out-of-place copy
         holding the differentiable k/v in the active slots, so later writes to the buffer cannot invalidate the graph.
         """
-        idx, valid = self._groups[group]
+        idx, valid, _ = self._groups[group]
         self._store(layer, idx, k, v)
         kp, vp = self.k[layer, :, :, :valid], self.v[layer, :, :, :valid]
         if k.requires_grad or v.requires_grad:
@@ -149,7 +164,7 @@ class RollingKVCache:
         self.v[layer].index_copy_(2, idx, v.detach())
 
     def _valid_tokens(self) -> int:
-        return min(self._active[1], self.window) * self.tpf
+        return self._groups[0][1]
 
     def frozen(self, layer: int) -> FrozenLayerCache:
         """This layer's cache as the active pass sees it, for a block that re-runs in the backward (see FrozenLayerCache)."""

@@ -1,5 +1,6 @@
 """Rollout in gradient mode: each block's gradient flows only through its exit-step forward; the folded context pass."""
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from sfpp_ray import components
 from sfpp_ray.algorithm.rollout import prefill, rollout
 from sfpp_ray.algorithm.self_forcing_pp import extended_rollout
 from sfpp_ray.config import load_config
+from sfpp_ray.models import causal_wan
 from sfpp_ray.models.causal_wan import CausalLayout
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -148,3 +150,81 @@ def test_fold_context_pass_key_reaches_extended_rollout(schedule, timesteps):
                                       context_noise=50.0, generator=torch.Generator().manual_seed(seed)), len(calls)))
     (plain, plain_calls), (folded, folded_calls) = runs
     assert (folded - plain).abs().max() <= 1e-5 and plain_calls - folded_calls == 24 // 3 - 1
+
+
+def _compiled_calls() -> int:
+    info = causal_wan._compiled_body.cache_info()
+    return info.hits + info.misses
+
+
+# aot_eager: dynamo captures the whole step (fullgraph: a graph break is an error) and AOT autograd functionalizes
+# the ring's in-place index-copies, as inductor gets them; inductor's C++ build of each graph takes minutes on a
+# 2-core machine. Every case shares one model shape, so equal pass shapes reuse the graphs compiled before.
+@pytest.mark.parametrize("fpb,window,sink,fold", [(1, 4, 0, False), (1, 4, 1, True), (3, 6, 0, True), (3, 9, 3, False)])
+def test_compiled_stream_equals_eager_after_the_window_rolls(tiny, schedule, timesteps, fpb, window, sink, fold):
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), fpb).eval()
+    layout = CausalLayout(fpb, window, sink, attention="sdpa", fold_context_pass=fold)
+    nf = 2 * window + fpb  # the window fills (masked slots), then rolls twice
+    noise, text = torch.randn(2, 12, nf, 8, 8), torch.randn(2, 7, 32)
+    runs = []
+    for compile in ("none", "default"):
+        student.set_layout(dataclasses.replace(layout, compile=compile, compile_backend="aot_eager"))
+        calls = []
+        hook = student.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[2]))
+        before = _compiled_calls()
+        with torch.no_grad():
+            cache = student.new_cache(2, 8, 8)
+            out = rollout(student, student.cross_attention_cache(text), noise, timesteps, schedule, cache=cache,
+                          generator=torch.Generator().manual_seed(3), record=True)
+        hook.remove()
+        assert _compiled_calls() - before == (len(calls) if compile != "none" else 0)  # every pass ran compiled
+        assert cache.static == (compile != "none")
+        runs.append((out, cache, calls))
+    (eager, eager_cache, eager_calls), (compiled, compiled_cache, compiled_calls) = runs
+    assert eager_calls == compiled_calls and (2 * fpb in eager_calls) == fold
+    assert (compiled.latents - eager.latents).abs().max() <= 1e-5
+    for a, b in zip(eager.steps, compiled.steps, strict=True):
+        assert (a.x0_pred - b.x0_pred).abs().max() <= 1e-5
+    assert torch.equal(compiled_cache.slot_frame, eager_cache.slot_frame)
+    assert (compiled_cache.k - eager_cache.k).abs().max() <= 1e-5 and (compiled_cache.v - eager_cache.v).abs().max() <= 1e-5
+
+
+def test_reduce_overhead_compiles_as_default_off_cuda_and_needs_a_static_cache(tiny, schedule, timesteps):
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 1).eval()
+    layout = CausalLayout(1, 4, 0, attention="sdpa")
+    noise, text = torch.randn(2, 12, 6, 8, 8), torch.randn(2, 7, 32)
+    outs = []
+    with torch.no_grad():
+        for compile in ("none", "reduce-overhead"):
+            student.set_layout(dataclasses.replace(layout, compile=compile, compile_backend="aot_eager"))
+            with pytest.warns(UserWarning, match="compiles as default") if compile != "none" else contextlib.nullcontext():
+                outs.append(rollout(student, student.cross_attention_cache(text), noise, timesteps, schedule,
+                                    generator=torch.Generator().manual_seed(0)).latents)
+        assert (outs[1] - outs[0]).abs().max() <= 1e-5
+        eager_cache = student.set_layout(layout).new_cache(2, 8, 8)
+        student.set_layout(dataclasses.replace(layout, compile="default", compile_backend="aot_eager"))
+        with pytest.raises(ValueError, match="static cache"):
+            student(noise[:, :, :1], torch.zeros(2, 1), cross_cache=student.cross_attention_cache(text), kv_cache=eager_cache)
+
+
+def test_gradient_steps_of_a_compiled_student_run_eager_against_its_static_cache(tiny, schedule, timesteps):
+    """A trainer's student with student.compile: gradient-free passes compiled, the exit step eager (with activation
+    checkpointing) over the masked whole ring; the same latents and gradients as the eager student's."""
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 1).eval()  # eval: the graphs above serve
+    student.enable_gradient_checkpointing()
+    noise, text = torch.randn(2, 12, 7, 8, 8), torch.randn(2, 7, 32)
+    weight = torch.randn_like(noise)
+    results = []
+    for compile in ("none", "default"):
+        student.set_layout(CausalLayout(1, 4, 1, attention="sdpa", compile=compile, compile_backend="aot_eager"))
+        before = _compiled_calls()
+        out = rollout(student, student.cross_attention_cache(text), noise, timesteps, schedule, exit_step=1,
+                      generator=torch.Generator().manual_seed(5))
+        assert (_compiled_calls() - before > 0) == (compile != "none")
+        student.zero_grad()
+        (out.latents * weight).sum().backward()
+        results.append((out.latents.detach(), _grads(student)))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() <= 1e-5 and ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6)
