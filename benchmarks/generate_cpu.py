@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    result = {"command": " ".join(command(args.seconds, args.video, args.checkpoint)[1:]), "env": env,
+    result = {"command": readme_command(args.seconds, args.video), "checkpoint": Path(args.checkpoint).name, "env": env,
               "cpus": os.cpu_count(), "torch_threads": _torch_threads(), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
