@@ -79,7 +79,7 @@ def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttent
     """Write one clean block's K/V into the cache."""
     ctx, t = _context_input(clean, schedule, context_noise, generator)
     with torch.no_grad():
-        student(ctx, t, cross_cache=cross_cache, kv_cache=cache)
+        student(ctx, t, cross_cache=cross_cache, kv_cache=cache, cache_only=True)
         cache.commit()
 
 

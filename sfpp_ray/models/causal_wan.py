@@ -225,7 +225,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 *, cross_cache: CrossAttentionCache | None = None, kv_cache: RollingKVCache | None = None,
-                causal: bool = True, context_frames: int = 0, return_dict: bool = False, **_unused) -> torch.Tensor:
+                causal: bool = True, context_frames: int = 0, cache_only: bool = False, return_dict: bool = False,
+                **_unused) -> torch.Tensor | None:
         """Predict the flow for latents (B, C, F, H, W).
 
         timestep: (B,) or (B, F). With `kv_cache`, the F frames are the next frames of the stream
@@ -238,6 +239,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         the rest the next block. Each group attends exactly as its own pass would (see
         `RollingKVCache.begin_folded`); the clean K/V are written and committed, and only the
         next block's flow is returned. One pass instead of two: fewer launches, larger matmuls.
+
+        cache_only: a context pass, whose flow nobody reads: the last block stops once its K/V are written and
+        None is returned (the cache holds what the full pass writes; about a ninth of the pass saved).
         """
         B, _, nf, H, W = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -255,6 +259,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         recompute = torch.is_grad_enabled() and self.gradient_checkpointing
         if context_frames and (kv_cache is None or recompute):
             raise ValueError("a folded context pass streams against a KV cache, without activation checkpointing")
+        if cache_only and (kv_cache is None or context_frames or torch.is_grad_enabled()):
+            raise ValueError("cache_only is for an unfolded context pass against a KV cache, without gradients")
         mask = None
         if kv_cache is not None:  # q_rope: per group of the pass, rotary (query, cached key or None) cos/sin, key mask
             groups = kv_cache.begin_folded(context_frames, nf - context_frames) if context_frames else [kv_cache.begin(nf)]
@@ -268,6 +274,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 out = step(self, hidden_states, timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, False)
+                if cache_only:  # the compiled step is the whole pass: its flow is dropped, the cache is what counts
+                    return None
                 return out.clone() if mode == "reduce-overhead" else out  # the graph's output buffer is rewritten by the next replay
         elif causal and self._needs_per_block_positions(nf):
             q_rope = k_rope = (h, w)  # positions depend on the query block: see _per_block_attention
@@ -275,9 +283,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             q_rope = k_rope = self._rope(torch.arange(nf), h, w, hidden_states.device)
             if causal:
                 mask = self._mask(nf, tpf, hidden_states.device)
-        return self._body(hidden_states, timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, recompute)
+        return self._body(hidden_states, timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, recompute,
+                          cache_only)
 
-    def _body(self, hidden_states, timestep, cross_kv, q_rope, k_rope, mask, kv_cache, context_frames: int, recompute: bool):
+    def _body(self, hidden_states, timestep, cross_kv, q_rope, k_rope, mask, kv_cache, context_frames: int, recompute: bool,
+              cache_only: bool = False):
         """The forward from patches to the flow, the attention's positions and masks chosen: what the streaming step compiles."""
         B, _, nf, H, W = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -290,6 +300,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # (B, F, 6, D)
 
         for i, block in enumerate(self.blocks):
+            if cache_only and i == len(self.blocks) - 1:
+                self._write_kv(block, x, mod, q_rope[0][0], kv_cache, i, nf)
+                return None
             if recompute:  # the block re-runs in the backward, against the cache as this pass saw it
                 layer_cache = None if kv_cache is None else kv_cache.frozen(i)
                 x = checkpoint(self._block, block, x, mod, cross_kv[i], q_rope, k_rope, mask, layer_cache, i, nf,
@@ -325,6 +338,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         y = (block.norm3(xf.float()) * (1 + c_scale) + c_shift).type_as(x)
         xf = (xf.float() + block.ffn(y).float() * c_gate).type_as(x)
         return xf.view(B, L, D)
+
+    def _write_kv(self, block, x, mod, q_rope, kv_cache, layer, nf):
+        """The part of `_block` a cache-only pass needs: this layer's K/V of the pass, written into the cache."""
+        B, L, D = x.shape
+        shift, scale = (t[:, :, None] for t in (block.scale_shift_table.unsqueeze(0) + mod.float()).unbind(2)[:2])
+        y = (block.norm1(x.view(B, nf, -1, D).float()) * (1 + scale) + shift).type_as(x).view(B, L, D)
+        a = block.attn1
+        k, v = (a.to_qkv(y).chunk(3, dim=-1)[1:] if getattr(a, "fused_projections", False) else (a.to_k(y), a.to_v(y)))
+        k, v = (t.unflatten(2, (a.heads, -1)).transpose(1, 2) for t in (a.norm_k(k), v))
+        kv_cache.write(layer, apply_rope(k, *q_rope) if kv_cache.keys_rotated else k, v)
 
     def _self_attention(self, a, x, q_rope, k_rope, mask, kv_cache, layer):
         if getattr(a, "fused_projections", False):

@@ -155,3 +155,27 @@ def test_save_pretrained_writes_the_layout_beside_the_weights(tmp_path):
     teacher.save_pretrained(tmp_path / "teacher")  # diffusers' own save states no layout
     torch.save(student.state_dict(), tmp_path / "single.pt")  # nor does a single file
     assert saved_layout(tmp_path / "teacher") is None and saved_layout(tmp_path / "single.pt") is None
+
+
+@pytest.mark.parametrize("fpb,window,sink,rule", [(3, 6, 0, "window_relative"), (1, 4, 1, "window_relative"),
+                                                  (2, 6, 2, "absolute")])
+def test_cache_only_context_pass_writes_what_the_full_pass_writes(fpb, window, sink, rule):
+    """A context pass that stops after the last layer's K/V write leaves the cache exactly as the full pass does,
+    block after block as the window rolls (rotated and unrotated keys), and refuses where its output is needed."""
+    _, student = _models(int(torch.randint(0, 2**31, ())))
+    student.set_layout(CausalLayout(frames_per_block=fpb, window_frames=window, sink_frames=sink, position_rule=rule))
+    nf = 3 * window
+    x, t, text = torch.randn(2, 12, nf, 8, 8), torch.rand(2, nf) * 1000, torch.randn(2, 5, 32)
+    full, short = student.new_cache(2, 8, 8), student.new_cache(2, 8, 8)
+    cross = student.cross_attention_cache(text)
+    with torch.no_grad():
+        for s in range(0, nf, fpb):
+            block, bt = x[:, :, s:s + fpb], t[:, s:s + fpb]
+            assert student(block, bt, cross_cache=cross, kv_cache=short, cache_only=True) is None
+            student(block, bt, cross_cache=cross, kv_cache=full)
+            full.commit(), short.commit()
+            assert torch.equal(short.k, full.k) and torch.equal(short.v, full.v)
+        with pytest.raises(ValueError, match="cache_only"):
+            student(x[:, :, :fpb], t[:, :fpb], cross_cache=cross, cache_only=True)
+    with pytest.raises(ValueError, match="cache_only"):
+        student(x[:, :, :fpb], t[:, :fpb], cross_cache=cross, kv_cache=full, cache_only=True)
