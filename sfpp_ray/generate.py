@@ -164,10 +164,14 @@ class VideoGenerator:
         blocks = num_latent_frames // fpb
         if start is not None:
             start = start.to(self.device, self.dtype).expand(len(prompts), -1, -1, -1, -1)
-        in_force = [{0: s.prompt, **s.blocks(self.codec.latent_frames, cfg.video.fps, fpb, blocks)} for s in schedules]
+        # the prompt in force at each block of the video, its start's blocks first: switch times count from its start
+        lead = 0 if start is None else start.shape[2] // fpb
+        in_force = [{0: s.prompt, **s.blocks(self.codec.latent_frames, cfg.video.fps, fpb, lead + blocks)}
+                    for s in schedules]
         for f in in_force:  # a prompt holds until its video's next switch
-            for b in range(1, blocks):
+            for b in range(1, lead + blocks):
                 f.setdefault(b, f[b - 1])
+        in_force = [[f[b] for b in range(lead, lead + blocks)] for f in in_force]  # the generated blocks'
         switch_blocks = sorted(b for b in range(1, blocks) if any(f[b] != f[b - 1] for f in in_force))
         switches = {b: self.student.cross_attention_cache(self.text.encode([f[b] for f in in_force]))
                     for b in switch_blocks}
@@ -187,7 +191,7 @@ class VideoGenerator:
                 print(f"\rblock {b + 1}/{blocks}  {rate:.1f} latent frames/s", end="" if b + 1 < blocks else "\n",
                       file=sys.stderr, flush=True)
 
-        cross = self.student.cross_attention_cache(self.text.encode([s.prompt for s in schedules]))
+        cross = self.student.cross_attention_cache(self.text.encode([f[0] for f in in_force]))
         try:
             rollout(self.student, cross, noise, self.schedule.student_timesteps(cfg.schedule), self.schedule,
                     context=start, context_noise=cfg.schedule.context_noise, generator=g, switches=switches,
