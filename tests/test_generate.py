@@ -193,8 +193,12 @@ def test_an_image_start_is_the_cache_its_frames_context_pass_leaves(tmp_path):
         cache.commit()
         g = torch.Generator().manual_seed(seed)
         noise = generate_module.randn(components.latent_shape(cfg, gen.codec, nf, 1), [g], "cpu")
-        by_hand = generate_module.rollout(gen.student, cross, noise, gen.schedule.student_timesteps(cfg.schedule), gen.schedule,
-                          cache=cache, generator=[g]).latents
+        steps = gen.schedule.student_timesteps(cfg.schedule)
+        prefilled = gen.student.new_cache(1, *start.shape[-2:])
+        generate_module.rollout(gen.student, cross, noise[:, :, :0], steps, gen.schedule, cache=prefilled, context=start)
+        assert prefilled.frames_done == cache.frames_done == fpb and torch.equal(prefilled.slot_frame, cache.slot_frame)
+        assert torch.equal(prefilled.k, cache.k) and torch.equal(prefilled.v, cache.v)  # the prefill is that pass
+        by_hand = generate_module.rollout(gen.student, cross, noise, steps, gen.schedule, cache=cache, generator=[g]).latents
     from sfpp_ray.video_io import to_uint8
 
     assert np.abs(to_uint8(gen.codec.decode(by_hand)).astype(int) - video[fpb:]).max() <= 1

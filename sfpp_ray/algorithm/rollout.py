@@ -189,4 +189,4 @@ def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
         history.append(x0.detach())
         if on_block is not None:
             on_block(b, x0.detach())
-    return RolloutOutput(torch.cat(out, dim=2), records)
+    return RolloutOutput(torch.cat(out, dim=2) if out else noise[:, :, :0], records)  # no frames: a prefill alone
