@@ -120,13 +120,14 @@ def measure(a: argparse.Namespace) -> dict:
     block = [t[start_frames:2 * start_frames] for t in truth]
     mae = lambda vids: float(np.mean([np.abs(v[:start_frames] / 255.0 - b / 255.0).mean() for v, b in zip(vids, block)]))  # noqa: E731
     first_images = [t[0] for t in truth]
-    image = {"fresh start": {**rows["fresh start"], "first_block_mae": mae(fresh),
-                             **image_sprites(fresh, first_images, horizon)}}
+    sprites = lambda vids: {**image_sprites(vids, first_images, horizon),  # noqa: E731
+                            **{f"{k}_block": v for k, v in image_sprites(vids, first_images, start_frames).items()}}
+    image = {"fresh start": {**rows["fresh start"], "first_block_mae": mae(fresh), **sprites(fresh)}}
     for name, frames in starts.items():
         latents = torch.cat([gen.start_latents(f) for f in frames])
         videos = [v[start_frames:] for v in _stream(gen, [prompt(s) for s in second], na, seeds, start=latents)]
         image[name] = {**_scores(videos, second, horizon, after_blocks), "first_block_mae": mae(videos),
-                       **image_sprites(videos, first_images, horizon)}
+                       **sprites(videos)}
 
     result = {"student": str(student), "pairs": a.pairs, "before_horizons": a.before, "after_horizons": a.after,
               "horizon_frames": horizon, "seed": a.seed, "switch": rows, "image_start": image,
@@ -138,13 +139,15 @@ def measure(a: argparse.Namespace) -> dict:
     for name, r in rows.items():
         for part in ("first", "all"):
             print(f"{name:22}{part:6}" + "".join(f"{r[part][k]:12.3f}" for k in KEYS))
-    extra = ("first_block_mae", "image_count_error", "image_mix_error")
+    extra = ("first_block_mae", "image_count_error", "image_mix_error", "image_count_error_block",
+             "image_mix_error_block")
     print(f"\nimage start: the first generated segment ({horizon} frames) against real clips of the scene; "
           "first_block_mae: its first block against the scene's true continuation (pixels in [0, 1]); image_count_error, "
-          "image_mix_error: its sprites against the start image's (relative count error, colour-and-shape mix distance)")
-    print(f"{'':22}{head}" + "".join(f"{k:>18}" for k in extra))
+          "image_mix_error: its sprites against the start image's (relative count error, colour-and-shape mix distance), "
+          "over the segment and (_block) over its first block")
+    print(f"{'':22}{head}" + "".join(f"{k:>24}" for k in extra))
     for name, r in image.items():
-        print(f"{name:22}" + "".join(f"{r['first'][k]:12.3f}" for k in KEYS) + "".join(f"{r[k]:18.3f}" for k in extra))
+        print(f"{name:22}" + "".join(f"{r['first'][k]:12.3f}" for k in KEYS) + "".join(f"{r[k]:24.3f}" for k in extra))
     print(f"({result['elapsed_s']:.0f} s)")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
