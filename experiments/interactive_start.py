@@ -129,7 +129,8 @@ def measure(a: argparse.Namespace) -> dict:
         image[name] = {**_scores(videos, second, horizon, after_blocks), "first_block_mae": mae(videos),
                        **sprites(videos)}
 
-    result = {"student": str(student), "pairs": a.pairs, "before_horizons": a.before, "after_horizons": a.after,
+    named = student.resolve().relative_to(ROOT) if student.resolve().is_relative_to(ROOT) else student.name
+    result = {"student": str(named),  # no machine's absolute path in a committed result "pairs": a.pairs, "before_horizons": a.before, "after_horizons": a.after,
               "horizon_frames": horizon, "seed": a.seed, "switch": rows, "image_start": image,
               "elapsed_s": time.perf_counter() - t0}
     print(f"prompt switch after {a.before}x T, {a.after}x T after it; {a.pairs} held-out pairs; segments of {horizon} "
