@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sfpp_ray.checks import CheckError, NonFiniteError, check_weights
 from sfpp_ray.config import ConfigError, load_config
+from sfpp_ray.prompt_schedule import PromptSchedule
 from sfpp_ray.reruns import STAGE_OUTPUTS, RerunRefused, absolute_paths, check_rerun
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output .mp4 or .gif")
     g.add_argument("--checkpoint", help="student weights (a diffusers dir or an original-layout file)")
     g.add_argument("--seed", type=int)
+    g.add_argument("--switch", action="append", default=[], metavar="SECONDS:PROMPT",
+                   help="switch to PROMPT at SECONDS (repeatable), or a .jsonl file of {\"t\": seconds, \"prompt\": ...}")
+    g.add_argument("--image", help="start the video from this image (PNG), or from the first frames of a clip")
     for name, help in (("train", "run the stages the config asks for (teacher pretraining, ODE init, SF++ DMD, GRPO)"),
                        ("pretrain-teacher", "train the bidirectional teacher on the synthetic world")):
         c = command(name, help)
@@ -68,6 +72,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--prompt: is empty")
         if not math.isfinite(args.seconds) or args.seconds <= 0:
             raise UsageError(f"--seconds: must be a finite number > 0, got {args.seconds:g}")
+        try:
+            args.schedule = PromptSchedule.parse(args.prompt, args.switch)
+        except ValueError as e:
+            raise UsageError(f"--switch: {e}") from None
+        if args.image is not None and not Path(args.image).is_file():
+            raise UsageError(f"--image: {args.image} is not a file")
         if args.seed is not None and not 0 <= args.seed < 2**63:
             raise UsageError(f"--seed: must lie in [0, 2**63), got {args.seed}")
         out = Path(args.out)
@@ -128,7 +138,8 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if args.command == "generate":
         from sfpp_ray.generate import generate, summary
 
-        result = generate(cfg, args.prompt, args.seconds, args.out, checkpoint=args.checkpoint, seed=args.seed)
+        result = generate(cfg, args.schedule, args.seconds, args.out, checkpoint=args.checkpoint, seed=args.seed,
+                          image=args.image)
         print(json.dumps(result))  # stdout stays one JSON line for scripts; the summary is for the terminal
         print(summary(result), file=sys.stderr)
         return 0

@@ -133,6 +133,13 @@ class RolloutConfig:
     batch_size: int = 1
     decode_overlap: bool = True  # decode block b while block b+1 is generated (generate only)
     max_restarts: int = 3  # times Ray replaces a worker's dead process (its prompts in flight are handed out again)
+    # At a prompt switch the self-attention cache is kept (frames stay cached under the old prompt) or re-cached:
+    # every clean frame of the stream re-run through the context pass under the new prompt (costs one forward a block
+    # of the stream so far; exact against a fresh prefill under the new prompt). generate's and training's switches.
+    switch_cache: Literal["keep", "recache"] = "recache"
+    # Probability that a training rollout switches prompt at a uniformly drawn block (each video to the next one's
+    # prompt in its batch; needs batch_size >= 2); the window is then scored under the prompt the rollout ends with
+    switch_prob: float = 0.0
 
 
 @dataclass
@@ -641,6 +648,13 @@ def validate(cfg: Config) -> None:
     positive("rollout.gpus_per_worker", cfg.rollout.gpus_per_worker, allow_zero=True)
     positive("rollout.batch_size", cfg.rollout.batch_size)
     positive("rollout.max_restarts", cfg.rollout.max_restarts, allow_zero=True)
+    if not 0 <= cfg.rollout.switch_prob <= 1:
+        raise ConfigError("rollout.switch_prob", f"must lie in [0, 1], got {cfg.rollout.switch_prob}")
+    if cfg.rollout.switch_prob > 0 and cfg.rollout.batch_size < 2:
+        raise ConfigError("rollout.switch_prob", "switches to another prompt of the rollout's batch: needs "
+                          f"rollout.batch_size >= 2, got {cfg.rollout.batch_size}")
+    if cfg.rollout.switch_prob > 0 and cfg.rollout.num_frames < 2 * s.frames_per_block:
+        raise ConfigError("rollout.switch_prob", "a switch needs a rollout of at least two blocks")
     positive("trainer.max_failures", cfg.trainer.max_failures, allow_zero=True)
     positive("trainer.num_workers", cfg.trainer.num_workers)
     positive("trainer.gpus_per_worker", cfg.trainer.gpus_per_worker, allow_zero=True)

@@ -95,6 +95,9 @@ def test_overrides_are_typed_and_dotted():
     ("world.backgrounds=[stripes]", "world.backgrounds[0]"),
     ("world.backgrounds=[]", "world.backgrounds"),
     ("student", "student"),
+    ("rollout.switch_cache=drop", "rollout.switch_cache"),
+    ("rollout.switch_prob=1.5", "rollout.switch_prob"),
+    ("rollout.switch_prob=0.5", "rollout.switch_prob"),  # tiny.yaml's batch of 1 has no other prompt to switch to
 ])
 def test_bad_input_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:

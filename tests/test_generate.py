@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from sfpp_ray.cli import main
 from sfpp_ray.config import load_config
 from sfpp_ray.generate import generate
 from sfpp_ray.models.causal_wan import LAYOUT_FILE, CausalWanTransformer3DModel
+from sfpp_ray.prompt_schedule import PromptSchedule
 from sfpp_ray.video_io import read_video
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -130,3 +132,90 @@ def test_a_batch_streams_each_prompt_as_it_streams_alone():
     swapped = [Frames(), Frames()]
     gen.stream_batch(prompts[:2], nf, swapped, seeds[1::-1])
     assert (swapped[0].video() - alone[0]).abs().float().mean() > 1  # another seed, another video
+
+
+class _Frames(list):
+    def video(self) -> np.ndarray:
+        return np.concatenate(self)
+
+
+@pytest.mark.parametrize("switch_cache", ["keep", "recache"])
+def test_a_prompt_schedule_switches_at_its_block_through_the_stream(switch_cache):
+    """A switch at t seconds takes effect at the first block starting at or after t: the video before it is the
+    unswitched video, the one after it another; keep and recache differ after it (the config key reaches it)."""
+    cfg = load_config(TINY, ["rollout.decode_overlap=false", f"rollout.switch_cache={switch_cache}"])
+    gen = generate_module.VideoGenerator(cfg)
+    fpb, nf, seed = cfg.student.frames_per_block, 8 * cfg.student.frames_per_block, int(torch.randint(0, 10**6, ()))
+    block = int(torch.randint(3, 8, ()))  # after the tiny window (2 blocks) has rolled
+    t = (block * fpb - float(torch.rand(())) * (fpb - 1)) / cfg.video.fps  # inside the frames before the block
+    plain, switched, other = _Frames(), _Frames(), _Frames()
+    gen.stream("a blue circle", nf, plain, seed)
+    stats = gen.stream(PromptSchedule("a blue circle", ((t, "two red squares bouncing"),)), nf, switched, seed)
+    assert stats["switch_blocks"] == [block]
+    s = block * fpb  # one video frame per latent frame in the tiny codec
+    assert np.array_equal(plain.video()[:s], switched.video()[:s])
+    assert np.abs(plain.video()[s:].astype(int) - switched.video()[s:]).mean() > 0.1  # a random student: text moves it little
+    gen.cfg = load_config(TINY, ["rollout.decode_overlap=false",
+                                 f"rollout.switch_cache={'keep' if switch_cache == 'recache' else 'recache'}"])
+    gen.stream(PromptSchedule("a blue circle", ((t, "two red squares bouncing"),)), nf, other, seed)
+    assert np.array_equal(other.video()[:s], switched.video()[:s]) and not np.array_equal(other.video(), switched.video())
+
+
+def _still_png(tmp_path, cfg) -> tuple[Path, np.ndarray]:
+    from sfpp_ray.world.sprites import WorldSpec, render, sample_scenes
+
+    scene = sample_scenes(int(torch.randint(0, 10**6, ())), 1, world=WorldSpec(height=cfg.video.height, width=cfg.video.width))[0]
+    frame = render(scene, 0, 1)[0]
+    imageio.imwrite(tmp_path / "start.png", frame)
+    return tmp_path / "start.png", frame
+
+
+def test_an_image_start_is_the_cache_its_frames_context_pass_leaves(tmp_path):
+    """--image: the PNG, encoded by the codec as a one-block still, is prefilled as clean context: the video opens
+    with it, and the stream is the one that follows a cache made by the student's context pass over those frames."""
+    cfg = load_config(TINY, ["rollout.decode_overlap=false", "student.sink_frames=3", "student.window_frames=9"])
+    gen = generate_module.VideoGenerator(cfg)
+    png, frame = _still_png(tmp_path, cfg)
+    start = gen.start_latents(png)
+    fpb, nf = cfg.student.frames_per_block, 4 * cfg.student.frames_per_block
+    still = torch.from_numpy(np.repeat(frame[None], fpb, 0)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    assert torch.equal(start, gen.codec.encode(still))
+    frames, seed = _Frames(), int(torch.randint(0, 10**6, ()))
+    gen.stream("a blue circle", nf, frames, seed, start=start)
+    video = frames.video()
+    assert video.shape[0] == fpb + nf and np.array_equal(video[:fpb], np.repeat(frame[None], fpb, 0))
+
+    # the same stream from a cache the context pass wrote by hand
+    text = gen.text.encode(["a blue circle"])
+    cross, cache = gen.student.cross_attention_cache(text), gen.student.new_cache(1, *start.shape[-2:])
+    with torch.no_grad():
+        gen.student(start, torch.zeros(1, fpb), cross_cache=cross, kv_cache=cache)
+        cache.commit()
+        g = torch.Generator().manual_seed(seed)
+        noise = generate_module.randn(components.latent_shape(cfg, gen.codec, nf, 1), [g], "cpu")
+        steps = gen.schedule.student_timesteps(cfg.schedule)
+        prefilled = gen.student.new_cache(1, *start.shape[-2:])
+        generate_module.rollout(gen.student, cross, noise[:, :, :0], steps, gen.schedule, cache=prefilled, context=start)
+        assert prefilled.frames_done == cache.frames_done == fpb and torch.equal(prefilled.slot_frame, cache.slot_frame)
+        assert torch.equal(prefilled.k, cache.k) and torch.equal(prefilled.v, cache.v)  # the prefill is that pass
+        by_hand = generate_module.rollout(gen.student, cross, noise, steps, gen.schedule, cache=cache, generator=[g]).latents
+    from sfpp_ray.video_io import to_uint8
+
+    assert np.abs(to_uint8(gen.codec.decode(by_hand)).astype(int) - video[fpb:]).max() <= 1
+
+
+def test_generate_cli_switches_and_starts_from_an_image(tmp_path, capsys):
+    cfg = load_config(TINY)
+    png, _ = _still_png(tmp_path, cfg)
+    (tmp_path / "s.jsonl").write_text('{"t": 1.0, "prompt": "a green triangle"}\n')
+    out = tmp_path / "v.mp4"  # a gif would merge the start's repeated frames
+    assert main(["generate", "--config", str(TINY), "--prompt", "a blue circle", "--seconds", "3", "--out", str(out),
+                 "--switch", "2:two red squares bouncing", "--switch", str(tmp_path / "s.jsonl"),
+                 "--image", str(png)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    fps, fpb = cfg.video.fps, cfg.student.frames_per_block
+    assert result["switch_blocks"] == [math.ceil(fps / fpb) - 1, math.ceil(2 * fps / fpb) - 1]  # after the start block
+    assert read_video(out).shape[0] == result["video_frames"] == fpb + 3 * fps
+    for bad in (["--switch", "soon:x"], ["--switch=-1:x"], ["--switch", "2:"], ["--image", str(tmp_path / "no.png")]):
+        assert main(["generate", "--config", str(TINY), "--prompt", "a", "--seconds", "1", "--out", str(out), *bad]) == 2
+        assert bad[0].split("=")[0] in capsys.readouterr().err

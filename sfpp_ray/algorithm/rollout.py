@@ -7,11 +7,16 @@ Gaussian policy), then run the clean context pass that writes the block's K/V in
 With the student's layout.fold_context_pass, that context pass runs inside the next block's first
 denoising pass (one forward over both blocks, each attending as its own pass would: see
 CausalWanTransformer3DModel.forward), except for the last block and before a gradient step.
+
+Prompt switches go through the same loop: from a switch's block on, the new prompt's cross-attention
+cache conditions every pass, and the self-attention cache is either kept (frames generated under the
+old prompt stay as they were cached) or re-cached: every clean frame of the stream re-run through the
+context pass under the new prompt, exactly the cache a fresh prefill of those frames would build.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,18 +97,27 @@ def prefill(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
         _context_pass(student, cross_cache, cache, clean[:, :, s:s + fpb], schedule, context_noise, generator)
 
 
+SWITCH_CACHE = ("keep", "recache")
+
+
 def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, noise: torch.Tensor,
             timesteps: torch.Tensor, schedule: FlowMatchSchedule, *, cache: RollingKVCache | None = None,
-            context_noise: float = 0.0, start_latents: torch.Tensor | None = None, start_step: int = 0,
-            exit_step: int | None = None, record: bool = False, generator: Generators = None,
+            context: torch.Tensor | None = None, context_noise: float = 0.0,
+            start_latents: torch.Tensor | None = None, start_step: int = 0, exit_step: int | None = None,
+            record: bool = False, generator: Generators = None,
+            switches: Mapping[int, CrossAttentionCache] | None = None, switch_cache: str = "keep",
             on_block: Callable[[int, torch.Tensor], None] | None = None) -> RolloutOutput:
     """Generate noise.shape[2] latent frames block by block.
 
     noise: initial noise of every frame. start_latents: clean latents to re-noise to
     timesteps[start_step] instead of starting from pure noise (backward noise initialisation).
     exit_step: gradient mode: every block stops at this step and returns its x0 prediction with
-    grad; earlier steps and all cache writes hold no graph. `cache` continues an existing stream
-    (a prefilled context); by default a fresh cache is made. on_block(b, x0) sees each finished block.
+    grad; earlier steps and all cache writes hold no graph. `cache` continues an existing stream;
+    by default a fresh cache is made. context: clean frames (B, C, F, H, W) prefilled into the cache
+    before the first block (an earlier part of the stream, a start image's latents).
+    switches: {block: cross-attention cache of the prompt from that block on}; switch_cache: "keep"
+    the self-attention cache at a switch, or "recache" every clean frame of the stream (the context
+    and the blocks so far) under the new prompt. on_block(b, x0) sees each finished block.
     """
     B, _, nf, H, W = noise.shape
     fpb = student.layout.frames_per_block
@@ -113,11 +127,36 @@ def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
     last = K - 1 if exit_step is None else exit_step
     if not 0 <= start_step <= last < K:
         raise ValueError(f"need 0 <= start_step ({start_step}) <= exit_step ({last}) < {K}")
+    if switch_cache not in SWITCH_CACHE:
+        raise ValueError(f"switch_cache must be one of {SWITCH_CACHE}, got {switch_cache!r}")
+    switches = dict(switches or {})
+    if any(not 0 <= b < nf // fpb for b in switches):
+        raise ValueError(f"switch blocks {sorted(switches)} lie outside the rollout's {nf // fpb} blocks")
     cache = cache if cache is not None else student.new_cache(B, H, W, dtype=noise.dtype, device=noise.device)
+    history = []  # the stream's clean frames this call knows of: what a re-cache replays
+    known = cache.frames_done  # frames a given cache held before this call, which a re-cache cannot replay
+    if context is not None and context.shape[2] % fpb:
+        raise ValueError(f"a context of {context.shape[2]} frames is not a whole number of {fpb}-frame blocks")
+    if context is not None and context.shape[2]:
+        prefill(student, cross_cache, cache, context, context_noise, schedule=schedule, generator=generator)
+        history.append(context.detach())
     fold = student.layout.fold_context_pass
     out, records = [], []
     pending = None  # a finished block whose context pass waits to be folded into the next block's first pass
     for b, s in enumerate(range(0, nf, fpb)):
+        if b in switches:
+            if pending is not None:  # the old prompt's context pass of the last block runs before the switch
+                _context_pass(student, cross_cache, cache, pending, schedule, context_noise, generator)
+                pending = None
+            cross_cache = switches[b]
+            if switch_cache == "recache":
+                if known:
+                    raise ValueError(f"re-caching needs the clean frames of the stream: the cache held {known} "
+                                     "frames this rollout was not given as context")
+                cache.reset()
+                if history:
+                    prefill(student, cross_cache, cache, torch.cat(history, dim=2), context_noise, schedule=schedule,
+                            generator=generator)
         eps = noise[:, :, s:s + fpb]
         x = eps if start_latents is None else schedule.add_noise(start_latents[:, :, s:s + fpb], eps, _timestep(timesteps[start_step], B, fpb, eps.device))
         for k in range(start_step, last + 1):
@@ -147,6 +186,7 @@ def rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCac
         else:
             _context_pass(student, cross_cache, cache, x0, schedule, context_noise, generator)
         out.append(x0)
+        history.append(x0.detach())
         if on_block is not None:
             on_block(b, x0.detach())
-    return RolloutOutput(torch.cat(out, dim=2), records)
+    return RolloutOutput(torch.cat(out, dim=2) if out else noise[:, :, :0], records)  # no frames: a prefill alone

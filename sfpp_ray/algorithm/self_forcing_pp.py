@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sfpp_ray.algorithm.dmd import Update, dmd_generator_loss
-from sfpp_ray.algorithm.rollout import Generators, prefill, randn, rollout
+from sfpp_ray.algorithm.rollout import Generators, randn, rollout
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
 from sfpp_ray.config import DMDConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
@@ -65,10 +65,12 @@ def backward_noise(x0: torch.Tensor, t: torch.Tensor | float, schedule: FlowMatc
 @torch.no_grad()
 def extended_rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, noise: torch.Tensor,
                      schedule: FlowMatchSchedule, timesteps: torch.Tensor, context_noise: float = 0.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gradient-free rollout to noise.shape[2] frames with the rolling cache, as at inference."""
+                     generator: torch.Generator | None = None, switches: dict[int, CrossAttentionCache] | None = None,
+                     switch_cache: str = "keep") -> torch.Tensor:
+    """Gradient-free rollout to noise.shape[2] frames with the rolling cache, as at inference (prompt switches
+    included: see `rollout`)."""
     return rollout(student, cross_cache, noise, timesteps, schedule, context_noise=context_noise,
-                   generator=generator).latents
+                   generator=generator, switches=switches, switch_cache=switch_cache).latents
 
 
 def sample_denoising_steps(num_steps: int, start_step: int | None = None, exit_step: int | None = None,
@@ -123,10 +125,7 @@ def regenerate(student: CausalWanTransformer3DModel, cross_cache: CrossAttention
                exit_step: int, context_noise: float = 0.0, generator: Generators = None) -> torch.Tensor:
     """A fresh cache prefilled with the clean `context` frames, then the window denoised from `start` (its state at
     timesteps[start_step]) to the x0 prediction of `exit_step`, the only forward that holds a graph."""
-    B, _, _, H, W = start.shape
-    cache = student.new_cache(B, H, W, dtype=start.dtype, device=start.device)
-    prefill(student, cross_cache, cache, context, context_noise, schedule=schedule, generator=generator)
-    return rollout(student, cross_cache, start, timesteps, schedule, cache=cache, context_noise=context_noise,
+    return rollout(student, cross_cache, start, timesteps, schedule, context=context, context_noise=context_noise,
                    start_step=start_step, exit_step=exit_step, generator=generator).latents
 
 

@@ -21,11 +21,29 @@ import ray
 import torch
 
 from sfpp_ray import components
-from sfpp_ray.algorithm.self_forcing_pp import extended_rollout
-from sfpp_ray.config import from_dict
+from sfpp_ray.algorithm.self_forcing_pp import _randint, extended_rollout
+from sfpp_ray.config import Config, from_dict
 from sfpp_ray.distributed.buffer import offer
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync, state_checksum
 from sfpp_ray.seeding import generator
+
+
+def switched_rollout(cfg: Config, student, text, prompts: list[str], noise: torch.Tensor, schedule, timesteps,
+                     generator: torch.Generator, switch_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch of extended rollouts; with probability rollout.switch_prob each video switches, at a block drawn
+    uniformly after the first, to the next video's prompt (so the student learns to follow a switch). Returns
+    (latents, the prompt embeddings in force at the end, the switch block or -1). Switches draw from their own
+    generator: with them off, or before the switch, the rollout is the one without them."""
+    cond = text.encode(prompts)
+    cross, switches, block = student.cross_attention_cache(cond), {}, -1
+    p = cfg.rollout.switch_prob
+    if p > 0 and float(torch.rand((), generator=switch_generator, device=switch_generator.device)) < p:
+        block = _randint(1, noise.shape[2] // cfg.student.frames_per_block - 1, switch_generator)
+        cond = cond.roll(-1, dims=0)
+        switches = {block: student.cross_attention_cache(cond)}
+    latents = extended_rollout(student, cross, noise, schedule, timesteps, cfg.schedule.context_noise, generator,
+                               switches=switches, switch_cache=cfg.rollout.switch_cache)
+    return latents, cond, block
 
 
 class RolloutWorker:
@@ -43,6 +61,7 @@ class RolloutWorker:
         self.uncond = self.text.encode([self.cfg.text.negative_prompt])[0].float().cpu().numpy()
         # Distinct per worker, so two workers given the same prompt still explore different noise.
         self.generator = generator(self.cfg.run.seed, "rollout", index, device=self.device)
+        self.switch_generator = generator(self.cfg.run.seed, "rollout_switch", index, device=self.device)
         self.sync = ObjectStoreWeightSync()
         self.version = 0
         self.applied: list[tuple[int, str]] = []  # (version, checksum after apply)
@@ -76,13 +95,12 @@ class RolloutWorker:
             self.pull_weights(broker)
             indexed = ray.get([feed.next.remote(self.index) for _ in range(batch)])
             with self._lock, torch.no_grad():
-                cond = self.text.encode([prompt for _, prompt in indexed])
-                cross = self.student.cross_attention_cache(cond)
                 shape = components.latent_shape(self.cfg, self.codec, n_frames, batch)
                 noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
                 t0 = time.perf_counter()
-                latents = extended_rollout(self.student, cross, noise, self.schedule, self.timesteps,
-                                           self.cfg.schedule.context_noise, self.generator)
+                latents, cond, switch = switched_rollout(self.cfg, self.student, self.text,
+                                                         [prompt for _, prompt in indexed], noise, self.schedule,
+                                                         self.timesteps, self.generator, self.switch_generator)
                 self.rollout_seconds += time.perf_counter() - t0
                 version = self.version
             latents, cond = latents.float().cpu().numpy(), cond.float().cpu().numpy()
@@ -91,7 +109,7 @@ class RolloutWorker:
                           "prompt_index": np.array(index, dtype=np.int64)}
                 self.samples += 1
                 self.frames += n_frames
-                offer(buffer, sample, version, meta={"worker": self.index, "prompt_index": index})
+                offer(buffer, sample, version, meta={"worker": self.index, "prompt_index": index, "switch_block": switch})
             ray.get(feed.done.remote(self.index, [index for index, _ in indexed]))
         return self.stats()
 

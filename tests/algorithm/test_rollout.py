@@ -229,3 +229,70 @@ def test_gradient_steps_of_a_compiled_student_run_eager_against_its_static_cache
     assert (a - b).abs().max() <= 1e-5 and ga.keys() == gb.keys() and ga
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6)
+
+
+def _switch_student(tiny, fold: bool):
+    """fpb 3, a 9-frame window with 3 sink frames: a 6-block stream rolls the window before the switch at block 4."""
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 3).eval()
+    return student.set_layout(CausalLayout(3, 9, 3, attention="sdpa", fold_context_pass=fold))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@torch.no_grad()
+def test_recache_at_a_switch_is_a_fresh_prefill_under_the_new_prompt(tiny, schedule, timesteps, fold):
+    """switch_cache "recache": the stream after the switch is exactly the stream a fresh cache prefilled with the same
+    clean frames under the new prompt makes, and the final cache equals that prefill of every frame (float32)."""
+    student = _switch_student(tiny, fold)
+    noise, a, b = torch.randn(2, 12, 18, 8, 8), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    cross_a, cross_b, s = student.cross_attention_cache(a), student.cross_attention_cache(b), 4 * 3
+    cache = student.new_cache(2, 8, 8)
+    out = rollout(student, cross_a, noise, timesteps, schedule, cache=cache, switches={4: cross_b},
+                  switch_cache="recache", generator=torch.Generator().manual_seed(5)).latents
+
+    g = torch.Generator().manual_seed(5)
+    before = rollout(student, cross_a, noise[:, :, :s], timesteps, schedule, generator=g).latents
+    fresh = student.new_cache(2, 8, 8)
+    after = rollout(student, cross_b, noise[:, :, s:], timesteps, schedule, cache=fresh, context=before,
+                    generator=g).latents
+    assert (out[:, :, :s] - before).abs().max() <= 1e-5
+    assert (out[:, :, s:] - after).abs().max() <= 1e-5
+    prefilled = student.new_cache(2, 8, 8)
+    prefill(student, cross_b, prefilled, out)
+    for c in (cache, fresh):
+        assert c.frames_done == prefilled.frames_done == 18 and torch.equal(c.slot_frame, prefilled.slot_frame)
+        assert (c.k - prefilled.k).abs().max() <= 1e-5 and (c.v - prefilled.v).abs().max() <= 1e-5
+    # the prompt mattered: keeping the old cache gives another stream
+    kept = rollout(student, cross_a, noise, timesteps, schedule, switches={4: cross_b}, switch_cache="keep",
+                   generator=torch.Generator().manual_seed(5)).latents
+    assert (kept[:, :, :s] - out[:, :, :s]).abs().max() <= 1e-5 and (kept[:, :, s:] - out[:, :, s:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@torch.no_grad()
+def test_keep_at_a_switch_goes_on_with_the_cache_under_the_new_prompt(tiny, schedule, timesteps, fold):
+    """switch_cache "keep": the frames before the switch stay cached as the old prompt made them; only the
+    cross-attention changes, so the stream is the old stream's cache continued under the new prompt."""
+    student = _switch_student(tiny, fold)
+    noise, a, b = torch.randn(1, 12, 18, 8, 8), torch.randn(1, 7, 32), torch.randn(1, 7, 32)
+    cross_a, cross_b = student.cross_attention_cache(a), student.cross_attention_cache(b)
+    out = rollout(student, cross_a, noise, timesteps, schedule, switches={4: cross_b}, switch_cache="keep",
+                  generator=torch.Generator().manual_seed(2)).latents
+    g, cache = torch.Generator().manual_seed(2), student.new_cache(1, 8, 8)
+    before = rollout(student, cross_a, noise[:, :, :12], timesteps, schedule, cache=cache, generator=g).latents
+    after = rollout(student, cross_b, noise[:, :, 12:], timesteps, schedule, cache=cache, generator=g).latents
+    assert (out - torch.cat([before, after], dim=2)).abs().max() <= 1e-5
+    plain = rollout(student, cross_a, noise, timesteps, schedule, generator=torch.Generator().manual_seed(2)).latents
+    assert (plain[:, :, 12:] - out[:, :, 12:]).abs().max() > 1e-3
+
+
+def test_bad_switches_are_refused(student, schedule, timesteps):
+    cross, noise = student.cross_attention_cache(torch.randn(1, 7, 32)), torch.randn(1, 12, 6, 8, 8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="switch_cache"):
+            rollout(student, cross, noise, timesteps, schedule, switches={1: cross}, switch_cache="drop")
+        with pytest.raises(ValueError, match="outside"):
+            rollout(student, cross, noise, timesteps, schedule, switches={2: cross})
+        cache = student.new_cache(1, 8, 8)
+        prefill(student, cross, cache, torch.randn(1, 12, 3, 8, 8))  # frames the rollout cannot replay
+        with pytest.raises(ValueError, match="re-caching needs"):
+            rollout(student, cross, noise, timesteps, schedule, cache=cache, switches={1: cross}, switch_cache="recache")
