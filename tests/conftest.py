@@ -16,8 +16,6 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 # Two loaded cores can take longer than Ray Train's 60 s default to start a worker group that imports torch.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # JIT ops built once
-# Ray Train's controller looks at its workers every 2 s by default: a stage's end (and a killed rank) waited for that.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
