@@ -83,8 +83,11 @@ def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttent
                   generator: Generators) -> None:
     """Write one clean block's K/V into the cache."""
     ctx, t = _context_input(clean, schedule, context_noise, generator)
+    # a ZeRO-3 student gathers its partitioned parameters module by module as its pass goes: a pass that stops
+    # inside the last block would leave the ranks' gathers out of step, so such a student runs the whole pass
+    partitioned = any(hasattr(p, "ds_id") for p in student.parameters())
     with torch.no_grad():
-        student(ctx, t, cross_cache=cross_cache, kv_cache=cache, cache_only=True)
+        student(ctx, t, cross_cache=cross_cache, kv_cache=cache, cache_only=not partitioned)
         cache.commit()
 
 
