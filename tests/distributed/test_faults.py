@@ -62,12 +62,14 @@ def checkpoint_dirs(storage: Path) -> list[str]:
     return sorted(p.name for p in storage.glob("checkpoint_*") if p.is_dir())
 
 
-def stage_processes() -> list[str]:
-    """This session's Ray processes (the cluster's raylet is a child of this process) that serve a stage's actors."""
+def stage_processes(since: float = 0.0) -> list[str]:
+    """This session's Ray processes (the cluster's raylet is a child of this process) that serve a stage's actors,
+    started at or after `since` (epoch seconds): the shared cluster may still hold actors of earlier tests."""
     titles = []
     for p in psutil.Process().children(recursive=True):
         try:
-            titles.append(" ".join(p.cmdline()))
+            if p.create_time() >= since:
+                titles.append(" ".join(p.cmdline()))
         except psutil.NoSuchProcess:
             continue  # ended while listed
     return [t for t in titles if t.startswith(tuple(f"ray::{role}" for role in ROLES))]
@@ -87,13 +89,14 @@ def faulty_run(ray_cluster, tmp_path_factory):
         f"dmd.steps={STEPS}", "dmd.update_ratio=1", "tracking.experiment=sfpp-faults"])
     storage = cfg.run_dir / "ray_train" / cfg.run.name
     hook = functools.partial(inject, marks, storage)
+    started = time.time() - 1.0  # process start times are rounded
     with pytest.raises(Exception, match="TrainingFailedError|WorkerGroupError|died"):
         train(cfg, evaluation_video=False, fault_hook=hook)
     after_kill = {"dirs": checkpoint_dirs(storage),
                   "resume": _registered_resume_state(storage)}
     summary = train(cfg, evaluation_video=False, fault_hook=hook)
     deadline = time.monotonic() + 120
-    while (left := stage_processes()) and time.monotonic() < deadline:
+    while (left := stage_processes(started)) and time.monotonic() < deadline:
         time.sleep(0.2)  # actors end asynchronously once released
     return summary | {"cfg": cfg, "after_kill": after_kill, "left": left, "marks": {p.name: p.read_text() for p in marks.iterdir()}}
 
