@@ -85,7 +85,7 @@ def _context_pass(student: CausalWanTransformer3DModel, cross_cache: CrossAttent
     ctx, t = _context_input(clean, schedule, context_noise, generator)
     # a ZeRO-3 student gathers its partitioned parameters module by module as its pass goes: a pass that stops
     # inside the last block would leave the ranks' gathers out of step, so such a student runs the whole pass
-    partitioned = any(hasattr(p, "ds_id") for p in student.parameters())
+    partitioned = hasattr(next(student.parameters()), "ds_id")  # ZeRO-3 wraps every parameter: the first says
     with torch.no_grad():
         student(ctx, t, cross_cache=cross_cache, kv_cache=cache, cache_only=not partitioned)
         cache.commit()
