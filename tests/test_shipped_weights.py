@@ -10,6 +10,7 @@ from safetensors import safe_open
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import critic_loss
 from sfpp_ray.config import load_config, with_teacher
+from sfpp_ray.evaluation.evaluate import evaluate
 from sfpp_ray.world.clips import world_latent_batch
 from sfpp_ray.world.sprites import sample_scenes
 
@@ -53,3 +54,39 @@ def test_shipped_teacher_denoises_held_out_clips():
     torch.manual_seed(seed)
     trained, untrained = loss(components.build_teacher(cfg, "cpu", torch.float32)), loss(components.build_teacher(base, "cpu", torch.float32))
     assert np.isfinite(trained) and trained < 0.1 * untrained, (trained, untrained)
+
+
+STUDENT = ROOT / "weights" / "world_student"
+
+
+def test_shipped_student_is_float16_and_says_how_it_was_made():
+    record = json.loads((STUDENT / "made_by.json").read_text())
+    assert record["command"].startswith("sfpp-ray train --config configs/world_gpu.yaml")
+    assert "'run.stages=[dmd]'" in record["command"] and len(record["commit"]) >= 7
+    assert float_dtypes(STUDENT) == {"F16"}
+    assert record["files"] == {str(p.relative_to(STUDENT)): p.stat().st_size
+                               for p in sorted(STUDENT.rglob("*")) if p.is_file() and p.name != "made_by.json"}
+
+
+def test_shipped_student_streams_the_world_on_cpu(tmp_path):
+    """`sfpp-ray evaluate`'s scoring of one teacher horizon on fresh held-out prompts: finite frames, the first
+    segment far more stable than an untrained (random) student's and closer to real clips than the causal student
+    as training starts it (the teacher's weights, before ODE and DMD)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    keys = ["run.device=cpu", "evaluation.num_prompts=4", "evaluation.batch_size=4", "evaluation.horizons=[1]",
+            "evaluation.long_stream=0", f"evaluation.seed={seed}"]
+    base = load_config(ROOT / "configs" / "world_gpu.yaml", keys)
+    cfg = with_teacher(base, TEACHER)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    def first_segment(c, checkpoint, label):
+        torch.manual_seed(seed)
+        row = evaluate(c, checkpoint, out_dir=tmp_path / label, label=label)["table"][1]
+        assert np.isfinite([row["stability"], row["frechet"], row["flicker"]]).all(), row
+        return row
+
+    shipped = first_segment(cfg, str(STUDENT), "shipped")
+    untrained = first_segment(base, None, "random")
+    start = first_segment(cfg, None, "teacher_init")
+    assert shipped["stability"] > untrained["stability"] + 15, (shipped, untrained)
+    assert shipped["frechet"] < start["frechet"] and shipped["frechet"] < untrained["frechet"], (shipped, start)
