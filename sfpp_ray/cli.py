@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                             "RUN/logs/train.log")
     e = command("evaluate", "score generated videos against the synthetic world's ground truth")
     e.add_argument("--checkpoint", help="student weights to evaluate")
+    s = command("serve", "stream the student over HTTP (Ray Serve) until interrupted; serve.* keys configure it")
+    s.add_argument("--checkpoint", help="student weights to serve")
     return p
 
 
@@ -159,6 +161,31 @@ def _run(args: argparse.Namespace, cfg) -> int:
         tracker.start(cfg.flat())
         evaluate(cfg, checkpoint=args.checkpoint, tracker=tracker)
         tracker.finish()
+        return 0
+    if args.command == "serve":
+        import signal
+        import threading
+
+        from ray import serve
+
+        from sfpp_ray.distributed import server
+        from sfpp_ray.distributed.controller import start_ray
+
+        server.check(cfg)
+        start_ray(cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
+        url = server.start(cfg, args.checkpoint)
+        print(f"serving {args.checkpoint or 'the configured student'} at {url} (Ctrl-C stops)", file=sys.stderr)
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)  # a job's stop or a kill ends it as Ctrl-C does: the deployment shut down
+        signal.signal(signal.SIGINT, stop)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+            print("stopping the server", file=sys.stderr)
+            serve.shutdown()
         return 0
     raise AssertionError(args.command)
 

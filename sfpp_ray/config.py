@@ -313,6 +313,20 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`sfpp-ray serve`: the student streamed over HTTP by a Ray Serve deployment."""
+    host: str = "127.0.0.1"  # 0.0.0.0 to be reached from other machines
+    port: int = 8000
+    num_replicas: int = 1  # each holds the student and streams its own clients
+    gpus_per_replica: float = 0.0  # 0 on a machine without CUDA; the GPU share one replica takes
+    cpus_per_replica: float = 1.0
+    max_streams: int = 4  # streams one replica serves at once, taking turns a block at a time; more are refused (429)
+    max_seconds: float = 600.0  # longest video one stream may ask for
+    jpeg_quality: int = 90
+    realtime: bool = True  # pace each stream to the video's fps (false: as fast as the student makes blocks)
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     tracking_uri: str | None = None  # None: sqlite under the run's output directory
@@ -338,6 +352,7 @@ class Config:
     teacher_pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -769,6 +784,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")
     if cfg.evaluation.long_stream < 0:
         raise ConfigError("evaluation.long_stream", f"must be >= 0 (0: off), got {cfg.evaluation.long_stream}")
+    sv = cfg.serve
+    if not 1 <= sv.port <= 65535:
+        raise ConfigError("serve.port", f"must lie in [1, 65535], got {sv.port}")
+    for key in ("num_replicas", "max_streams", "max_seconds", "cpus_per_replica"):
+        positive(f"serve.{key}", getattr(sv, key))
+    positive("serve.gpus_per_replica", sv.gpus_per_replica, allow_zero=True)
+    if not 1 <= sv.jpeg_quality <= 100:
+        raise ConfigError("serve.jpeg_quality", f"must lie in [1, 100], got {sv.jpeg_quality}")
     stage_order = ["pretrain_teacher", "ode", "dmd", "grpo"]
     idx = [stage_order.index(x) for x in cfg.run.stages]
     if idx != sorted(set(idx)):

@@ -75,6 +75,8 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*gen, "--checkpoint", str(tmp / "empty_dir")], str(tmp / "empty_dir")),
         (["evaluate", "--config", TINY, "--checkpoint", str(tmp / "missing_student")], str(tmp / "missing_student")),
         (["evaluate", "--config", TINY, "--checkpoint", str(tmp / "random.pt")], str(tmp / "random.pt")),
+        (["serve", "--config", TINY, "--checkpoint", str(tmp / "truncated.pt")], str(tmp / "truncated.pt")),
+        (["serve", "--config", TINY, "serve.port=0"], "serve.port"),
         (["train", "--config", str(tmp / "missing.yaml")], str(tmp / "missing.yaml")),
         (["train", "--config", str(tmp / "bad.yaml")], str(tmp / "bad.yaml")),
         (["train", "--config", str(tmp / "latin1.yaml")], str(tmp / "latin1.yaml")),

@@ -98,6 +98,13 @@ def test_overrides_are_typed_and_dotted():
     ("rollout.switch_cache=drop", "rollout.switch_cache"),
     ("rollout.switch_prob=1.5", "rollout.switch_prob"),
     ("rollout.switch_prob=0.5", "rollout.switch_prob"),  # tiny.yaml's batch of 1 has no other prompt to switch to
+    ("serve.port=0", "serve.port"),
+    ("serve.port=70000", "serve.port"),
+    ("serve.max_streams=0", "serve.max_streams"),
+    ("serve.max_seconds=-1", "serve.max_seconds"),
+    ("serve.gpus_per_replica=-0.5", "serve.gpus_per_replica"),
+    ("serve.jpeg_quality=101", "serve.jpeg_quality"),
+    ("serve.realtime=sometimes", "serve.realtime"),
 ])
 def test_bad_input_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -216,3 +223,4 @@ def test_a_bad_value_is_refused_naming_its_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override])
     assert e.value.key == key and str(e.value).startswith(f"config key '{key}'")
+

@@ -85,7 +85,7 @@ def train(cfg: Config, evaluation_video: bool = True, fault_hook=None, restart: 
         _check_resumable(cfg, stage)
     with run_log(cfg.run_dir, verbose) as log:
         try:
-            _start_ray(cpus_needed(cfg, pending))
+            start_ray(cpus_needed(cfg, pending))
             log.take_worker_output()
             return _run_stages(cfg, evaluation_video, fault_hook)
         except BaseException:
@@ -417,7 +417,7 @@ def cpus_needed(cfg: Config, stages: list[str]) -> float:
     return cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + during_dmd
 
 
-def _start_ray(cpus_needed: float) -> None:
+def start_ray(cpus_needed: float) -> None:
     """Join the cluster in RAY_ADDRESS (or the one already initialised), or start a local one.
 
     A local cluster gets at least the logical CPUs the run needs, so a small machine runs the

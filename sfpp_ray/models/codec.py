@@ -49,6 +49,15 @@ class VideoCodec(abc.ABC):
     def reset_stream(self) -> None:
         """Forget the streamed video so the next `decode_block` starts a new one."""
 
+    def stream_state(self) -> object:
+        """What `decode_block` carries from one block of the current stream to the next (None: nothing), so that
+        streams taking turns on one codec each continue their own (`restore_stream`)."""
+        return None
+
+    def restore_stream(self, state: object) -> None:
+        """Continue the stream whose `stream_state` this is at the next `decode_block`; None: a new stream."""
+        self.reset_stream()
+
     @abc.abstractmethod
     def latent_frames(self, num_video_frames: int) -> int:
         """Latent frames whose decoding covers `num_video_frames` (exact when that count is encodable)."""
@@ -210,6 +219,16 @@ class WanVAECodec(VideoCodec):
     def reset_stream(self) -> None:
         self._stream_cache: list[torch.Tensor | None] = [None] * self._decoder_convs
         self._stream_started = False
+
+    def stream_state(self) -> object:
+        return list(self._stream_cache), self._stream_started
+
+    def restore_stream(self, state: object) -> None:
+        if state is None:
+            self.reset_stream()
+        else:
+            cache, started = state
+            self._stream_cache, self._stream_started = list(cache), started
 
     @torch.no_grad()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,19 @@ def test_wan_streamed_decoding_equals_whole_decoding(wan):
     torch.testing.assert_close(torch.cat(blocks, dim=2), whole, rtol=0, atol=1e-5)
 
 
+def test_wan_streams_taking_turns_each_decode_as_alone(wan):
+    """Two videos decoded a block each in turn, each stream's state saved and restored, equal each decoded whole."""
+    videos = [torch.randn(1, 16, 5, 2, 2), torch.randn(1, 16, 5, 2, 2)]
+    states, parts = [None, None], [[], []]
+    for block in ((0, 1), (1, 3), (3, 5)):
+        for i, latents in enumerate(videos):
+            wan.restore_stream(states[i])
+            parts[i].append(wan.decode_block(latents[:, :, block[0]:block[1]]))
+            states[i] = wan.stream_state()
+    for latents, blocks in zip(videos, parts):
+        torch.testing.assert_close(torch.cat(blocks, dim=2), wan.decode(latents), rtol=0, atol=1e-5)
+
+
 def test_wan_codec_rejects_bad_input(wan):
     with pytest.raises(ValueError, match="cannot be encoded"):
         wan.encode(random_video(8))
