@@ -56,6 +56,12 @@ $("start").onsubmit = async (e) => {
     id = s.id; $("video").src = "streams/" + id + "/video"; $("status").textContent = "stream " + id;
   } catch (err) { $("status").textContent = err.message; }
 };
+const given = new URLSearchParams(location.search);  // /?prompt=...&seconds=...: start at once
+if (given.get("prompt")) {
+  $("prompt").value = given.get("prompt");
+  if (given.get("seconds")) $("seconds").value = given.get("seconds");
+  $("start").requestSubmit();
+}
 $("switch").onsubmit = async (e) => {
   e.preventDefault();
   if (!id) return;

@@ -1,7 +1,10 @@
 """`sfpp-ray serve`'s deployment on the shared cluster, driven by a real HTTP client: a stream plays block by block,
-its prompt switches while it plays, it is the student's own stream, and bad requests get clear errors."""
+its prompt switches while it plays, it is the student's own stream, bad requests get clear errors, and the page plays
+it in a headless browser."""
 
+import shutil
 import socket
+import subprocess
 
 import cv2
 import numpy as np
@@ -112,3 +115,21 @@ def test_a_student_under_cuda_graphs_is_served_one_stream_at_a_time():
         server.check(load_config("configs/tiny.yaml", ["student.compile=reduce-overhead", "serve.max_streams=2"]))
     assert e.value.key == "serve.max_streams"
     server.check(load_config("configs/tiny.yaml", ["student.compile=reduce-overhead", "serve.max_streams=1"]))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here (.ci/run installs Debian's)")
+def test_the_page_plays_a_stream_in_a_headless_browser(served, tmp_path):
+    url, cfg, _ = served
+    shot = tmp_path / "page.png"
+    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=640,720",
+                           "--virtual-time-budget=8000", f"--screenshot={shot}",
+                           url + "?prompt=a%20red%20circle%20bouncing&seconds=5"],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), done.stderr[-2000:]
+    page = cv2.imread(str(shot))[..., ::-1]
+    white = (page > 245).all(axis=2)
+    rows = np.flatnonzero(~white[:, 300])  # the page's controls at the top, then the 512-pixel-wide video
+    video = page[100:700, 8:520][~white[100:700, 8:520]]
+    assert len(video) > 0.5 * 512 * 512, f"no video on the page ({len(video)} non-white pixels; rows {rows[:5]}...)"
+    assert len(np.unique(video.reshape(-1, 3) // 16, axis=0)) > 50  # a frame of the student's, not a flat box
