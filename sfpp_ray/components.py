@@ -77,9 +77,14 @@ def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return model
 
 
+def teacher_config(cfg: Config) -> Config:
+    """The config the teacher is built from: `teacher_model`'s shape and weights where set, else `model`'s."""
+    return cfg if cfg.teacher_model is None else dataclasses.replace(cfg, model=cfg.teacher_model)
+
+
 def build_teacher(cfg: Config, device=None, dtype=None) -> BidirectionalWanTransformer3DModel:
     """The frozen bidirectional teacher (real score): no gradient, so nothing to checkpoint."""
-    teacher = build_critic(cfg, device, dtype).eval().requires_grad_(False)
+    teacher = build_critic(teacher_config(cfg), device, dtype).eval().requires_grad_(False)
     if teacher.gradient_checkpointing:
         teacher.disable_gradient_checkpointing()
     return teacher

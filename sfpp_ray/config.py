@@ -337,6 +337,10 @@ class TrackingConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The teacher (real score) when it is another model than the student's and critic's `model`: its shape and
+    # weights (Self-Forcing's DMD with Wan2.1-T2V-14B as the teacher of a 1.3B student). It reads the same latents and
+    # text embeddings. None: the teacher is `model`.
+    teacher_model: ModelConfig | None = None
     student: StudentConfig = field(default_factory=StudentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -524,7 +528,7 @@ def with_teacher(cfg: Config, teacher_dir: str | os.PathLike) -> Config:
     """A copy of cfg whose teacher weights are teacher_dir's, and whose text encoder is the one trained
     with that teacher (teacher_pretrain.train_text_encoder) where the directory holds one."""
     tree, teacher_dir = cfg.to_dict(), Path(teacher_dir)
-    tree["model"]["pretrained"] = str(teacher_dir)
+    tree["teacher_model" if cfg.teacher_model is not None else "model"]["pretrained"] = str(teacher_dir)
     if (teacher_dir / "text_encoder" / "config.json").is_file():
         tree["text"]["kind"], tree["text"]["path"] = "umt5", str(teacher_dir)
     return from_dict(tree)
@@ -572,7 +576,9 @@ def check_inputs(cfg: Config) -> None:
         except checks.CheckError as e:
             raise ConfigError(key, str(e)) from None
 
-    for key, path in (("model.pretrained", cfg.model.pretrained), ("student.checkpoint", cfg.student.checkpoint)):
+    teacher_weights = cfg.teacher_model.pretrained if cfg.teacher_model is not None else None
+    for key, path in (("model.pretrained", cfg.model.pretrained), ("student.checkpoint", cfg.student.checkpoint),
+                      ("teacher_model.pretrained", teacher_weights)):
         if path is not None:
             check(key, checks.check_weights, path)
     if cfg.ode.guide is not None and Path(cfg.ode.guide).exists():
@@ -784,6 +790,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("evaluation.horizons", "needs one or more multiples >= 1 of the teacher's horizon")
     if cfg.evaluation.long_stream < 0:
         raise ConfigError("evaluation.long_stream", f"must be >= 0 (0: off), got {cfg.evaluation.long_stream}")
+    if (tm := cfg.teacher_model) is not None:
+        for key in ("patch_size", "in_channels", "out_channels", "text_dim", "prediction"):
+            if getattr(tm, key) != getattr(cfg.model, key):
+                raise ConfigError(f"teacher_model.{key}", f"is {getattr(tm, key)!r} but model.{key} is "
+                                  f"{getattr(cfg.model, key)!r}: the teacher must read the student's latents and text")
+        for key in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "freq_dim"):
+            positive(f"teacher_model.{key}", getattr(tm, key))
     sv = cfg.serve
     if not 1 <= sv.port <= 65535:
         raise ConfigError("serve.port", f"must lie in [1, 65535], got {sv.port}")

@@ -102,3 +102,58 @@ def test_a_student_saved_with_its_run_s_text_encoder_generates_with_it_from_the_
     from_directory = stream(base, str(tmp_path / "student"))
     assert (from_directory == stream(trained, str(tmp_path / "student_base"))).all()
     assert (from_directory != stream(base, str(tmp_path / "student_base"))).any()
+
+
+def with_larger_teacher(cfg, **shape):
+    """The config with a teacher of another shape than the student's (as a 14B teacher of a 1.3B student)."""
+    from sfpp_ray.config import from_dict
+
+    tree = cfg.to_dict()
+    tree["teacher_model"] = tree["model"] | shape
+    return from_dict(tree)
+
+
+def test_a_teacher_of_another_shape_is_the_real_score_of_a_dmd_step():
+    from sfpp_ray.algorithm.dmd import dmd_generator_loss
+
+    seed = int(torch.randint(0, 2**31, ()))
+    cfg = with_larger_teacher(load_config(TINY, [f"model.init_seed={seed}"]), num_layers=3, num_attention_heads=4,
+                              attention_head_dim=8, ffn_dim=96, init_seed=seed + 1)
+    teacher, critic = components.build_teacher(cfg), components.build_critic(cfg)
+    student = components.build_student(cfg)
+    assert (len(teacher.blocks), teacher.config.num_attention_heads, teacher.config.ffn_dim) == (3, 4, 96)
+    assert all((len(m.blocks), m.config.num_attention_heads) == (2, 2) for m in (critic, student))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    text = torch.randn(1, 7, cfg.model.text_dim)
+    x0 = torch.randn(2, 12, 3, 8, 8, requires_grad=True)
+    loss, metrics = dmd_generator_loss(x0, teacher, critic, text, torch.randn(1, 7, cfg.model.text_dim),
+                                       components.build_schedule(cfg), cfg.dmd, torch.Generator().manual_seed(seed))
+    loss.backward()
+    assert torch.isfinite(x0.grad).all() and metrics["dmd_grad_norm"] > 0
+    # the same step with the student's own shape as teacher is another real score
+    same = dmd_generator_loss(x0.detach(), components.build_teacher(load_config(TINY, [f"model.init_seed={seed}"])),
+                              critic, text, torch.randn(1, 7, cfg.model.text_dim), components.build_schedule(cfg),
+                              cfg.dmd, torch.Generator().manual_seed(seed))[1]
+    assert same["dmd_grad_norm"] != metrics["dmd_grad_norm"]
+
+
+def test_a_teacher_of_another_shape_takes_the_trained_teachers_weights(tmp_path):
+    from sfpp_ray.config import with_teacher
+
+    cfg = with_larger_teacher(load_config(TINY), num_layers=3)
+    components.build_teacher(cfg).save_pretrained(tmp_path / "teacher")
+    chained = with_teacher(cfg, tmp_path / "teacher")
+    assert chained.teacher_model.pretrained == str(tmp_path / "teacher") and chained.model.pretrained is None
+    loaded, saved = components.build_teacher(chained), components.build_teacher(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+
+
+def test_a_teacher_that_reads_other_latents_or_text_is_refused_naming_the_key():
+    import pytest
+
+    from sfpp_ray.config import ConfigError
+
+    for key, value in (("text_dim", 64), ("in_channels", 16), ("patch_size", [1, 1, 1])):
+        with pytest.raises(ConfigError) as e:
+            with_larger_teacher(load_config(TINY), **{key: value})
+        assert e.value.key == f"teacher_model.{key}"

@@ -32,6 +32,11 @@ def test_shipped_configs_load(tmp_path):
     assert (wan.dmd.guidance, wan.trainer.generator_lr, wan.trainer.critic_lr, wan.trainer.betas) == (3.0, 2e-6, 4e-7, [0.0, 0.999])
     assert (wan.dmd.update_ratio, wan.trainer.ema_decay, wan.trainer.ema_start_step, wan.trainer.grad_clip) == (5, 0.99, 200, 10.0)
     assert (wan.ode.euler_steps, wan.ode.shift, wan.ode.guidance) == (48, 8.0, 6.0)
+    big = load_config(ROOT / "configs" / "wan2.1_t2v_1.3b_teacher14b.yaml",
+                      [f"model.pretrained={weights}", f"teacher_model.pretrained={weights}", f"text.path={weights}",
+                       f"codec.path={weights}"])
+    assert (big.teacher_model.num_layers, big.teacher_model.num_attention_heads, big.teacher_model.ffn_dim) == (40, 40, 13824)
+    assert big.model == wan.model and big.trainer.zero_stage == 3
 
 
 def test_overrides_are_typed_and_dotted():

@@ -47,7 +47,7 @@ from sfpp_ray.distributed.data_pipeline import build_dataset, read_ahead_limit
 from sfpp_ray.distributed.progress import StageProgress, run_log
 from sfpp_ray.distributed.prompts import PromptFeed, load_prompts
 from sfpp_ray.distributed.dmd_trainer import METRICS_TIMEOUT_S, dmd_loop
-from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE
+from sfpp_ray.distributed.engine import PROGRESS_FILES, RESUME_FILE, dmd_memory_per_rank
 from sfpp_ray.distributed.grpo_trainer import grpo_loop
 from sfpp_ray.distributed.ode_trainer import ode_loop
 from sfpp_ray.distributed.rollout_worker import create_rollout_worker
@@ -114,6 +114,10 @@ def _run_stages(cfg: Config, evaluation_video: bool, fault_hook) -> dict:
             progress = StageProgress(cfg.run_dir, stage, steps)
             try:
                 if stage == "dmd":
+                    memory = dmd_memory_per_rank(stage_cfg)
+                    print(f"stage dmd: per trainer rank, about {memory['total']:.1f} GiB of weights, gradients and "
+                          f"optimizer state ({', '.join(f'{k} {memory[k]:.1f}' for k in ('teacher', 'student', 'critic', 'average'))}; "
+                          f"{memory['teacher_parameters'] / 1e9:.2f}B-parameter teacher, activations not counted)")
                     result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
                 else:
                     result = _fit(stage_cfg, stage, run_id, prompts=prompts)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import deepspeed
 import ray.train
+from diffusers import WanTransformer3DModel
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -26,7 +27,8 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA
 from sfpp_ray.checks import NonFiniteError
-from sfpp_ray.config import Config, from_dict
+from sfpp_ray.config import Config, ModelConfig, from_dict
+from sfpp_ray.models.loading import wan_transformer_kwargs
 from sfpp_ray.reruns import STAGE_MARKER
 from sfpp_ray.tracking import Tracker
 
@@ -172,6 +174,29 @@ def load_ema(ema: EMA | None, directory: Path, rank: int, whole: dict | None) ->
     saved = torch.load(shard, weights_only=True) if shard.is_file() else whole
     if ema is not None and saved is not None:
         ema.load_state_dict(saved)
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Parameters of a Wan transformer of this shape, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in WanTransformer3DModel(**wan_transformer_kwargs(model)).parameters())
+
+
+def dmd_memory_per_rank(cfg: Config) -> dict[str, float]:
+    """GiB each DMD trainer rank holds for the transformers' weights, gradients, AdamW state and the student's moving
+    average, as ZeRO partitions them over trainer.num_workers ranks (activations, the text encoder and the codec not
+    included): the frozen teacher is sharded only under ZeRO-3 with several ranks (frozen_teacher); a trained model's
+    optimizer state is split from stage 1, its gradients from 2, its weights from 3."""
+    ranks, stage, width = cfg.trainer.num_workers, cfg.trainer.zero_stage, 2 if cfg.trainer.bf16 else 4
+    split = lambda from_stage: ranks if stage >= from_stage else 1  # noqa: E731
+    teacher = parameter_count(components.teacher_config(cfg).model)
+    trained = parameter_count(cfg.model)
+    master = 4 if cfg.trainer.bf16 else 0  # fp32 master weights beside bf16 ones
+    one = trained * width / split(3) + trained * width / split(2) + trained * (master + 8) / split(1)
+    gib = {"teacher": teacher * width / (ranks if stage == 3 and ranks > 1 else 1), "student": one, "critic": one,
+           "average": trained * 4 / split(3) if cfg.trainer.ema_decay > 0 else 0.0}
+    gib = {k: v / 2**30 for k, v in gib.items()}
+    return gib | {"total": sum(gib.values()), "teacher_parameters": teacher, "student_parameters": trained}
 
 
 def frozen_teacher(cfg: Config, device, dtype):

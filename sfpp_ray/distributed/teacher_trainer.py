@@ -42,7 +42,7 @@ class TeacherTraining:
         tp = cfg.teacher_pretrain
         self.cfg, self.device, self.dtype, self.rank, self.world = cfg, device, dtype, rank, world
         self.text = components.build_text_encoder(cfg, device, dtype)
-        model = components.build_critic(cfg)
+        model = components.build_critic(components.teacher_config(cfg))  # the teacher's shape
         if tp.train_text_encoder:
             model = PromptConditioned(model, self.text)  # takes token ids; saves the encoder beside the teacher
         self.engine, *_ = deepspeed.initialize(
