@@ -173,6 +173,9 @@ class TrainerConfig:
     zero_stage: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False  # re-run each block's forward in the backward: less activation memory
+    # the frozen teacher's weights stay in CPU memory and each layer comes to the GPU as it runs (DeepSpeed ZeRO-3
+    # parameter offload): a teacher too large for a GPU beside the student and the critic (a 14B one on 80 GB)
+    teacher_offload: bool = False
     batch_size: int = 1
     generator_lr: float = 2e-6
     critic_lr: float = 4e-7

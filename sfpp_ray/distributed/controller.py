@@ -117,7 +117,9 @@ def _run_stages(cfg: Config, evaluation_video: bool, fault_hook) -> dict:
                     memory = dmd_memory_per_rank(stage_cfg)
                     print(f"stage dmd: per trainer rank, about {memory['total']:.1f} GiB of weights, gradients and "
                           f"optimizer state ({', '.join(f'{k} {memory[k]:.1f}' for k in ('teacher', 'student', 'critic', 'average'))}; "
-                          f"{memory['teacher_parameters'] / 1e9:.2f}B-parameter teacher, activations not counted)")
+                          f"{memory['teacher_parameters'] / 1e9:.2f}B-parameter teacher, activations not counted"
+                          + (f"; the teacher's {memory['teacher_in_cpu_memory']:.1f} GiB in CPU memory"
+                             if memory['teacher_in_cpu_memory'] else "") + ")")
                     result = _train_dmd(stage_cfg, prompts, run_id, fault_hook)
                 else:
                     result = _fit(stage_cfg, stage, run_id, prompts=prompts)

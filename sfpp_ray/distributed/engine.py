@@ -183,28 +183,32 @@ def parameter_count(model: ModelConfig) -> int:
 
 
 def dmd_memory_per_rank(cfg: Config) -> dict[str, float]:
-    """GiB each DMD trainer rank holds for the transformers' weights, gradients, AdamW state and the student's moving
-    average, as ZeRO partitions them over trainer.num_workers ranks (activations, the text encoder and the codec not
-    included): the frozen teacher is sharded only under ZeRO-3 with several ranks (frozen_teacher); a trained model's
-    optimizer state is split from stage 1, its gradients from 2, its weights from 3."""
+    """GiB each DMD trainer rank holds on its device for the transformers' weights, gradients, AdamW state and the
+    student's moving average, as ZeRO partitions them over trainer.num_workers ranks (activations, the text encoder
+    and the codec not included): the frozen teacher is sharded only under ZeRO-3 with several ranks, and held in CPU
+    memory instead with trainer.teacher_offload (teacher_in_cpu_memory; frozen_teacher); a trained model's optimizer
+    state is split from stage 1, its gradients from 2, its weights from 3."""
     ranks, stage, width = cfg.trainer.num_workers, cfg.trainer.zero_stage, 2 if cfg.trainer.bf16 else 4
     split = lambda from_stage: ranks if stage >= from_stage else 1  # noqa: E731
     teacher = parameter_count(components.teacher_config(cfg).model)
     trained = parameter_count(cfg.model)
     master = 4 if cfg.trainer.bf16 else 0  # fp32 master weights beside bf16 ones
     one = trained * width / split(3) + trained * width / split(2) + trained * (master + 8) / split(1)
-    gib = {"teacher": teacher * width / (ranks if stage == 3 and ranks > 1 else 1), "student": one, "critic": one,
+    teacher_share = teacher * width / (ranks if stage == 3 and ranks > 1 else 1)
+    gib = {"teacher": 0.0 if cfg.trainer.teacher_offload else teacher_share, "student": one, "critic": one,
            "average": trained * 4 / split(3) if cfg.trainer.ema_decay > 0 else 0.0}
     gib = {k: v / 2**30 for k, v in gib.items()}
-    return gib | {"total": sum(gib.values()), "teacher_parameters": teacher, "student_parameters": trained}
+    return gib | {"total": sum(gib.values()), "teacher_parameters": teacher, "student_parameters": trained,
+                  "teacher_in_cpu_memory": teacher_share / 2**30 if cfg.trainer.teacher_offload else 0.0}
 
 
 def frozen_teacher(cfg: Config, device, dtype):
-    """The frozen teacher; sharded with ZeRO-3 (no optimizer) only when the trainers shard with ZeRO-3."""
+    """The frozen teacher; sharded with ZeRO-3 (no optimizer) when the trainers shard with ZeRO-3, and its weights
+    kept in CPU memory with trainer.teacher_offload."""
     teacher = components.build_teacher(cfg)
-    if world_size() > 1 and cfg.trainer.zero_stage == 3:
-        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-              "bf16": {"enabled": cfg.trainer.bf16}}
+    if cfg.trainer.teacher_offload or (world_size() > 1 and cfg.trainer.zero_stage == 3):
+        zero = {"stage": 3} | ({"offload_param": {"device": "cpu"}} if cfg.trainer.teacher_offload else {})
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "bf16": {"enabled": cfg.trainer.bf16}}
         engine, *_ = deepspeed.initialize(model=teacher, config=ds)
         return engine.module
     return components.cast(teacher, device, dtype)
