@@ -175,6 +175,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
         start_ray(cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
         url = server.start(cfg, args.checkpoint)
         print(f"serving {args.checkpoint or 'the configured student'} at {url} (Ctrl-C stops)", file=sys.stderr)
+
         def stop(signum, frame):
             raise KeyboardInterrupt
 

@@ -40,9 +40,7 @@ class LiveStream:
         self.recache_next = False
         self.codec_state = None
         self.blocks = 0
-        self.record = False  # keep each block's starting noise and clean latents (noise, latents): for checks
-        self.noise: list[torch.Tensor] = []
-        self.latents: list[torch.Tensor] = []
+        self.latents: torch.Tensor | None = None  # the last block's clean latents
 
     def _cross(self, prompt: str):
         with torch.inference_mode():
@@ -61,8 +59,6 @@ class LiveStream:
         """Generate and decode the next block: uint8 frames (F, H, W, 3)."""
         gen, cfg = self.gen, self.cfg
         noise = randn(self.block_shape, self.noise_generator, gen.device, gen.dtype)
-        if self.record:
-            self.noise.append(noise)
         context = None
         if self.recache_next:  # a fresh cache prefilled with the stream so far under the new prompt
             _, _, _, h, w = self.block_shape
@@ -76,9 +72,7 @@ class LiveStream:
             raise NonFiniteError(f"block {self.blocks + 1}: the student's latents hold NaN or inf values")
         if cfg.rollout.switch_cache == "recache":
             self.history.append(x0)
-        if self.record:
-            self.latents.append(x0)
-        self.blocks += 1
+        self.latents, self.blocks = x0, self.blocks + 1
         gen.codec.restore_stream(self.codec_state)
         with torch.inference_mode():
             video = gen.codec.decode_block(x0)

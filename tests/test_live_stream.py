@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfpp_ray.algorithm.rollout import rollout
+from sfpp_ray.algorithm.rollout import randn, rollout
 from sfpp_ray.config import load_config
 from sfpp_ray.generate import VideoGenerator
 from sfpp_ray.live_stream import LiveStream
@@ -18,20 +18,22 @@ def test_live_stream_equals_one_rollout_with_the_switch(switch_cache):
     cfg = load_config("configs/tiny.yaml", [f"rollout.switch_cache={switch_cache}", "student.window_frames=6"])
     gen = VideoGenerator(cfg)
     live = LiveStream(gen, "a red circle bouncing", seed)
-    live.record = True
-    frames = []
+    frames, latents = [], []
     for b in range(5):  # 15 frames: the 6-frame window rolls
         if b == 3:
             live.switch("a blue square drifting slowly")
         frames.append(live.next_block())
+        latents.append(live.latents)
+    noise_generator = torch.Generator().manual_seed(seed)  # each block's starting noise, as the stream drew it
+    noise = torch.cat([randn(live.block_shape, noise_generator, "cpu") for _ in range(5)], dim=2)
 
     text = lambda p: gen.student.cross_attention_cache(gen.text.encode([p]))
     with torch.inference_mode():
-        whole = rollout(gen.student, text("a red circle bouncing"), torch.cat(live.noise, dim=2),
+        whole = rollout(gen.student, text("a red circle bouncing"), noise,
                         gen.schedule.student_timesteps(cfg.schedule), gen.schedule,
                         generator=torch.Generator().manual_seed(seed + 1),
                         switches={3: text("a blue square drifting slowly")}, switch_cache=switch_cache).latents
-    streamed = torch.cat(live.latents, dim=2)
+    streamed = torch.cat(latents, dim=2)
     assert torch.isfinite(streamed).all() and streamed.abs().max() > 0.1
     torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)
     video = np.concatenate(frames)

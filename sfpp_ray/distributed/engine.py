@@ -19,10 +19,10 @@ from pathlib import Path
 
 import deepspeed
 import ray.train
-from diffusers import WanTransformer3DModel
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from diffusers import WanTransformer3DModel
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA

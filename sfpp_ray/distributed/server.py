@@ -151,10 +151,12 @@ class StudentServer:
     async def _parts(self, sid: str, stream: Stream):
         sv, fps = self.cfg.serve, self.cfg.video.fps
         quality = [cv2.IMWRITE_JPEG_QUALITY, sv.jpeg_quality]
+        sent = 0
         try:
             for _ in range(stream.blocks):
                 frames = await asyncio.to_thread(self._block, stream)
                 stream.timer.block_done()
+                sent += len(frames)
                 for frame in frames:
                     ok, jpeg = cv2.imencode(".jpg", frame[..., ::-1], quality)
                     if not ok:
@@ -162,7 +164,7 @@ class StudentServer:
                     yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
                            .encode() + jpeg.tobytes() + b"\r\n")
                 if sv.realtime:  # no faster than the video plays: the next block is made while this one shows
-                    ahead = stream.live.blocks * len(frames) / fps - (time.perf_counter() - stream.timer.start)
+                    ahead = sent / fps - (time.perf_counter() - stream.timer.start)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
             yield f"--{BOUNDARY}--\r\n".encode()
@@ -172,7 +174,6 @@ class StudentServer:
     @app.get("/")
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE)
-
 
 
 def deployment(cfg: Config, checkpoint: str | None):
