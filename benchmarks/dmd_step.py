@@ -87,8 +87,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(step, device, steps: int, warmup: int) -> dict:
-    """Median seconds over `steps` after `warmup`, peak memory over all of them, then FLOPs over one more."""
+def measure(step, device, steps: int, warmup: int, kind: str = "") -> dict:
+    """Median seconds over `steps` after `warmup`, peak memory over all of them (printed at once), then FLOPs over
+    one more. Counting runs the step again under FlopCounterMode, which holds more memory than the plain step: if
+    that step runs out of memory the time and peak stand and the FLOPs are recorded as not counted, with why."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -100,13 +102,20 @@ def measure(step, device, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
-        step()
+    timed = {"seconds": statistics.median(times), "seconds_all": times, "peak_gib": peak}
+    print(f"[dmd_step] {kind} timed: {timed}", flush=True)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+            step()
+    except torch.OutOfMemoryError as e:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return timed | {"flops": None, "attention_flop_share": None,
+                        "flops_error": f"out of memory under FlopCounterMode: {str(e).splitlines()[0]}"}
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     flops = counter.get_total_flops()
     attention = sum(n for op, n in by_op.items() if any(a in op for a in ATTENTION_OPS))
-    return {"seconds": statistics.median(times), "seconds_all": times, "peak_gib": peak, "flops": flops,
-            "attention_flop_share": attention / flops if flops else 0.0}
+    return timed | {"flops": flops, "attention_flop_share": attention / flops if flops else 0.0}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,15 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows = []
     for kind, step in steps.items():
-        row = {"kind": kind} | measure(step, device, a.steps, a.warmup)
-        row["tflops_per_s"] = row["flops"] / row["seconds"] / 1e12
-        row["mfu"] = row["tflops_per_s"] / a.peak_tflops if device.type == "cuda" else None
+        row = {"kind": kind} | measure(step, device, a.steps, a.warmup, kind)
+        row["tflops_per_s"] = None if row["flops"] is None else row["flops"] / row["seconds"] / 1e12
+        row["mfu"] = row["tflops_per_s"] / a.peak_tflops if device.type == "cuda" and row["flops"] else None
         rows.append(row)
         print(f"[dmd_step] {row}", flush=True)
     params = sum(q.numel() for q in student.parameters())
     result = {"setting": {"shape": a.shape, "config": config, "overrides": a.overrides, "steps": a.steps,
                           "warmup": a.warmup, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                           "torch": torch.__version__, "dtype": str(dtype), "params_per_model": params,
+                          "teacher_params": sum(q.numel() for q in teacher.parameters()),
                           "batch_size": t.batch_size, "window": list(batch["window"].shape),
                           "context_frames": context, "start_step": a.start_step, "exit_step": exit_step,
                           "guidance": cfg.dmd.guidance, "gradient_checkpointing": t.gradient_checkpointing,
@@ -166,13 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     s = result["setting"]
-    print(f"\n{a.shape}: {params / 1e6:.4g}M params a model, window {s['window']} after {context} context frames, "
+    print(f"\n{a.shape}: {params / 1e6:.4g}M params student and critic, teacher {s['teacher_params'] / 1e6:.4g}M, window {s['window']} after {context} context frames, "
           f"steps {a.start_step}..{exit_step}, device={s['device']}, {dtype}, torch {torch.__version__}")
     fmt = lambda v, f: "-" if v is None else format(v, f)
     print(f"{'step':<11}{'s/step':>10}{'peak GiB':>10}{'TFLOP/step':>12}{'attn %':>8}{'TFLOP/s':>10}{'MFU %':>8}")
     for r in rows:
-        print(f"{r['kind']:<11}{r['seconds']:>10.4f}{fmt(r['peak_gib'], '.2f'):>10}{r['flops'] / 1e12:>12.4g}"
-              f"{100 * r['attention_flop_share']:>8.1f}{r['tflops_per_s']:>10.4g}"
+        flops, share = r["flops"], r["attention_flop_share"]
+        print(f"{r['kind']:<11}{r['seconds']:>10.4f}{fmt(r['peak_gib'], '.2f'):>10}{fmt(flops and flops / 1e12, '.4g'):>12}"
+              f"{fmt(share and 100 * share, '.1f'):>8}{fmt(r['tflops_per_s'], '.4g'):>10}"
               f"{fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f'):>8}")
     return result
 
