@@ -527,6 +527,14 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
+def rebuilt(tree: dict) -> Config:
+    """A config the driver loaded and validated, rebuilt in a Ray worker from its `to_dict()`: typed again, its
+    files not read again. Checks there would re-read every weights header (the data pipeline rebuilds its config
+    for every block), and a moment's absence of a file on shared storage, long after the load checked it, would
+    fail the run."""
+    return _build(Config, tree)
+
+
 def with_teacher(cfg: Config, teacher_dir: str | os.PathLike) -> Config:
     """A copy of cfg whose teacher weights are teacher_dir's, and whose text encoder is the one trained
     with that teacher (teacher_pretrain.train_text_encoder) where the directory holds one."""

@@ -23,7 +23,7 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.self_forcing_pp import backward_noise, sample_denoising_steps, sample_window_start
-from sfpp_ray.config import Config, from_dict
+from sfpp_ray.config import Config, rebuilt
 from sfpp_ray.seeding import generator, seed_for
 
 SAMPLE_KEYS = ("latents", "text", "uncond", "prompt_index")
@@ -63,7 +63,7 @@ class FetchRollouts:
 
 def sample_windows(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> dict[str, np.ndarray]:
     """A block-aligned window of `data.window_frames` per rollout; adds `window_start` and `window`."""
-    c = from_dict(cfg)
+    c = rebuilt(cfg)
     K, fpb = c.data.window_frames, c.student.frames_per_block
     starts, windows = [], []
     for row_id, latents in zip(batch["id"], batch["latents"]):
@@ -81,7 +81,7 @@ def add_backward_noise(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> di
 
     Without backward noise (ablation) the window restarts from pure noise at step 0.
     """
-    c = from_dict(cfg)
+    c = rebuilt(cfg)
     schedule = components.build_schedule(c)
     timesteps = schedule.student_timesteps(c.schedule)
     noisy, starts, exits = [], [], []

@@ -36,7 +36,7 @@ from ray.train import Checkpoint
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA, critic_step, is_generator_step
 from sfpp_ray.algorithm.self_forcing_pp import dmd_generator_step
-from sfpp_ray.config import Config, from_dict
+from sfpp_ray.config import Config, rebuilt
 from sfpp_ray.distributed.data_pipeline import fresh_row
 from sfpp_ray.distributed.engine import (RESUME_FILE, STATE_FILE, BadSteps, deepspeed_config, engine_update,
                                          frozen_teacher, full_params, global_rank, load_ema, save_ema, save_student,
@@ -51,7 +51,7 @@ def dmd_loop(config: dict) -> None:
     """Ray Train entry point. config: {"cfg": Config dict, "actors": names, "mlflow_run_id", "total_steps",
     "fault_hook"}. fault_hook(point, step, rank, actors), when given, is called at "after_report" (a step's
     report returned, its checkpoint not yet registered): how tests stop a run at the moments that matter."""
-    cfg = from_dict(config["cfg"])
+    cfg = rebuilt(config["cfg"])
     names = config["actors"]
     buffer, broker = ray.get_actor(names["buffer"]), ray.get_actor(names["broker"])
     feed = ray.get_actor(names["feed"])

@@ -27,7 +27,7 @@ from diffusers import WanTransformer3DModel
 from sfpp_ray import components
 from sfpp_ray.algorithm.dmd import EMA
 from sfpp_ray.checks import NonFiniteError
-from sfpp_ray.config import Config, ModelConfig, from_dict
+from sfpp_ray.config import Config, ModelConfig, rebuilt
 from sfpp_ray.models.loading import wan_transformer_kwargs
 from sfpp_ray.reruns import STAGE_MARKER
 from sfpp_ray.tracking import Tracker
@@ -271,7 +271,7 @@ def stage_dtype(cfg: Config) -> torch.dtype:
 
 
 def setup(config: dict) -> tuple[Config, torch.device, torch.dtype]:
-    cfg = from_dict(config["cfg"])
+    cfg = rebuilt(config["cfg"])
     device = ray.train.torch.get_device() if cfg.trainer.gpus_per_worker > 0 else torch.device("cpu")
     dtype = stage_dtype(cfg)
     torch.manual_seed(cfg.run.seed)  # same init on every rank before DeepSpeed broadcasts/partitions

@@ -22,7 +22,7 @@ import torch
 
 from sfpp_ray import components
 from sfpp_ray.algorithm.self_forcing_pp import _randint, extended_rollout
-from sfpp_ray.config import Config, from_dict
+from sfpp_ray.config import Config, rebuilt
 from sfpp_ray.distributed.buffer import offer
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync, state_checksum
 from sfpp_ray.seeding import generator
@@ -50,7 +50,7 @@ class RolloutWorker:
     """Actor body; start it with `RolloutWorker.options(...)` via `create_rollout_worker`."""
 
     def __init__(self, cfg: dict, index: int, checkpoint: str | None = None):
-        self.cfg = from_dict(cfg)
+        self.cfg = rebuilt(cfg)
         self.index = index
         self.device, self.dtype = components.resolve_device(self.cfg), components.resolve_dtype(self.cfg)
         self.student = components.build_student(self.cfg, self.device, self.dtype, checkpoint=checkpoint).eval()

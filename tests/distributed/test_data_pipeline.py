@@ -44,3 +44,25 @@ def test_fresh_row_is_the_row_ray_data_makes_and_respects_staleness(ray_cluster)
     offer(buffer, sample, policy_version=4)
     other = fresh_row(buffer, cfg, seed_for(seed, "replacement", 0, 1, 0))
     assert not np.array_equal(other["noisy"], made["noisy"])
+
+
+def test_rows_are_made_after_the_config_s_weights_file_vanished(ray_cluster, tmp_path):
+    """The files a config names are checked once, where it is loaded: the pipeline's transforms rebuild it for
+    every block, and a moment's absence of a weights file on shared storage must not fail a run (a DMD run failed
+    so when its teacher's directory was rewritten beneath it)."""
+    from safetensors.torch import save_file
+    import torch
+
+    rng = np.random.default_rng()
+    weights = tmp_path / "teacher"
+    weights.mkdir()
+    save_file({"x": torch.zeros(2)}, weights / "diffusion_pytorch_model.safetensors")
+    seed = int(rng.integers(1000))
+    cfg = load_config(CONFIG, [f"model.pretrained={weights}", "buffer.max_reuse=2", f"run.seed={seed}"])
+    (weights / "diffusion_pytorch_model.safetensors").unlink()
+    buffer = create_buffer(cfg.buffer)
+    offer(buffer, rollout_sample(rng, frames=24), policy_version=0)
+    (row,) = list(build_dataset(cfg, buffer, 1).iter_rows())
+    made = fresh_row(buffer, cfg, seed)
+    for key in ("window_start", "start_step", "exit_step", "window", "noisy"):  # the same rollout, the same stream
+        np.testing.assert_array_equal(made[key][0], row[key], err_msg=key)
