@@ -304,6 +304,10 @@ def write_command(run_dir: Path, line: str) -> None:
     (run_dir / COMMAND_FILE).write_text(line + "\n")
 
 
+class VariantRunsFailed(RuntimeError):
+    """Some variant runs failed; the others finished (and, with eval to come, were scored)."""
+
+
 def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int]], parallel: int,
                                scorer: Scorer | None = None) -> None:
     """Up to `parallel` variant runs at once, each `sfpp-ray train` in a process of its own, all on this process's
@@ -364,7 +368,7 @@ def train_variants_in_parallel(s: Setup, cmd: Command, jobs: list[tuple[str, int
                 elif scorer is not None:
                     scorer.submit(name, seed)
         if failed:
-            raise RuntimeError("variant runs failed: " + "; ".join(failed))
+            raise VariantRunsFailed("variant runs failed: " + "; ".join(failed))
     finally:
         if started_here:
             ray.shutdown()
@@ -707,6 +711,7 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
             cmd.config_for([*variant_overrides(cfg, v), f"run.seed={seed}"])
     jobs: list[tuple[str, int]] = []  # variant runs waiting to go in parallel
     scorer = None  # with eval to come, students are scored while the others train
+    failure = None  # a failed run before eval: the table of the others is made first, then it is raised
     for stage in stages:
         if jobs and stage in ("eval", "sampler", "ode"):
             if stage == "eval" and scorer is None:
@@ -714,12 +719,19 @@ def run(cmd: Command, out: Path, stages: list[str], seeds: list[int] | None = No
                 for name in variants:  # trained before, not yet scored
                     for seed in own_seeds[name]:
                         scorer.submit(name, seed)
-            train_variants_in_parallel(s, cmd, jobs, parallel, scorer)
+            try:
+                train_variants_in_parallel(s, cmd, jobs, parallel, scorer)
+            except VariantRunsFailed as e:
+                if stage != "eval":
+                    raise
+                failure = e
             jobs = []
         if stage == "eval":
             result = run_eval(s, cmd, variants or default_variants(cfg), sorted({k for v in own_seeds.values() for k in v}),
                               parallel, scorer)
             print(format_results(result))
+            if failure is not None:
+                raise failure
             return result
         if stage in FIXED:
             if stage == "teacher" and teacher:

@@ -239,6 +239,11 @@ class GRPOConfig:
     group_size: int = 12
     shared_noise: bool = True
     clip: float = 1e-4
+    # per_step: PPO's ratio per rollout and denoising step, on the step's log-probability per element, and the KL
+    # per element (Flow-GRPO's form, for which clip 1e-4 is sized); trajectory: one ratio on the whole rollout's
+    # summed log-probability, which over millions of elements leaves any clip of this size at the smallest
+    # difference between rollout and replay (docs/results.md, GRPO)
+    ratio: Literal["per_step", "trajectory"] = "per_step"
     advantage_clip: float = 5.0
     kl_coef: float = 0.01
     lr: float = 1e-6

@@ -313,3 +313,40 @@ def test_teacher_sampler_keeps_the_rows_scored_before_a_run_is_cut_short(load_ex
     assert [r["teacher"] for r in kept["validation"]] == scored and kept["heldout"] == []
     assert all(isinstance(r["seconds"], float) and r["seconds"] >= 0 for r in kept["validation"])  # each row timed
     assert [r["setting"]["shift"] for r in kept["validation"]] == [3.0, 8.0]
+
+
+def test_a_failed_variant_run_still_leaves_the_others_table(experiment, monkeypatch, tmp_path):
+    """One variant's run failing must not cost the table of those that finished: eval collects it, then the
+    failure is raised."""
+    calls = []
+
+    def parallel_runs(s, cmd, jobs, parallel, scorer=None):
+        calls.append(("train", sorted(jobs)))
+        raise experiment.VariantRunsFailed("variant runs failed: sfpp_nocache seed0: exit 1")
+
+    def collect(s, cmd, variants, seeds, parallel=1, scorer=None):
+        calls.append(("eval", variants, seeds))
+        return {"table": {}}
+
+    class NoScorer:
+        def __init__(self, *args):
+            pass
+
+        def submit(self, name, seed):
+            pass
+
+    monkeypatch.setattr(experiment, "train_variants_in_parallel", parallel_runs)
+    monkeypatch.setattr(experiment, "run_eval", collect)
+    monkeypatch.setattr(experiment, "Scorer", NoScorer)
+    monkeypatch.setattr(experiment, "format_results", lambda result: "the table")
+    with pytest.raises(experiment.VariantRunsFailed, match="sfpp_nocache seed0"):
+        experiment.main(["--config", str(TINY), "--out", str(tmp_path / "run"), "--stages", "sfpp,sfpp_nocache@0,eval",
+                         "--seeds", "0,1", "--parallel", "2", "run.device=cpu"])
+    assert calls == [("train", [("sfpp", 0), ("sfpp", 1), ("sfpp_nocache", 0)]),
+                     ("eval", ["sfpp", "sfpp_nocache"], [0, 1])]
+    # without eval to follow, the failure stops the script where it happens
+    calls.clear()
+    with pytest.raises(experiment.VariantRunsFailed):
+        experiment.main(["--config", str(TINY), "--out", str(tmp_path / "run"), "--stages", "sfpp", "--parallel", "2",
+                         "run.device=cpu"])
+    assert [c[0] for c in calls] == ["train"]

@@ -3,7 +3,9 @@
 Each non-terminal denoising step draws x_next ~ N((1 - sigma') x0_hat, sigma'^2) with sigma' the
 next step's noise level, so a rollout's log-probability is the sum of those Gaussian terms over
 blocks and steps. Rewards are normalised within a group of rollouts of one prompt, and the
-update is PPO-clipped, with a KL to a frozen reference on the same Gaussian means.
+update is PPO-clipped, with a KL to a frozen reference on the same Gaussian means. grpo.ratio picks where
+the ratio is taken: per recorded step on its log-probability per element (per_step), or once on the whole
+rollout's sum (trajectory), whose ratio a tiny difference per element, summed over millions, moves by units.
 
 Log-probabilities are float64: they sum millions of terms, and the PPO ratio needs their
 differences to ~1e-4, below float32's resolution at that magnitude.
@@ -51,24 +53,32 @@ def step_sigmas(steps: list[StepRecord], timesteps: torch.Tensor, schedule: Flow
     return sig.view(1, -1, 1, 1, 1, 1)
 
 
-def rollout_log_prob(steps: list[StepRecord], timesteps: torch.Tensor, schedule: FlowMatchSchedule) -> torch.Tensor:
-    """(B,) log-probability of a recorded rollout under the policy that made it (no model call)."""
+def rollout_log_prob(steps: list[StepRecord], timesteps: torch.Tensor, schedule: FlowMatchSchedule,
+                     per_step: bool = False) -> torch.Tensor:
+    """(B,) log-probability of a recorded rollout under the policy that made it (no model call); per_step: (B, S),
+    each non-terminal step's log-probability per element, S steps in record order."""
     recs = _non_terminal(steps)
     if not recs:
         raise ValueError("the rollout has no stochastic steps (record=True and more than one denoising step needed)")
-    return sum(gaussian_log_prob(r.x_next, (1 - schedule.sigma(timesteps[r.step + 1])) * r.x0_pred.float(),
-                                 schedule.sigma(timesteps[r.step + 1])) for r in recs)
+    terms = [gaussian_log_prob(r.x_next, (1 - schedule.sigma(timesteps[r.step + 1])) * r.x0_pred.float(),
+                               schedule.sigma(timesteps[r.step + 1])) for r in recs]
+    return _per_element(terms, recs) if per_step else sum(terms)
+
+
+def _per_element(terms: list[torch.Tensor], recs: list[StepRecord]) -> torch.Tensor:
+    """(B,) log-probability sums of each step -> (B, S) per element."""
+    return torch.stack([t / r.x_next[0].numel() for t, r in zip(terms, recs)], dim=1)
 
 
 def trajectory_log_prob(student: CausalWanTransformer3DModel, cross_cache: CrossAttentionCache, steps: list[StepRecord],
                         clean_latents: torch.Tensor, timesteps: torch.Tensor, schedule: FlowMatchSchedule,
-                        context_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        context_noise: float = 0.0, per_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Replay a recorded rollout under the current student, with gradient.
 
     Per block the cache holds the rollout's clean previous blocks, and the student re-predicts x0
-    at each recorded non-terminal step. Returns the (B,) log-probability and the Gaussian means
-    (B, S, C, f, H, W), S steps in record order. With the recording weights and context_noise 0
-    it equals rollout_log_prob.
+    at each recorded non-terminal step. Returns the (B,) log-probability (per_step: (B, S), each step's per
+    element, as rollout_log_prob's) and the Gaussian means (B, S, C, f, H, W), S steps in record order. With the
+    recording weights and context_noise 0 it equals rollout_log_prob.
     """
     B, _, N, H, W = clean_latents.shape
     fpb = student.layout.frames_per_block
@@ -80,7 +90,7 @@ def trajectory_log_prob(student: CausalWanTransformer3DModel, cross_cache: Cross
     if not by_block:
         raise ValueError("the rollout has no stochastic steps (record=True and more than one denoising step needed)")
     cache = student.new_cache(B, H, W, dtype=clean_latents.dtype, device=clean_latents.device)
-    logp, means = 0, []
+    terms, recs, means = [], [], []
     last = max(by_block)
     for b in range(last + 1):
         for r in by_block[b]:
@@ -88,12 +98,13 @@ def trajectory_log_prob(student: CausalWanTransformer3DModel, cross_cache: Cross
             x0 = schedule.x0_from_flow(r.x_in, student(r.x_in, t, cross_cache=cross_cache, kv_cache=cache), t)
             sigma = schedule.sigma(timesteps[r.step + 1])
             mean = (1 - sigma) * x0.float()
-            logp = logp + gaussian_log_prob(r.x_next, mean, sigma)
+            terms.append(gaussian_log_prob(r.x_next, mean, sigma))
+            recs.append(r)
             means.append(mean)
         if b < last:
             prefill(student, cross_cache, cache, clean_latents[:, :, b * fpb:(b + 1) * fpb], context_noise,
                     schedule=schedule)
-    return logp, torch.stack(means, dim=1)
+    return _per_element(terms, recs) if per_step else sum(terms), torch.stack(means, dim=1)
 
 
 def group_advantages(rewards: torch.Tensor, clip: float, eps: float = 1e-8) -> torch.Tensor:
@@ -106,19 +117,26 @@ def group_advantages(rewards: torch.Tensor, clip: float, eps: float = 1e-8) -> t
 
 
 def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
-    """PPO's clipped surrogate (to minimise); at ratio 1 its gradient is the plain policy gradient."""
-    adv = advantages.reshape(logp_new.shape).to(logp_new.dtype)
+    """PPO's clipped surrogate (to minimise), the mean over its ratios; at ratio 1 its gradient is the plain policy
+    gradient. logp: (B,) or (B, S), one advantage per rollout (B,)."""
+    adv = advantages.reshape(-1, *[1] * (logp_new.ndim - 1)).to(logp_new.dtype)
     ratio = torch.exp(logp_new - logp_old.detach().to(logp_new.dtype))
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
 
 
 def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, means: torch.Tensor,
               ref_means: torch.Tensor | None, sigmas: torch.Tensor | float, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """PPO-clip on whole-rollout log-probabilities plus kl_coef * KL to the reference policy."""
+    """PPO-clip plus kl_coef * KL to the reference policy; logp (B, S) per step and element with grpo.ratio
+    per_step (the KL then per element too), (B,) whole rollouts with trajectory (the KL then summed over one)."""
+    if logp_new.ndim != (2 if cfg.ratio == "per_step" else 1):
+        raise ValueError(f"grpo.ratio {cfg.ratio} needs log-probabilities of shape "
+                         f"{'(B, S)' if cfg.ratio == 'per_step' else '(B,)'}, got {tuple(logp_new.shape)}")
     policy = ppo_clip_loss(logp_new, logp_old, advantages, cfg.clip)
     kl = torch.zeros((), device=means.device)
     if ref_means is not None:
         kl = gaussian_kl(means, ref_means.detach(), sigmas).mean()
+        if cfg.ratio == "per_step":
+            kl = kl / means[0].numel()
     loss = policy + cfg.kl_coef * kl
     with torch.no_grad():
         ratio = torch.exp(logp_new - logp_old.to(logp_new.dtype))
@@ -147,14 +165,15 @@ def grpo_backward(student: CausalWanTransformer3DModel, cond: torch.Tensor, step
     """
     group = clean_latents.shape[0]
     size = cfg.micro_batch or group
-    logp_old, sigmas = rollout_log_prob(steps, timesteps, schedule), step_sigmas(steps, timesteps, schedule)
+    per_step = cfg.ratio == "per_step"
+    logp_old, sigmas = rollout_log_prob(steps, timesteps, schedule, per_step), step_sigmas(steps, timesteps, schedule)
     totals: dict[str, float] = defaultdict(float)
     for start in range(0, group, size):
         part = slice(start, min(start + size, group))
         weight = (part.stop - part.start) / group
         text = cond[part] if len(cond) == group else cond  # one prompt's embedding may serve the group
         logp, means = trajectory_log_prob(student, student.cross_attention_cache(text), [_rollouts(r, part) for r in steps],
-                                          clean_latents[part], timesteps, schedule, context_noise)
+                                          clean_latents[part], timesteps, schedule, context_noise, per_step)
         loss, info = grpo_loss(logp, logp_old[part], advantages[part], means,
                                None if ref_means is None else ref_means[part], sigmas, cfg)
         update(loss, weight=weight, last=part.stop == group)
