@@ -42,5 +42,6 @@ def grpo_loop(config: dict) -> None:
                                            **bad.after(step)}, step, device)
             rewards_seen.append(metrics["grpo/reward"])
             if rank == 0:
-                report_progress(cfg.run_dir, "grpo", step, gp.steps, loss=metrics["grpo/loss"], reward=rewards_seen[-1])
+                report_progress(cfg.run_dir, "grpo", step, gp.steps, loss=metrics["grpo/loss"], reward=rewards_seen[-1],
+                                clip_frac=metrics["grpo/clip_frac"], kl=metrics["grpo/kl"])  # a clip that binds shows
     finish(engine, cfg, "student_grpo", {"steps": gp.steps, "rewards": rewards_seen}, metrics, gp.steps)
