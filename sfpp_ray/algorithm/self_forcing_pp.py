@@ -22,7 +22,7 @@ from sfpp_ray.config import DMDConfig
 from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
 
-def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+def randint(low: int, high: int, generator: torch.Generator | None) -> int:
     """Uniform integer in [low, high]."""
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(low, high + 1, (1,), generator=generator, device=device))
@@ -42,9 +42,9 @@ def sample_window_start(num_frames: int, window_frames: int, frames_per_block: i
                          f"the block size ({frames_per_block})")
     num_starts = (num_frames - window_frames) // frames_per_block + 1
     if sampler == "uniform":
-        idx = _randint(0, num_starts - 1, generator)
+        idx = randint(0, num_starts - 1, generator)
     elif sampler == "beta":
-        seed = _randint(0, 2**62, generator)
+        seed = randint(0, 2**62, generator)
         u = np.random.default_rng(seed).beta(beta_a, beta_b)
         idx = min(int(u * num_starts), num_starts - 1)
     else:
@@ -76,8 +76,8 @@ def extended_rollout(student: CausalWanTransformer3DModel, cross_cache: CrossAtt
 def sample_denoising_steps(num_steps: int, start_step: int | None = None, exit_step: int | None = None,
                            generator: torch.Generator | None = None) -> tuple[int, int]:
     """(start, exit): start ~ U{0..K-1} and exit ~ U{start..K-1}, each drawn only where not given."""
-    start = _randint(0, num_steps - 1, generator) if start_step is None else start_step
-    exit_ = _randint(start, num_steps - 1, generator) if exit_step is None else exit_step
+    start = randint(0, num_steps - 1, generator) if start_step is None else start_step
+    exit_ = randint(start, num_steps - 1, generator) if exit_step is None else exit_step
     if not 0 <= start <= exit_ < num_steps:
         raise ValueError(f"need 0 <= start_step ({start}) <= exit_step ({exit_}) < {num_steps}")
     return start, exit_

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from sfpp_ray import components
-from sfpp_ray.algorithm.self_forcing_pp import _randint, extended_rollout
+from sfpp_ray.algorithm.self_forcing_pp import extended_rollout, randint
 from sfpp_ray.config import Config, rebuilt
 from sfpp_ray.distributed.buffer import offer
 from sfpp_ray.distributed.weight_sync import ObjectStoreWeightSync, state_checksum
@@ -38,7 +38,7 @@ def switched_rollout(cfg: Config, student, text, prompts: list[str], noise: torc
     cross, switches, block = student.cross_attention_cache(cond), {}, -1
     p = cfg.rollout.switch_prob
     if p > 0 and float(torch.rand((), generator=switch_generator, device=switch_generator.device)) < p:
-        block = _randint(1, noise.shape[2] // cfg.student.frames_per_block - 1, switch_generator)
+        block = randint(1, noise.shape[2] // cfg.student.frames_per_block - 1, switch_generator)
         cond = cond.roll(-1, dims=0)
         switches = {block: student.cross_attention_cache(cond)}
     latents = extended_rollout(student, cross, noise, schedule, timesteps, cfg.schedule.context_noise, generator,
