@@ -8,6 +8,8 @@ runs. Prints a table (last) and writes JSON.
     python benchmarks/rollout_fps.py --shape wan1.3b --device cuda --compile none,default,reduce-overhead
 
 --compile times the stream once per student.compile mode; a compiled mode's warm-up compiles every pass shape.
+--rows picks the decode settings timed (default all four); --profile K lists the K kernels that take the most GPU
+time over one block of the last mode's stream without decode (torch.profiler; under CUDA graphs the replayed kernels).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ SHAPES = {
                             text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2),
                  latent_hw=(8, 8), text_len=32),
 }
+
+
+ROWS = {"none": ("none", False), "folded": ("none", True), "serial": ("serial", False),
+        "overlapped": ("overlapped", False)}  # name: (decode, context pass folded)
 
 
 class FrameCounter:
@@ -93,7 +99,35 @@ def run_once(model, codec, spec, device, dtype, latent_frames: int, decode: str,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
 
-def main() -> None:
+def top_kernels(model, codec, spec, device, dtype, a, mode: str) -> list[dict]:
+    """The GPU kernels that take the most device time over the last block of a window-and-a-block stream (warm, so
+    every shape is compiled): name, calls and milliseconds, most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = a.frames_per_block
+    model.set_layout(dataclasses.replace(model.layout, fold_context_pass=False, compile=mode))
+    h, w = spec["latent_hw"]
+    schedule = FlowMatchSchedule(1000, 5.0)
+    steps = schedule.student_timesteps(ScheduleConfig())
+    text = torch.randn(1, spec["text_len"], spec["model"]["text_dim"], device=device, dtype=dtype)
+    noise = torch.randn(1, spec["model"]["in_channels"], a.window + 2 * block, h, w, device=device, dtype=dtype)
+    cache = model.new_cache(1, h, w, dtype=dtype, device=device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with torch.no_grad():
+        cross = model.cross_attention_cache(text)
+        rollout(model, cross, noise[:, :, :-block], steps, schedule, cache=cache)  # the window full
+        with profile(activities=activities) as prof:
+            rollout(model, cross, noise[:, :, -block:], steps, schedule, cache=cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if device.type == "cuda"
+                                                  else e.self_cpu_time_total) > 0]
+    time_of = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    events.sort(key=time_of, reverse=True)
+    return [{"name": e.key, "calls": e.count, "ms": time_of(e) / 1e3} for e in events[:a.profile]]
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=list(SHAPES), default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,8 +137,10 @@ def main() -> None:
     p.add_argument("--latent-frames", type=int, default=63, help="frames timed, after a warm-up of one window")
     p.add_argument("--compile", default="none", help="comma-separated student.compile modes to time: none,default,reduce-overhead")
     p.add_argument("--repeats", type=int, default=1, help="time each row this many times, keep the fastest (a shared host)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to time, of {','.join(ROWS)}")
+    p.add_argument("--profile", type=int, default=0, help="list this many top kernels of one block (0: no profile)")
     p.add_argument("--out", default="rollout_fps.json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, codec, spec = build(a.shape, device, dtype, a.window, a.frames_per_block)
@@ -112,7 +148,7 @@ def main() -> None:
     m = spec["model"]
     kv = RollingKVCache.analytic_bytes(m["num_layers"], 1, m["num_attention_heads"], m["attention_head_dim"],
                                        (h // 2) * (w // 2), a.window, dtype)
-    settings = [("none", False), ("none", True), ("serial", False), ("overlapped", False)]  # folded and not, one run
+    settings = [ROWS[r] for r in a.rows.split(",")]
     warm = a.window + 2 * a.frames_per_block  # past the window: the filling and the full passes, folded or not
     rows = []
     for mode in a.compile.split(","):
@@ -122,15 +158,24 @@ def main() -> None:
             runs = [run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold, mode) for _ in range(a.repeats)]
             rows.append(max(runs, key=lambda r: r["fps"]))
             print(f"compile={mode} {d} folded={fold}: {rows[-1]['fps']:.1f} FPS", flush=True)
+    kernels = top_kernels(model, codec, spec, device, dtype, a, mode) if a.profile else []
     result = {"shape": a.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": str(dtype), "window_frames": a.window, "frames_per_block": a.frames_per_block,
-              "kv_cache_bytes": kv, "rows": rows}
+              "kv_cache_bytes": kv, "rows": rows, "profile": {"compile": mode, "kernels": kernels} if kernels else None}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
+    if kernels:
+        total = sum(k["ms"] for k in kernels)
+        print(f"\ntop kernels, one block of the stream (compile={mode}, no decode; window full), ms of "
+              f"{'GPU' if device.type == 'cuda' else 'CPU'} time:")
+        for k in kernels:
+            print(f"{k['ms']:>9.2f} {k['calls']:>6} {k['name'][:100]}")
+        print(f"{total:>9.2f}        total of these")
     print(f"\nshape={a.shape} device={result['device']} dtype={dtype} window={a.window} kv_cache={kv / 2**30:.2f} GiB")
     print(f"{'compile':<16}{'decode':<12}{'folded':>7}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
     for r in rows:
         print(f"{r['compile']:<16}{r['decode']:<12}{'yes' if r['fold_context_pass'] else 'no':>7}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
+    return result
 
 
 if __name__ == "__main__":
