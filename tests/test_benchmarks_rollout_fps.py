@@ -23,6 +23,7 @@ def test_picked_rows_are_timed_and_the_profile_lists_the_heaviest_kernels_first(
     kernels = result["profile"]["kernels"]
     assert len(kernels) == 40 and all(k["calls"] > 0 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
-    # one block of a 2-layer student: its attention calls come in pairs, one a layer
-    calls = [k["calls"] for k in kernels if k["name"] == "aten::scaled_dot_product_attention"]
-    assert len(calls) == 1 and calls[0] % 2 == 0
+    # one block of a 2-layer student: attention runs in every layer, so its calls come in pairs (the profiler names
+    # the dispatched kernel or its wrapper, whichever held self time)
+    calls = [k["calls"] for k in kernels if "scaled_dot_product" in k["name"]]
+    assert calls and all(c % 2 == 0 for c in calls)
