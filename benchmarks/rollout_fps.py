@@ -8,6 +8,7 @@ runs. Prints a table (last) and writes JSON.
     python benchmarks/rollout_fps.py --shape wan1.3b --device cuda --compile none,default,reduce-overhead
 
 --compile times the stream once per student.compile mode; a compiled mode's warm-up compiles every pass shape.
+Each mode's warm-up time is recorded (warmup_s), and the JSON is written after every mode.
 --rows picks the decode settings timed (default all four); --profile K lists the K kernels that take the most GPU
 time over one block of the last mode's stream without decode (torch.profiler; under CUDA graphs the replayed kernels).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import torch
@@ -127,6 +129,13 @@ def top_kernels(model, codec, spec, device, dtype, a, mode: str) -> list[dict]:
     return [{"name": e.key, "calls": e.count, "ms": time_of(e) / 1e3} for e in events[:a.profile]]
 
 
+def save(result: dict, path: str) -> None:
+    """Write the JSON whole or not at all."""
+    with open(path + ".part", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".part", path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=list(SHAPES), default="tiny")
@@ -151,19 +160,24 @@ def main(argv: list[str] | None = None) -> dict:
     settings = [ROWS[r] for r in a.rows.split(",")]
     warm = a.window + 2 * a.frames_per_block  # past the window: the filling and the full passes, folded or not
     rows = []
-    for mode in a.compile.split(","):
-        for d, fold in settings:  # warm-up: kernels, allocator, decoder cache, the compiled graphs
-            run_once(model, codec, spec, device, dtype, warm, d, fold, mode)
-        for d, fold in settings:
-            runs = [run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold, mode) for _ in range(a.repeats)]
-            rows.append(max(runs, key=lambda r: r["fps"]))
-            print(f"compile={mode} {d} folded={fold}: {rows[-1]['fps']:.1f} FPS", flush=True)
-    kernels = top_kernels(model, codec, spec, device, dtype, a, mode) if a.profile else []
     result = {"shape": a.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": str(dtype), "window_frames": a.window, "frames_per_block": a.frames_per_block,
-              "kv_cache_bytes": kv, "rows": rows, "profile": {"compile": mode, "kernels": kernels} if kernels else None}
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+              "kv_cache_bytes": kv, "rows": rows, "profile": None}
+    for mode in a.compile.split(","):
+        print(f"compile={mode}: warming up (a compiled mode compiles every pass shape here)", flush=True)
+        t0 = time.perf_counter()
+        for d, fold in settings:  # warm-up: kernels, allocator, decoder cache, the compiled graphs
+            run_once(model, codec, spec, device, dtype, warm, d, fold, mode)
+        warmup_s = time.perf_counter() - t0
+        print(f"compile={mode}: warm-up took {warmup_s:.1f} s", flush=True)
+        for d, fold in settings:
+            runs = [run_once(model, codec, spec, device, dtype, a.latent_frames, d, fold, mode) for _ in range(a.repeats)]
+            rows.append(max(runs, key=lambda r: r["fps"]) | {"warmup_s": warmup_s})
+            print(f"compile={mode} {d} folded={fold}: {rows[-1]['fps']:.1f} FPS", flush=True)
+        save(result, a.out)  # a run stopped in a later mode's warm-up keeps the rows timed so far
+    kernels = top_kernels(model, codec, spec, device, dtype, a, mode) if a.profile else []
+    result["profile"] = {"compile": mode, "kernels": kernels} if kernels else None
+    save(result, a.out)
     if kernels:
         total = sum(k["ms"] for k in kernels)
         print(f"\ntop kernels, one block of the stream (compile={mode}, no decode; window full), ms of "
@@ -172,9 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k['ms']:>9.2f} {k['calls']:>6} {k['name'][:100]}")
         print(f"{total:>9.2f}        total of these")
     print(f"\nshape={a.shape} device={result['device']} dtype={dtype} window={a.window} kv_cache={kv / 2**30:.2f} GiB")
-    print(f"{'compile':<16}{'decode':<12}{'folded':>7}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}")
+    print(f"{'compile':<16}{'decode':<12}{'folded':>7}{'latent fr':>10}{'video fr':>10}{'seconds':>10}{'FPS':>9}{'peak GiB':>10}"
+          f"{'warm-up s':>11}")
     for r in rows:
-        print(f"{r['compile']:<16}{r['decode']:<12}{'yes' if r['fold_context_pass'] else 'no':>7}{r['latent_frames']:>10}{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}")
+        print(f"{r['compile']:<16}{r['decode']:<12}{'yes' if r['fold_context_pass'] else 'no':>7}{r['latent_frames']:>10}"
+              f"{r['video_frames']:>10}{r['seconds']:>10.2f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}{r['warmup_s']:>11.1f}")
     return result
 
 

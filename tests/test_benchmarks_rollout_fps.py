@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 def load_script():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_fps.py"
@@ -19,7 +21,7 @@ def test_picked_rows_are_timed_and_the_profile_lists_the_heaviest_kernels_first(
                                  "--rows", "none,folded", "--profile", "40", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [(r["decode"], r["fold_context_pass"]) for r in result["rows"]] == [("none", False), ("none", True)]
-    assert all(r["fps"] > 0 and r["video_frames"] == 9 for r in result["rows"])
+    assert all(r["fps"] > 0 and r["video_frames"] == 9 and r["warmup_s"] > 0 for r in result["rows"])
     kernels = result["profile"]["kernels"]
     assert len(kernels) == 40 and all(k["calls"] > 0 for k in kernels)
     assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
@@ -27,3 +29,13 @@ def test_picked_rows_are_timed_and_the_profile_lists_the_heaviest_kernels_first(
     # the dispatched kernel or its wrapper, whichever held self time)
     calls = [k["calls"] for k in kernels if "scaled_dot_product" in k["name"]]
     assert calls and all(c % 2 == 0 for c in calls)
+
+
+def test_a_run_stopped_in_a_later_mode_keeps_the_rows_timed_before_it(tmp_path):
+    out = tmp_path / "fps.json"
+    with pytest.raises(Exception):  # an unknown compile mode fails in its warm-up, as a killed compile would stop there
+        load_script().main(["--shape", "tiny", "--device", "cpu", "--window", "6", "--latent-frames", "6",
+                            "--rows", "none", "--compile", "none,no-such-mode", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["compile"], r["decode"]) for r in saved["rows"]] == [("none", "none")]
+    assert saved["rows"][0]["warmup_s"] > 0 and saved["profile"] is None
