@@ -52,10 +52,16 @@ def inject(marks: Path, storage: Path, point: str, step: int, rank: int, actors:
 
 
 def registered_steps(storage: Path) -> list[int]:
+    """The steps Ray Train's checkpoint record holds; read again while Ray is rewriting it (not atomically)."""
     snapshot = storage / SNAPSHOT_FILE
-    if not snapshot.is_file():
-        return []
-    return [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    deadline = time.monotonic() + 60
+    while snapshot.is_file():
+        try:
+            return [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except json.JSONDecodeError:
+            assert time.monotonic() < deadline, f"{snapshot} stayed unreadable"
+            time.sleep(0.01)  # caught mid-write
+    return []
 
 
 def checkpoint_dirs(storage: Path) -> list[str]:
