@@ -70,8 +70,12 @@ def test_shipped_student_is_float16_and_says_how_it_was_made():
 
 def test_shipped_student_streams_the_world_on_cpu(tmp_path):
     """`sfpp-ray evaluate`'s scoring of one teacher horizon on fresh held-out prompts: finite frames, the first
-    segment far more stable than an untrained (random) student's and closer to real clips than the causal student
-    as training starts it (the teacher's weights, before ODE and DMD)."""
+    segment far more stable and far closer to real clips than an untrained (random) student's, and more stable with
+    less colour drift than the causal student as training starts it (the teacher's weights, before ODE and DMD).
+
+    Over nine draws of 4 prompts the shipped student led that start by 7.6 to 15.7 in stability and had 0.025-0.040
+    colour drift against 0.067-0.084; its Frechet distance, 0.2 to 0.6 lower on eight, came 0.003 above once, so
+    4 prompts do not separate the two by it."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     keys = ["run.device=cpu", "evaluation.num_prompts=4", "evaluation.batch_size=4", "evaluation.horizons=[1]",
             "evaluation.long_stream=0", f"evaluation.seed={seed}"]
@@ -89,4 +93,6 @@ def test_shipped_student_streams_the_world_on_cpu(tmp_path):
     untrained = first_segment(base, None, "random")
     start = first_segment(cfg, None, "teacher_init")
     assert shipped["stability"] > untrained["stability"] + 15, (shipped, untrained)
-    assert shipped["frechet"] < start["frechet"] and shipped["frechet"] < untrained["frechet"], (shipped, start)
+    assert shipped["frechet"] < 0.5 * untrained["frechet"], (shipped, untrained)
+    assert shipped["stability"] > start["stability"] + 5, (shipped, start)
+    assert shipped["colour_drift"] < start["colour_drift"], (shipped, start)
