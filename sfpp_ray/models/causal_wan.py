@@ -273,7 +273,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 step, mode = _stream_step(self.layout.compile, self.layout.compile_backend, hidden_states.device.type)
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
-                out = step(self, hidden_states, timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, False)
+                # contiguous: a block sliced from the whole rollout's noise has strides that depend on its length,
+                # and the compiled step would be compiled again for every length
+                out = step(self, hidden_states.contiguous(), timestep, cross_cache.kv, q_rope, k_rope, mask, kv_cache, context_frames, False)
                 if cache_only:  # the compiled step is the whole pass: its flow is dropped, the cache is what counts
                     return None
                 return out.clone() if mode == "reduce-overhead" else out  # the graph's output buffer is rewritten by the next replay

@@ -190,6 +190,22 @@ def test_compiled_stream_equals_eager_after_the_window_rolls(tiny, schedule, tim
     assert (compiled_cache.k - eager_cache.k).abs().max() <= 1e-5 and (compiled_cache.v - eager_cache.v).abs().max() <= 1e-5
 
 
+def test_a_compiled_stream_of_another_length_reuses_the_graphs(tiny, schedule, timesteps):
+    """Each block is cut from the whole rollout's noise: a stream of another length must not compile the step again."""
+    from torch._dynamo.utils import counters
+
+    student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 3).eval()
+    student.set_layout(CausalLayout(3, 6, 0, attention="sdpa", compile="default", compile_backend="aot_eager"))
+    text = torch.randn(1, 7, 32)
+    graphs = []
+    with torch.no_grad():
+        for nf in (12, 21, 15):  # the first fills the window and rolls it: every pass shape a stream has
+            rollout(student, student.cross_attention_cache(text), torch.randn(1, 12, nf, 8, 8), timesteps, schedule,
+                    generator=torch.Generator().manual_seed(nf))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+
+
 def test_reduce_overhead_compiles_as_default_off_cuda_and_needs_a_static_cache(tiny, schedule, timesteps):
     student = tiny.student(tiny.teacher(int(torch.randint(0, 2**31, ()))), 1).eval()
     layout = CausalLayout(1, 4, 0, attention="sdpa")
