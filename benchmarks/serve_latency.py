@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,14 +23,10 @@ import requests
 import torch
 
 from sfpp_ray.config import load_config
+from sfpp_ray.distributed.server import free_port
 
 PROMPT = "a blue triangle, a white triangle and a green square bouncing steadily on a brown gradient background"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def play(url: str, seconds: float, seed: int) -> dict:

@@ -2,7 +2,6 @@
 and what the user sees of it is a quiet terminal: one progress line a stage, the summary, no errors."""
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,14 +12,10 @@ import psutil
 import pytest
 import yaml
 
+from sfpp_ray.distributed.server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_cluster(temp_dir: str) -> None:
@@ -36,13 +31,13 @@ def _stop_cluster(temp_dir: str) -> None:
 @pytest.fixture
 def head_node():
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # Every port on a free one: other Ray clusters (the shared test cluster among them) hold the defaults.
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-             f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
-    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}", *ports,
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}", *ports,
                     "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:

@@ -13,6 +13,7 @@ time (each with its own KV cache: sfpp_ray.live_stream). A stream is a multipart
 
 import asyncio
 import math
+import socket
 import threading
 import time
 import uuid
@@ -192,6 +193,13 @@ def check(cfg: Config) -> None:
         raise ConfigError("serve.max_streams", "student.compile reduce-overhead keeps one cache per shape (CUDA "
                                                "graphs): one stream at a time; set serve.max_streams=1 or another "
                                                "student.compile")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now: for a server started beside others (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def start(cfg: Config, checkpoint: str | None) -> str:

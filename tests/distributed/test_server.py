@@ -3,7 +3,6 @@ its prompt switches while it plays, it is the student's own stream, bad requests
 it in a headless browser."""
 
 import shutil
-import socket
 import subprocess
 
 import cv2
@@ -13,14 +12,10 @@ import requests
 import torch
 
 from sfpp_ray.config import load_config
+from sfpp_ray.distributed.server import free_port
 from sfpp_ray.generate import VideoGenerator
 from sfpp_ray.live_stream import LiveStream
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg_parts(response):
