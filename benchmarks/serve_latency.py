@@ -28,7 +28,6 @@ from sfpp_ray.distributed.server import free_port
 PROMPT = "a blue triangle, a white triangle and a green square bouncing steadily on a brown gradient background"
 
 
-
 def play(url: str, seconds: float, seed: int) -> dict:
     """One client: start a stream, read it to the end; the arrival time of every JPEG part."""
     made = requests.post(url + "streams", json={"prompt": PROMPT, "seconds": seconds, "seed": seed}, timeout=600)

@@ -17,7 +17,6 @@ from sfpp_ray.generate import VideoGenerator
 from sfpp_ray.live_stream import LiveStream
 
 
-
 def jpeg_parts(response):
     """The frames of a multipart/x-mixed-replace JPEG response, as they arrive: uint8 (H, W, 3) RGB."""
     buffer = b""
