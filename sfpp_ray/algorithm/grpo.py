@@ -60,8 +60,8 @@ def rollout_log_prob(steps: list[StepRecord], timesteps: torch.Tensor, schedule:
     recs = _non_terminal(steps)
     if not recs:
         raise ValueError("the rollout has no stochastic steps (record=True and more than one denoising step needed)")
-    terms = [gaussian_log_prob(r.x_next, (1 - schedule.sigma(timesteps[r.step + 1])) * r.x0_pred.float(),
-                               schedule.sigma(timesteps[r.step + 1])) for r in recs]
+    sigmas = [schedule.sigma(timesteps[r.step + 1]) for r in recs]
+    terms = [gaussian_log_prob(r.x_next, (1 - s) * r.x0_pred.float(), s) for r, s in zip(recs, sigmas)]
     return _per_element(terms, recs) if per_step else sum(terms)
 
 
