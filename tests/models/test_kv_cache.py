@@ -73,3 +73,30 @@ def test_a_folded_pass_needs_the_block_the_cache_last_began():
         student(x[:, :, :3], t[:, :3], cross_cache=cross, kv_cache=cache)
         out = student(x, t, cross_cache=cross, kv_cache=cache, context_frames=3)
     assert out.shape == (1, 12, 3, 8, 8) and cache.frames_done == 3 and cache._active == (3, 6)
+
+
+def test_a_compiled_write_stores_into_the_ring_in_place():
+    """Under inductor the write must not copy the ring: traced as index_copy_ on a view of the cache it became an
+    out-of-place copy of every layer plus a copy back (tens of GB a 1.3B pass); the generated code must only call
+    the store on the cache's own memory, and leave the same cache as an eager write."""
+    from torch._inductor.utils import run_and_get_code
+
+    caches = [RollingKVCache(3, 1, 2, 4, 5, window_frames=4, static=True) for _ in range(2)]
+    k, v = torch.randn(3, 1, 2, 10, 4), torch.randn(3, 1, 2, 10, 4)
+
+    def write(cache, k, v):
+        for layer in range(3):
+            cache.write(layer, k[layer], v[layer])
+
+    for cache in caches:
+        cache.begin(1)
+        cache.commit()
+        cache.begin(2)  # slots 1 and 2 of 4
+    write(caches[0], k, v)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(write, fullgraph=True, backend="inductor"), caches[1], k, v)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert caches[1].k[:, :, :, 5:15].abs().sum() > 0 and caches[1].k[:, :, :, 15:].abs().sum() == 0
+    code = "\n".join(code)
+    assert code.count("store_into_ring.default(") == 3
+    assert "cpp_fused" not in code and "triton" not in code  # no kernel: nothing is copied
