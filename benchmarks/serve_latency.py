@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_ray(cfg.serve.cpus_per_replica)
     url = server.start(cfg, args.checkpoint)
     try:
-        play(url, min(args.seconds, 1.0), 99)  # warm-up: the replica's first blocks
+        # warm-up: a whole stream, so the window fills and rolls (a compiled student compiles each pass shape here)
+        play(url, args.seconds, 99)
         rows = [measure(url, n, args.seconds, cfg.video.fps) for n in counts]
     finally:
         serve.shutdown()
