@@ -61,3 +61,12 @@ def test_training_ranks_do_not_load_matplotlib():
             "sfpp_ray.evaluation.evaluate\nprint('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_data_pipelines_processes_load_no_model_library():
+    """Ray Data's coordinators and workers import the pipeline's module to run its transforms, each in a process of
+    its own at every stage's start, one after another: re-noising a window needs the schedule alone."""
+    code = ("import sys\nimport sfpp_ray.distributed.data_pipeline\n"
+            "print(sorted(m for m in ('diffusers', 'transformers', 'deepspeed', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

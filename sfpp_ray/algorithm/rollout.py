@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
-from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
-from sfpp_ray.models.kv_cache import RollingKVCache
+
+if TYPE_CHECKING:  # the math needs only the model's interface: processes that only re-noise load no diffusers
+    from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
+    from sfpp_ray.models.kv_cache import RollingKVCache
 
 
 @dataclass

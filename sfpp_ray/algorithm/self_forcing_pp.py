@@ -10,6 +10,7 @@ from its own long-horizon drift.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from sfpp_ray.algorithm.dmd import Update, dmd_generator_loss
 from sfpp_ray.algorithm.rollout import Generators, randn, rollout
 from sfpp_ray.algorithm.schedule import FlowMatchSchedule
 from sfpp_ray.config import DMDConfig
-from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
+
+if TYPE_CHECKING:  # annotations only: the data pipeline's processes import this module and load no diffusers
+    from sfpp_ray.models.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
 
 
 def randint(low: int, high: int, generator: torch.Generator | None) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from sfpp_ray import components
+from sfpp_ray.algorithm.schedule import FlowMatchSchedule
 from sfpp_ray.algorithm.self_forcing_pp import backward_noise, sample_denoising_steps, sample_window_start
 from sfpp_ray.config import Config, rebuilt
 from sfpp_ray.seeding import generator, seed_for
@@ -82,7 +82,7 @@ def add_backward_noise(batch: dict[str, np.ndarray], cfg: dict, seed: int) -> di
     Without backward noise (ablation) the window restarts from pure noise at step 0.
     """
     c = rebuilt(cfg)
-    schedule = components.build_schedule(c)
+    schedule = FlowMatchSchedule.from_config(c.schedule)
     timesteps = schedule.student_timesteps(c.schedule)
     noisy, starts, exits = [], [], []
     for row_id, window in zip(batch["id"], batch["window"]):
