@@ -1,4 +1,4 @@
-"""Shared test setup: one small local Ray cluster for the whole session, CPU-only settings."""
+"""Shared test setup: one small local Ray cluster for each pytest worker (scripts/test.sh runs two), CPU-only settings."""
 
 import importlib.util
 import os

@@ -14,6 +14,7 @@ import yaml
 
 from sfpp_ray.distributed.server import free_port
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -19,6 +19,7 @@ from sfpp_ray.config import ConfigError, load_config
 from sfpp_ray.world.clips import world_latent_batch
 from sfpp_ray.world.sprites import WorldSpec, sample_scenes
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TOY = ["teacher_pretrain.steps=3", "ode.num_pairs=4", "ode.shard_size=4", "ode.steps=3", "ode.euler_steps=4",

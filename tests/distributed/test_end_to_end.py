@@ -13,6 +13,7 @@ from sfpp_ray.distributed.controller import _registered_resume_state
 from sfpp_ray.distributed.engine import STATE_FILE
 from sfpp_ray.distributed.weight_sync import state_checksum
 
+pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 

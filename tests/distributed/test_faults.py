@@ -18,6 +18,7 @@ from sfpp_ray.config import load_config
 from sfpp_ray.distributed.controller import SNAPSHOT_FILE, _registered_resume_state, train
 from sfpp_ray.distributed.data_pipeline import read_ahead_limit
 
+pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 STEPS, MAX_ITEMS = 4, 4
 ROLES = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner", "SynchronizationActor", "DatasetManager",

@@ -22,6 +22,7 @@ from sfpp_ray.distributed.weight_sync import state_checksum
 from sfpp_ray.models.text_encoder import PromptConditioned
 from sfpp_ray.video_io import read_video
 
+pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 STAGES = ["pretrain_teacher", "ode", "dmd", "grpo"]
 OUTPUTS = {"pretrain_teacher": "teacher", "ode": "student_ode", "dmd": "student", "grpo": "student_grpo"}
