@@ -2,8 +2,8 @@
 
 One call as the student makes it with a full window: a block of `student.frames_per_block` frames of queries against
 `student.window_frames` frames of keys and values, the head count and width of the config's model, the token count
-of its video shape (queries laid out (batch, tokens, heads, dim) and transposed, as the model does). Picks the
-kernel by measurement; prints a table (last) and writes JSON.
+of its video shape (queries laid out (batch, tokens, heads, dim) and transposed, as the model does), to pick
+the kernel by measurement. Prints a table (last) and writes JSON.
 
     python benchmarks/attention_kernels.py --config configs/wan2.1_t2v_1.3b.yaml --device cuda --dtype bfloat16 \
         text.kind=tiny codec.path=<an AutoencoderKLWan directory>

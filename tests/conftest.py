@@ -1,5 +1,6 @@
 """Shared test setup: one small local Ray cluster for each pytest worker (scripts/test.sh runs two), CPU-only settings."""
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -18,16 +19,25 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # JIT ops built once
 
 
+def _load_script(folder: str, name: str):
+    """<folder>/<name>.py of the checkout as a module (experiments/ and benchmarks/ are scripts, not packages)."""
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def load_experiment():
-    """load_experiment(name): experiments/<name>.py as a module (the scripts are not a package)."""
-    def load(name: str):
-        path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    return load
+    """load_experiment(name): experiments/<name>.py as a module."""
+    return functools.partial(_load_script, "experiments")
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """load_benchmark(name): benchmarks/<name>.py as a module."""
+    return functools.partial(_load_script, "benchmarks")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """benchmarks/attention_kernels.py on the tiny config: the call's shape is the student's, every kernel asked for gets
 a row, timed with its error or saying why it cannot run."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,17 +11,9 @@ from sfpp_ray.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    path = ROOT / "benchmarks" / "attention_kernels.py"
-    spec = importlib.util.spec_from_file_location("attention_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_each_kernel_is_timed_against_float32_or_says_why_not(tmp_path):
+def test_each_kernel_is_timed_against_float32_or_says_why_not(tmp_path, load_benchmark):
     out = tmp_path / "attention.json"
-    result = load_script().main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu",
+    result = load_benchmark("attention_kernels").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu",
                                  "--kernels", "math,flash,cudnn", "--repeats", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     cfg = load_config(ROOT / "configs" / "tiny.yaml")  # 16x16 video, codec factor 2, 2x2 patches: 16 tokens a frame
@@ -35,7 +26,7 @@ def test_each_kernel_is_timed_against_float32_or_says_why_not(tmp_path):
     assert cudnn["kernel"] == "cudnn" and "RuntimeError" in cudnn["unavailable"]  # no cuDNN on a CPU
 
 
-def test_an_unknown_kernel_is_refused_naming_it(capsys):
+def test_an_unknown_kernel_is_refused_naming_it(capsys, load_benchmark):
     with pytest.raises(SystemExit):
-        load_script().main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu", "--kernels", "fa9"])
+        load_benchmark("attention_kernels").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--device", "cpu", "--kernels", "fa9"])
     assert "--kernels: unknown ['fa9']" in capsys.readouterr().err

@@ -1,23 +1,13 @@
 """benchmarks/dmd_step.py on the tiny shape: both step kinds timed and their FLOPs counted, attention included."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 
-def load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dmd_step.py"
-    spec = importlib.util.spec_from_file_location("dmd_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_shape_times_and_counts_both_steps(tmp_path):
+def test_tiny_shape_times_and_counts_both_steps(tmp_path, load_benchmark):
     out = tmp_path / "dmd_step.json"
-    result = load_script().main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    result = load_benchmark("dmd_step").main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {r["kind"]: r for r in result["rows"]}
     assert set(rows) == {"critic", "generator"}
@@ -29,10 +19,10 @@ def test_tiny_shape_times_and_counts_both_steps(tmp_path):
     assert result["setting"]["window"][2] == 6 and result["setting"]["context_frames"] == 6
 
 
-def test_an_out_of_memory_flop_count_keeps_the_time_and_says_why(tmp_path, monkeypatch):
+def test_an_out_of_memory_flop_count_keeps_the_time_and_says_why(tmp_path, monkeypatch, load_benchmark):
     """Counting FLOPs re-runs the step under FlopCounterMode, which holds more memory than the step itself: running
     out there must not lose the timed steps."""
-    script = load_script()
+    script = load_benchmark("dmd_step")
 
     class OutOfMemoryCounter(script.FlopCounterMode):
         def __enter__(self):

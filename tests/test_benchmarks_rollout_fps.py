@@ -1,23 +1,13 @@
 """benchmarks/rollout_fps.py on the tiny shape: the rows asked for, and the profile's kernels of one block."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 
-def load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_fps.py"
-    spec = importlib.util.spec_from_file_location("rollout_fps", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_picked_rows_are_timed_and_the_profile_lists_the_heaviest_kernels_first(tmp_path):
+def test_picked_rows_are_timed_and_the_profile_lists_the_heaviest_kernels_first(tmp_path, load_benchmark):
     out = tmp_path / "fps.json"
-    result = load_script().main(["--shape", "tiny", "--device", "cpu", "--window", "6", "--latent-frames", "9",
+    result = load_benchmark("rollout_fps").main(["--shape", "tiny", "--device", "cpu", "--window", "6", "--latent-frames", "9",
                                  "--rows", "none,folded", "--profile", "40", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [(r["decode"], r["fold_context_pass"]) for r in result["rows"]] == [("none", False), ("none", True)]
@@ -31,10 +21,10 @@ def test_picked_rows_are_timed_and_the_profile_lists_the_heaviest_kernels_first(
     assert calls and all(c % 2 == 0 for c in calls)
 
 
-def test_a_run_stopped_in_a_later_mode_keeps_the_rows_timed_before_it(tmp_path):
+def test_a_run_stopped_in_a_later_mode_keeps_the_rows_timed_before_it(tmp_path, load_benchmark):
     out = tmp_path / "fps.json"
     with pytest.raises(Exception):  # an unknown compile mode fails in its warm-up, as a killed compile would stop there
-        load_script().main(["--shape", "tiny", "--device", "cpu", "--window", "6", "--latent-frames", "6",
+        load_benchmark("rollout_fps").main(["--shape", "tiny", "--device", "cpu", "--window", "6", "--latent-frames", "6",
                             "--rows", "none", "--compile", "none,no-such-mode", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [(r["compile"], r["decode"]) for r in saved["rows"]] == [("none", "none")]

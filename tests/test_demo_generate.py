@@ -1,6 +1,5 @@
 """The README's one command on the shipped world student: a short video of moving sprites, on the CPU."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,23 +11,16 @@ from sfpp_ray.video_io import read_video
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("generate_cpu", ROOT / "benchmarks" / "generate_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_readme_and_demo_script_run_the_benchmarked_command():
-    line = load_script().readme_command()
+def test_readme_and_demo_script_run_the_benchmarked_command(load_benchmark):
+    line = load_benchmark("generate_cpu").readme_command()
     assert line in (ROOT / "README.md").read_text()
     assert line in (ROOT / "scripts" / "demo.sh").read_text()
 
 
 @pytest.mark.skipif(not (ROOT / "weights" / "world_student" / "config.json").is_file(),
                     reason="weights/world_student (the shipped student) is not in this checkout")
-def test_demo_command_streams_moving_sprites_from_the_shipped_student(tmp_path):
-    script = load_script()
+def test_demo_command_streams_moving_sprites_from_the_shipped_student(tmp_path, load_benchmark):
+    script = load_benchmark("generate_cpu")
     # one thread: two OpenMP threads spin at every op's barrier when other work holds a core, which makes this
     # short stream minutes long on a busy two-core machine (docs/benchmarks.md)
     result = script.main(["--seconds", "2", "--threads", "1", "--video", str(tmp_path / "demo.mp4"),
